@@ -1,0 +1,31 @@
+# agentd developer recipes. `just` comes from PyPI (rust-just), installed by the test extra.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Install and start the daemon on its embedded PostgreSQL.
+serve *ARGS:
+    pip install -q . && agentd serve {{ARGS}}
+
+# The whole test suite (same as the README's command).
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+lint:
+    ruff check agentd tests bench scripts
+    ruff format --check agentd tests bench scripts
+
+typecheck:
+    mypy agentd
+    mypy --strict agentd/mux agentd/drpc agentd/store
+
+# Regenerate agentd/proto/*_pb2.py and .pyi from the .proto sources (grpcio-tools, pinned in setup.cfg).
+proto:
+    python scripts/gen_proto.py
+
+bench: bench-mux bench-rpc
+
+bench-mux *ARGS:
+    python bench/mux.py {{ARGS}}
+
+bench-rpc *ARGS:
+    python bench/rpc.py {{ARGS}}
