@@ -77,3 +77,69 @@ def uuid_field(raw: bytes, field: str) -> uuid.UUID:
     if len(raw) != 16:
         raise RpcError(f"invalid {field}: expected 16 bytes, got {len(raw)}")
     return uuid.UUID(bytes=bytes(raw))
+
+
+@attrs.frozen
+class WorkspaceIdentity:
+    """The cached workspace fields of spec §4.3 (ACLs deliberately not cached)."""
+
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    organization_id: uuid.UUID
+    template_id: uuid.UUID
+    name: str
+    owner_username: str
+    template_name: str
+    autostart_schedule: str | None = None
+    task_id: uuid.UUID | None = None
+
+    @property
+    def is_prebuild(self) -> bool:
+        return self.owner_id == PREBUILDS_USER_ID
+
+
+@attrs.define
+class WorkspaceCache:
+    """Holds the workspace identity for one connection; the connection's refresher task keeps it current.
+
+    Empty for prebuilds (spec §4.4): consumers then fall back to a database read or fail as the spec says.
+    """
+
+    value: WorkspaceIdentity | None = None
+
+    def get(self) -> WorkspaceIdentity | None:
+        return self.value
+
+
+@attrs.frozen
+class Settings:
+    """Deployment settings the services read (spec §4.2); built from the daemon's configuration."""
+
+    replica_id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+    access_url: str = "http://127.0.0.1:3113"
+    app_hostname: str = ""
+    stats_report_interval: dt.timedelta = dt.timedelta(seconds=30)
+    disable_direct_connections: bool = False
+    derp_force_websockets: bool = False
+    external_auth_git_configs: int = 0
+    #: (enabled, message, background_color) per configured announcement banner.
+    announcement_banners: tuple[tuple[bool, str, str], ...] = ()
+    service_banner: tuple[bool, str, str] = (False, "", "")
+    experiments: frozenset[str] = frozenset()
+
+
+@attrs.frozen
+class ConnectionScope:
+    """Everything a per-connection service may depend on; each service module's ``build(scope)`` takes it.
+
+    ``components`` is the daemon-wide :class:`agentd.components.Components` (batchers, coordinator, DERP
+    map source, metrics), typed loosely here to keep this module free of their imports.
+    """
+
+    ident: AgentIdentity
+    db: Any  # agentd.store.Database
+    events: Any  # agentd.services.events.Events
+    cache: WorkspaceCache
+    settings: Settings
+    components: Any  # agentd.components.Components
+    now: Now = utcnow
