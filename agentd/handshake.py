@@ -59,6 +59,8 @@ __all__ = [
     "UpgradeError",
     "Upgraded",
     "accept_agent",
+    "check_token",
+    "check_upgrade",
     "extract_token",
     "handle_rpc_request",
     "parse_go_uuid",

@@ -95,17 +95,37 @@ class WebSocketByteStream(trio.abc.Stream):
 
     @classmethod
     def server(
-        cls, transport: trio.abc.Stream, trailing_data: bytes = b"", **kwargs: int
+        cls,
+        transport: trio.abc.Stream,
+        trailing_data: bytes = b"",
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        receive_chunk: int = RECEIVE_CHUNK,
     ) -> WebSocketByteStream:
         """The server end after the 101 was sent; `trailing_data` = bytes read past the request head."""
-        return cls(transport, Connection(ConnectionType.SERVER, trailing_data=trailing_data), **kwargs)
+        return cls(
+            transport,
+            Connection(ConnectionType.SERVER, trailing_data=trailing_data),
+            max_message_size=max_message_size,
+            receive_chunk=receive_chunk,
+        )
 
     @classmethod
     def client(
-        cls, transport: trio.abc.Stream, trailing_data: bytes = b"", **kwargs: int
+        cls,
+        transport: trio.abc.Stream,
+        trailing_data: bytes = b"",
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        receive_chunk: int = RECEIVE_CHUNK,
     ) -> WebSocketByteStream:
         """The client end after a 101 was received; `trailing_data` = bytes read past the response head."""
-        return cls(transport, Connection(ConnectionType.CLIENT, trailing_data=trailing_data), **kwargs)
+        return cls(
+            transport,
+            Connection(ConnectionType.CLIENT, trailing_data=trailing_data),
+            max_message_size=max_message_size,
+            receive_chunk=receive_chunk,
+        )
 
     # ---- receiving -------------------------------------------------------------------------------
 
