@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import operator
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,7 +50,9 @@ __all__ = [
     "ApiVersion",
     "Closed",
     "HttpError",
+    "Lookup",
     "NotMine",
+    "Outcome",
     "PrefixedStream",
     "Rejected",
     "RequestHead",
@@ -73,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RPC_PATH = "/api/v2/workspaceagents/me/rpc"
+_RPC_PATH_BYTES = RPC_PATH.encode("ascii")
 SESSION_TOKEN_COOKIE = b"coder_session_token"
 SESSION_TOKEN_HEADER = b"coder-session-token"
 MAX_HEAD_BYTES = 16384
@@ -438,9 +442,8 @@ def parse_rpc_request(head: RequestHead) -> RpcRequest | None:
     """None unless this is `GET /api/v2/workspaceagents/me/rpc` (then the dispatcher handles it)."""
     if head.method != b"GET":
         return None
-    raw_path, raw_query = _split_target(head.target)
-    path = _query_unescape(raw_path.replace(b"+", b"%2B"))
-    if path != RPC_PATH.encode():
+    path, raw_query = _split_target(head.target)
+    if path != _RPC_PATH_BYTES:  # compared raw, as chi routes on RawPath: /me/%72pc is another route
         return None
     query = parse_query(raw_query)
     upgrade: Upgrade | None = None
@@ -543,8 +546,10 @@ class PrefixedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if not self._prefix:
             return await self.inner.receive_some(max_bytes)
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving")
         self._receiving = True

@@ -415,6 +415,7 @@ async def test_role_decides_monitoring(query: str, role: str, monitoring: bool) 
         ("GET", RPC_PATH + "/"),
         ("HEAD", RPC_PATH),
         ("GET", "/metrics"),
+        ("GET", "/api/v2/workspaceagents/%6De/rpc"),
     ],
 )
 async def test_other_requests_are_not_mine(method: str, path: str) -> None:
