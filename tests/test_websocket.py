@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
@@ -334,3 +336,82 @@ async def test_server_bytes_in_the_same_write_as_the_101_are_kept() -> None:
         nursery.start_soon(eager_server)
         stream = await connect_websocket(client_t, "agentd", "/x")
     assert await stream.receive_some() == b"early"
+
+
+async def test_huge_declared_frame_is_closed_once_the_limit_is_passed() -> None:
+    """A frame header claiming 1 GiB is not buffered whole: counting stops it at the limit."""
+    server, peer = server_with_raw_peer(max_message_size=1000)
+    header = bytes([0x82, 0x80 | 127]) + (1 << 30).to_bytes(8, "big") + b"\x00\x00\x00\x00"
+    await peer.transport.send_all(header + b"\x00" * 1500)
+    with pytest.raises(trio.BrokenResourceError, match="larger than 1000"):
+        while True:
+            await server.receive_some()
+    assert server.close_code == CloseReason.MESSAGE_TOO_BIG
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=10))
+def test_random_inbound_bytes_never_raise_anything_unexpected(chunks: list[bytes]) -> None:
+    async def scenario() -> None:
+        server, peer = server_with_raw_peer(max_message_size=256)
+        for chunk in chunks:
+            await peer.transport.send_all(chunk)
+        await peer.transport.aclose()
+        try:
+            while await server.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        await server.aclose()
+
+    trio.run(scenario)
+
+
+client_events = st.lists(
+    st.one_of(
+        st.builds(lambda d, f: Message(data=d, message_finished=f), st.binary(max_size=300), st.booleans()),
+        st.builds(lambda t: TextMessage(data=t), st.text(max_size=10)),
+        st.builds(lambda p: Ping(payload=p), st.binary(max_size=125)),
+        st.builds(lambda p: Pong(payload=p), st.binary(max_size=125)),
+        st.builds(lambda c: CloseConnection(code=c), st.sampled_from([1000, 1001, 1011, 4000])),
+        # garbage at a frame boundary: a reserved opcode, then anything
+        st.builds(lambda b: b"\x8f" + b, st.binary(max_size=20)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(client_events, st.integers(min_value=1, max_value=97))
+def test_random_frame_sequences_give_a_prefix_of_the_binary_payloads(
+    events: list[object], chunk: int
+) -> None:
+    ws = Connection(ConnectionType.CLIENT)
+    wire = bytearray()
+    binary = bytearray()
+    for event in events:
+        if isinstance(event, bytes):
+            wire += event
+            continue
+        try:
+            wire += ws.send(event)  # type: ignore[arg-type]
+        except Exception:
+            break  # wsproto refuses to send after Close; the rest is not on the wire
+        if isinstance(event, Message) and isinstance(event.data, bytes):
+            binary += event.data
+
+    async def scenario() -> None:
+        server, peer = server_with_raw_peer(max_message_size=256)
+        for i in range(0, len(wire), chunk):
+            await peer.transport.send_all(wire[i : i + chunk])
+        await peer.transport.aclose()
+        got = bytearray()
+        try:
+            while data := await server.receive_some():
+                got += data
+        except trio.BrokenResourceError:
+            pass
+        assert bytes(binary).startswith(bytes(got))
+        await server.aclose()
+
+    trio.run(scenario)
