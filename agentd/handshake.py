@@ -188,6 +188,24 @@ class RequestHead:
     #: Bytes received past the blank line; after an upgrade they belong to the new protocol.
     trailing: bytes = b""
 
+    @classmethod
+    def from_text(
+        cls,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        http_version: str = "1.1",
+        trailing: bytes = b"",
+    ) -> RequestHead:
+        """From a head another parser decoded as latin-1 text (e.g. agentd.http's Request)."""
+        return cls(
+            method=method.encode("latin-1"),
+            target=target.encode("latin-1"),
+            headers=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            http_version=http_version.encode("latin-1"),
+            trailing=trailing,
+        )
+
 
 class RequestHeadParser:
     """Sans-I/O: feed bytes, get one `RequestHead`; malformed or oversized input raises HttpError."""

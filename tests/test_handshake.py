@@ -698,3 +698,27 @@ async def test_client_leaving_before_a_request_is_closed() -> None:
     await client.aclose()
     outcome = await accept_agent(server, lookup=FakeLookup())
     assert isinstance(outcome, Closed)
+
+
+async def test_head_from_another_parsers_text_form() -> None:
+    """The lead's dispatcher (agentd.http) decodes heads as latin-1 text; the round trip is lossless."""
+    client, server = trio.testing.memory_stream_pair()
+    head = RequestHead.from_text(
+        "GET",
+        RPC_PATH + "?version=2.10&role=agent",
+        [
+            ("Host", "agentd"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "yamux"),
+            ("Coder-Session-Token", str(TOKEN)),
+        ],
+        "1.1",
+        YAMUX_SYN,
+    )
+    outcome = await handle_rpc_request(server, head, lookup=FakeLookup())
+    assert isinstance(outcome, Upgraded)
+    assert await outcome.transport.receive_some() == YAMUX_SYN
+    assert (
+        await client.receive_some()
+        == b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n"
+    )
