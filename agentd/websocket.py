@@ -47,6 +47,10 @@ __all__ = [
 
 #: Largest inbound message accepted (Coder sets a 4 MiB read limit on both ends); bigger closes 1009.
 MAX_MESSAGE_SIZE = 4 << 20
+#: Largest outbound message: a bigger send_all (a mux flushing many frames at once) is split, so a
+#: peer with the 4 MiB read limit never sees one it must refuse. Go agents write one yamux frame
+#: (<= 256 KiB + 12) per message, far below it.
+MAX_SEND_MESSAGE_SIZE = 1 << 20
 #: How much is read from the transport at a time.
 RECEIVE_CHUNK = 1 << 16
 #: How long aclose() waits to get its Close frame out before it just drops the transport.
@@ -59,7 +63,8 @@ HeaderPairs = Sequence[tuple[str | bytes, str | bytes]]
 
 
 class WebSocketByteStream(trio.abc.Stream):
-    """An ordered byte pipe over binary WebSocket messages (one `send_all` = one message).
+    """An ordered byte pipe over binary WebSocket messages (one `send_all` = one message, or
+    several of MAX_SEND_MESSAGE_SIZE when it is bigger).
 
     One task may receive and one may send at a time (`BusyResourceError` otherwise); control frames
     (pongs, Close replies) share a writer lock with `send_all` so frames never interleave. Errors use
@@ -75,8 +80,10 @@ class WebSocketByteStream(trio.abc.Stream):
         *,
         max_message_size: int = MAX_MESSAGE_SIZE,
         receive_chunk: int = RECEIVE_CHUNK,
+        max_send_message_size: int = MAX_SEND_MESSAGE_SIZE,
     ) -> None:
         self.transport = transport
+        self._max_send = max_send_message_size
         self._ws = connection
         self._max_message_size = max_message_size
         self._receive_chunk = receive_chunk
@@ -138,16 +145,19 @@ class WebSocketByteStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is already receiving on this WebSocket")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint()
+            # Checkpoints: the transport read is one; paths that do not read take their own.
+            await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("the WebSocket was closed")
                 if self._buffer:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     n = len(self._buffer) if max_bytes is None else max_bytes
                     chunk = bytes(self._buffer[:n])
                     del self._buffer[:n]
                     return chunk
                 if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 if self._failure is not None:
                     raise trio.BrokenResourceError(self._failure)
@@ -237,11 +247,19 @@ class WebSocketByteStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is already sending on this WebSocket")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._check_can_send()
             if not data:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return
-            frame = self._ws.send(Message(data=bytes(data)))
+            if len(data) <= self._max_send:
+                frame = self._ws.send(Message(data=bytes(data)))
+            else:
+                view = memoryview(data)
+                frame = b"".join(
+                    self._ws.send(Message(data=bytes(view[i : i + self._max_send])))
+                    for i in range(0, len(view), self._max_send)
+                )
             await self._write(frame)
         finally:
             self._sending = False

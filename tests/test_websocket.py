@@ -120,6 +120,18 @@ async def test_each_send_all_is_one_binary_message() -> None:
     assert len(events) == 3
 
 
+async def test_a_send_bigger_than_the_send_limit_is_split_into_messages() -> None:
+    client_t, server_t = trio.testing.memory_stream_pair()
+    server = WebSocketByteStream(server_t, Connection(ConnectionType.SERVER), max_send_message_size=1000)
+    peer = RawPeer(client_t)
+    data = bytes(range(250)) * 10
+    await server.send_all(data)
+    await server.aclose()
+    events = await peer.events()
+    assert [len(e.data) for e in events if isinstance(e, BytesMessage)] == [1000, 1000, 500]
+    assert b"".join(e.data for e in events if isinstance(e, BytesMessage)) == data
+
+
 async def test_text_message_closes_with_1003() -> None:
     server, peer = server_with_raw_peer()
     await peer.send(Message(data=b"before"), TextMessage(data="hi"))
