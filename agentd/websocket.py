@@ -312,6 +312,10 @@ class WebSocketByteStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         """Send Close(1000) if we still can (bounded, skipped if a send is stuck), then drop the transport."""
+        await self.close()
+
+    async def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """`aclose` with a chosen Close code and reason, e.g. coderd's (1001, "build is outdated")."""
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
@@ -322,7 +326,7 @@ class WebSocketByteStream(trio.abc.Stream):
                 and self._send_failure is None
                 and not self._write_lock.locked()
             ):
-                frame = self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
+                frame = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
                 with trio.move_on_after(CLOSE_SEND_TIMEOUT):
                     async with self._write_lock:
                         await self.transport.send_all(frame)

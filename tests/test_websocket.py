@@ -427,3 +427,14 @@ def test_random_frame_sequences_give_a_prefix_of_the_binary_payloads(
         await server.aclose()
 
     trio.run(scenario)
+
+
+async def test_close_with_a_code_and_reason() -> None:
+    server, peer = server_with_raw_peer()
+    await server.close(CloseReason.GOING_AWAY, "build is outdated")
+    await server.aclose()  # idempotent
+    events = await peer.events()
+    assert len(events) == 1 and isinstance(events[0], CloseConnection)
+    assert (events[0].code, events[0].reason) == (CloseReason.GOING_AWAY, "build is outdated")
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")
