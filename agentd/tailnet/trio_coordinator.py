@@ -52,6 +52,11 @@ class Coordinator:
             self._running = False
             self._apply(self.core.close())
 
+    @property
+    def running(self) -> bool:
+        """True between ``run`` starting and the coordinator closing."""
+        return self._running
+
     @asynccontextmanager
     async def connect(self, peer_id: uuid.UUID, name: str, auth: Auth) -> AsyncIterator[PeerHandle]:
         """Register a coordinate connection for ``peer_id`` for the duration of the block.
