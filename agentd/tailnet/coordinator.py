@@ -195,6 +195,10 @@ class Response:
 # Authorisation
 
 
+def _id_set(value: Iterable[uuid.UUID]) -> frozenset[uuid.UUID]:
+    return frozenset(value)
+
+
 @attrs.frozen
 class AgentAuth:
     """An agent coordinating as itself: no tunnels, only its own addresses."""
@@ -206,7 +210,7 @@ class AgentAuth:
 class ClientAuth:
     """A client that may open tunnels to the given agents; /128 addresses; no ready_for_handshake."""
 
-    agent_ids: frozenset[uuid.UUID] = attrs.field(converter=frozenset)
+    agent_ids: frozenset[uuid.UUID] = attrs.field(converter=_id_set)
 
 
 @attrs.frozen
