@@ -95,8 +95,12 @@ class TailnetService:
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._forward_requests, stream, peer)
-            async for response in peer:
-                await stream.send(response_to_proto(response))
+            try:
+                async for response in peer:
+                    await stream.send(response_to_proto(response))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # The agent is gone; like Go, a failed send just ends coordination (peer LOST).
+                log.debug("coordinate %s: response stream broke: %s", self.peer_name, exc)
             nursery.cancel_scope.cancel()
 
     async def _forward_requests(self, stream: ServerStream, peer: PeerHandle) -> None:

@@ -412,3 +412,21 @@ def test_node_wire_round_trip() -> None:
     assert request_to_proto(request_from_proto(request)) == request
     # Go's address text (zero groups dropped) survives untouched: it is compared parsed, never rewritten.
     assert request_from_proto(request).update_self.addresses == tuple(node.addresses)  # type: ignore[union-attr]
+
+
+async def test_broken_response_stream_ends_quietly_as_lost(
+    service: TailnetService, coordinator: Coordinator
+) -> None:
+    stream, agent = fake_stream()
+    await agent.responses.aclose()  # the agent is gone: every send fails
+    async with coordinator.connect(CLIENT, "client", ClientAuth({AGENT})) as client:
+        await client.send(Request(add_tunnel=AGENT))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.coordinate, stream)
+            await agent.requests.send(update_self(agent_node_pb()))
+            await client.receive()  # the agent's node
+            # The client's node goes to the agent, whose stream is broken: the RPC ends without error.
+            await client.send(Request(update_self=Node()))
+        with trio.fail_after(60):
+            lost = (await client.receive()).peer_updates[0]
+        assert (lost.kind, lost.reason) == (Kind.LOST, "lost")
