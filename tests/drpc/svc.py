@@ -21,7 +21,9 @@ from agentd.mux import MuxSession
 _T = descriptor_pb2.FieldDescriptorProto
 
 
-def _pool_with(package: str, service: str, methods: list[tuple[str, str, str, bool, bool]]) -> ServiceDescriptor:
+def _pool_with(
+    package: str, service: str, methods: list[tuple[str, str, str, bool, bool]]
+) -> ServiceDescriptor:
     fdp = descriptor_pb2.FileDescriptorProto(name=f"{package.replace('.', '/')}/t.proto", package=package)
     fdp.syntax = "proto3"
     for name in ("Req", "Resp"):
@@ -71,6 +73,7 @@ class EchoService:
 
     def __init__(self) -> None:
         self.cancelled = 0
+        self.cancelled_event = trio.Event()
         self.started = trio.Event()
         self.finished_bidi = trio.Event()
 
@@ -79,6 +82,10 @@ class EchoService:
             raise RpcError("nope", 42)
         if req.text == "crash":
             raise ValueError("boom")
+        if req.text == "echo":
+            return Resp(blob=req.blob, text=req.text)
+        if req.text == "grow":
+            return Resp(blob=req.blob, text="x" * 300)
         if req.text == "wrong-type":
             return Req()
         if req.text == "sleep":
@@ -87,6 +94,7 @@ class EchoService:
                 await trio.sleep_forever()
             except trio.Cancelled:
                 self.cancelled += 1
+                self.cancelled_event.set()
                 raise
         return Resp(n=req.n + 1, blob=req.blob, text=req.text)
 
@@ -101,6 +109,7 @@ class EchoService:
                 await trio.sleep_forever()
             except trio.Cancelled:
                 self.cancelled += 1
+                self.cancelled_event.set()
                 raise
 
     async def client_stream(self, stream: Any) -> Any:
@@ -119,6 +128,7 @@ class EchoService:
                 await stream.send(Resp(n=req.n + 1, text=req.text))
         except trio.Cancelled:
             self.cancelled += 1
+            self.cancelled_event.set()
             raise
         finally:
             self.finished_bidi.set()

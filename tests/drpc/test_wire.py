@@ -23,6 +23,7 @@ from agentd.drpc.wire import (
 )
 
 H = bytes.fromhex
+OLD_NAME = b"/agent.v2.Agent/GetManifest"
 NAME = b"/coder.agent.v2.Agent/GetManifest"
 UNKNOWN_TEXT = b'protocol error: unknown rpc: "/coder.agent.v2.Agent/GetManifest"'
 
@@ -64,7 +65,11 @@ def test_varint_too_long_and_overflow() -> None:
 
 # (name, packet, expected bytes)
 PACKETS = [
-    ("D1", Packet(Kind.INVOKE, 1, 1, b"/agent.v2.Agent/GetManifest"), H("03 01 01 1b") + b"/agent.v2.Agent/GetManifest"),
+    (
+        "D1",
+        Packet(Kind.INVOKE, 1, 1, b"/agent.v2.Agent/GetManifest"),
+        H("03 01 01 1b") + b"/agent.v2.Agent/GetManifest",
+    ),
     ("D2", Packet(Kind.INVOKE, 1, 1, NAME), H("03 01 01 21") + NAME),
     ("D3", Packet(Kind.MESSAGE, 1, 2, b""), H("05 01 02 00")),
     ("D4", Packet(Kind.CLOSE_SEND, 1, 3, b""), H("0d 01 03 00")),
@@ -82,7 +87,11 @@ PACKETS = [
         Packet(Kind.ERROR, 1, 1, encode_error(0, UNKNOWN_TEXT.decode())),
         H("07 01 01 48 00 00 00 00 00 00 00 00") + UNKNOWN_TEXT,
     ),
-    ("D12", Packet(Kind.INVOKE_METADATA, 1, 1, encode_metadata({"k": "v"})), H("0f 01 01 08 0a 06 0a 01 6b 12 01 76")),
+    (
+        "D12",
+        Packet(Kind.INVOKE_METADATA, 1, 1, encode_metadata({"k": "v"})),
+        H("0f 01 01 08 0a 06 0a 01 6b 12 01 76"),
+    ),
 ]
 
 
@@ -105,9 +114,7 @@ def _feed_bytewise(data: bytes) -> list[Packet]:
 def test_packet_vectors(name: str, pkt: Packet, wire: bytes) -> None:
     assert _encode(pkt) == wire
     # Decoding needs the stream's id sequence to start at (1, 1): prefix with lower-id packets.
-    prefix = b"".join(
-        _encode(Packet(Kind.MESSAGE, 1, mid, b"")) for mid in range(1, pkt.message_id)
-    )
+    prefix = b"".join(_encode(Packet(Kind.MESSAGE, 1, mid, b"")) for mid in range(1, pkt.message_id))
     whole = PacketParser().feed(prefix + wire)
     assert whole[-1] == pkt
     assert _feed_bytewise(prefix + wire)[-1] == pkt
@@ -165,7 +172,12 @@ def test_whole_unary_request_and_with_metadata() -> None:
     assert kinds == [(Kind.INVOKE, 1), (Kind.MESSAGE, 2), (Kind.CLOSE_SEND, 3)]
     md = H("0f 01 01 08 0a 06 0a 01 6b 12 01 76 03 01 02 21") + NAME + H("05 01 03 00 0d 01 04 00")
     assert len(md) == 0x39
-    assert [p.kind for p in _feed_bytewise(md)] == [Kind.INVOKE_METADATA, Kind.INVOKE, Kind.MESSAGE, Kind.CLOSE_SEND]
+    assert [p.kind for p in _feed_bytewise(md)] == [
+        Kind.INVOKE_METADATA,
+        Kind.INVOKE,
+        Kind.MESSAGE,
+        Kind.CLOSE_SEND,
+    ]
 
 
 def test_frame_roundtrip_and_control_bits() -> None:
