@@ -144,7 +144,9 @@ async def read_request_head(
                 status, "Request header fields too large." if status == 431 else "Malformed HTTP request."
             ) from None
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(max_head_bytes)
+            if received >= max_head_bytes:
+                raise HttpError(431, "Request header fields too large.")
+            data = await stream.receive_some(max_head_bytes - received)
             if not data and received == 0:
                 return None
             received += len(data)
