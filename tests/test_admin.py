@@ -143,7 +143,7 @@ def test_app_needs_url_or_command() -> None:
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[owner\n')
-    with pytest.raises(SpecError, match="bad.toml: invalid TOML"):
+    with pytest.raises(SpecError, match=r"bad\.toml: invalid TOML"):
         load_workspace_spec(bad)
     with pytest.raises(SpecError, match="file not found"):
         load_workspace_spec(tmp_path / "absent.toml")
@@ -159,7 +159,8 @@ async def test_create_workspace_writes_every_row(db: Database) -> None:
 
     ws = await db.fetchone(
         "SELECT w.name, u.username, o.name AS org, t.name AS template, tv.name AS version"
-        " FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN organizations o ON o.id = w.organization_id"
+        " FROM workspaces w JOIN users u ON u.id = w.owner_id"
+        " JOIN organizations o ON o.id = w.organization_id"
         " JOIN templates t ON t.id = w.template_id JOIN template_versions tv ON tv.id = t.active_version_id"
         " WHERE w.id = %s",
         [created.workspace_id],
@@ -193,8 +194,8 @@ async def test_create_workspace_writes_every_row(db: Database) -> None:
         assert row == {"auth_token": agent.token, "name": agent.name, "resource": "dev"}
     main = created.agents[0].id
     main_row = await db.fetchone(
-        "SELECT directory, environment_variables, display_apps::text[] AS display_apps, connection_timeout_seconds,"
-        " motd_file FROM workspace_agents WHERE id = %s",
+        "SELECT directory, environment_variables, display_apps::text[] AS display_apps,"
+        " connection_timeout_seconds, motd_file FROM workspace_agents WHERE id = %s",
         [main],
     )
     assert main_row == {
@@ -210,8 +211,8 @@ async def test_create_workspace_writes_every_row(db: Database) -> None:
     assert sidecar_apps == []
 
     apps = await db.fetchall(
-        "SELECT slug, healthcheck_url, healthcheck_interval, healthcheck_threshold, health::text, open_in::text,"
-        " sharing_level::text, external FROM workspace_apps WHERE agent_id = %s ORDER BY slug",
+        "SELECT slug, healthcheck_url, healthcheck_interval, healthcheck_threshold, health::text,"
+        " open_in::text, sharing_level::text, external FROM workspace_apps WHERE agent_id = %s ORDER BY slug",
         [main],
     )
     assert apps == [
@@ -270,14 +271,16 @@ async def test_create_workspace_writes_every_row(db: Database) -> None:
         {"key": "disk", "interval": 60, "timeout": 5, "value": ""},
     ]
     assert await db.fetchone(
-        "SELECT enabled, threshold, state::text FROM workspace_agent_memory_resource_monitors WHERE agent_id = %s",
+        "SELECT enabled, threshold, state::text FROM workspace_agent_memory_resource_monitors"
+        " WHERE agent_id = %s",
         [main],
     ) == {"enabled": True, "threshold": 90, "state": "OK"}
     assert await db.fetchall(
         "SELECT path, threshold FROM workspace_agent_volume_resource_monitors WHERE agent_id = %s", [main]
     ) == [{"path": "/home/coder", "threshold": 80}]
     assert await db.fetchall(
-        "SELECT name, workspace_folder, subagent_id FROM workspace_agent_devcontainers WHERE workspace_agent_id = %s",
+        "SELECT name, workspace_folder, subagent_id FROM workspace_agent_devcontainers"
+        " WHERE workspace_agent_id = %s",
         [main],
     ) == [{"name": "app", "workspace_folder": "/home/coder/app", "subagent_id": None}]
 
@@ -315,6 +318,6 @@ async def test_failure_midway_rolls_everything_back(db: Database) -> None:
     raw = _minimal()
     raw["organization"] = {"name": "fresh-org"}  # written first ...
     raw["owner"] = {"username": "other", "email": "bob@example.com"}  # ... then this fails
-    with pytest.raises(SpecError, match="owner.email: 'bob@example.com' already belongs to user 'bob'"):
+    with pytest.raises(SpecError, match=r"owner\.email: 'bob@example\.com' already belongs to user 'bob'"):
         await create_workspace(db, validate_workspace_spec(raw))
     assert await db.fetchval("SELECT count(*) FROM organizations WHERE name = 'fresh-org'") == 0
