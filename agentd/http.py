@@ -110,7 +110,9 @@ class Request:
             ("connection", "close"),
             *headers,
         ]
-        data = self.conn.send(h11.Response(status_code=status, headers=all_headers))
+        data = self.conn.send(
+            h11.Response(status_code=status, headers=all_headers, reason=HTTPStatus(status).phrase.encode())
+        )
         if self.method != "HEAD":
             data += self.conn.send(h11.Data(data=body))
         data += self.conn.send(h11.EndOfMessage())
