@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
 from agentd.store import Database
@@ -329,9 +332,18 @@ async def test_create_workspace_unreachable_database(tmp_path: Path) -> None:
     assert line.startswith("agentd: cannot connect to PostgreSQL")
 
 
-async def test_embedded_default_shared_with_admin_while_serving(tmp_path: Path) -> None:
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory outside /tmp/pytest-of-<user>: pytest resets that one to mode 0700 whenever a test
+    run starts, which locks out the unprivileged user pgserver runs PostgreSQL as when we are root."""
+    path = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_embedded_default_shared_with_admin_while_serving(private_dir: Path) -> None:
     """README command (1) in miniature: embedded PostgreSQL, healthz ok, admin beside serve, clean stop."""
-    data = tmp_path / "data"
+    data = private_dir / "data"
     async with _serve(["--data-dir", str(data), "--listen", "tcp://127.0.0.1:0"]) as serving:
         assert (data / "agentd.sock").exists() is False  # only the listeners asked for
         port = serving.port()
