@@ -163,10 +163,14 @@ _COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
 
 def _user_error(exc: BaseException) -> BaseException | None:
     """The first user-caused error inside `exc` (trio wraps errors from nurseries in groups)."""
-    from agentd.store.errors import DatabaseUnavailable, StoreError
+    from agentd.store.embedded import EmbeddedPostgresError
+    from agentd.store.errors import StoreError
 
-    if isinstance(exc, UserError | DatabaseUnavailable | StoreError):
+    if isinstance(exc, UserError | StoreError | EmbeddedPostgresError):
         return exc
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # the environment, not agentd: a data directory that cannot be created, a file not readable
+        return UserError(f"{exc.filename}: {exc.strerror or exc}")
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
             found = _user_error(sub)

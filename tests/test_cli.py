@@ -361,3 +361,10 @@ async def test_embedded_default_shared_with_admin_while_serving(private_dir: Pat
         with trio.fail_after(30):
             assert await serving.process.wait() == 0, serving.text
     assert not (data / "postgres" / "postmaster.pid").exists()  # embedded server stopped
+
+
+async def test_unusable_data_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = _one_error_line(await _agentd("migrate", "--data-dir", str(blocker / "data")))
+    assert str(blocker) in line
