@@ -162,7 +162,6 @@ class Daemon:
 
     async def _serve(self, server: Server, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
             async with trio.open_nursery() as serving:
                 await serving.start(server.run)
                 self._ready = True
@@ -170,6 +169,7 @@ class Daemon:
                     log.info("listening on %s", bound.name)
                     self.listener_names.append(bound.name)
                 await self.notifier.notify("READY=1", f"STATUS=serving on {', '.join(self.listener_names)}")
+                nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
                 log.info("agentd %s ready", __version__)
                 task_status.started()
                 await self._stop.wait()

@@ -130,7 +130,7 @@ def _notify_socket(path: Path) -> socket.socket:
 async def test_serve_healthz_on_unix_and_tcp_notify_and_sigterm(db_url: str, tmp_path: Path) -> None:
     sock = tmp_path / "agentd.sock"
     notify = _notify_socket(tmp_path / "notify")
-    env = _env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    env = _env(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="100000")
     args = [
         "--postgres-url",
         db_url,
@@ -152,8 +152,12 @@ async def test_serve_healthz_on_unix_and_tcp_notify_and_sigterm(db_url: str, tmp
         serving.process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await serving.process.wait() == 0, serving.text
-    assert notify.recv(4096).split(b"\n")[0] == b"STOPPING=1"
+    messages = []
+    while not messages or messages[-1] != b"STOPPING=1":
+        messages.append(notify.recv(4096).split(b"\n")[0])
     notify.close()
+    assert b"WATCHDOG=1" in messages  # every 50 ms while serving
+    assert set(messages[:-1]) == {b"WATCHDOG=1"}
     assert not sock.exists()
     assert "Traceback" not in serving.text
 
