@@ -110,25 +110,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from agentd.daemon import migrate_database, open_store
+    from agentd.daemon import open_store
     from agentd.store import asyncio_loop
+    from agentd.store.migrate import migrate
 
     config = _config_from(args)
     _setup_logging("warning")
 
-    async def run() -> Any:
+    async def run() -> int:
         async with asyncio_loop(), open_store(config, migrate=False) as db:
-            return await migrate_database(db)
+            return await migrate(db)
 
-    result = trio.run(run)
-    print(f"agentd: database schema is current{_describe_migration(result)}")
+    version = trio.run(run)
+    print(f"agentd: database schema is current (version {version})")
     return 0
-
-
-def _describe_migration(result: Any) -> str:
-    if isinstance(result, int):
-        return f" (version {result})"
-    return ""
 
 
 def _cmd_create_workspace(args: argparse.Namespace) -> int:

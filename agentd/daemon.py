@@ -24,7 +24,9 @@ from agentd.config import Config
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
 from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
+from agentd.store.migrate import migrate as migrate_schema
 
 log = logging.getLogger("agentd")
 
@@ -41,25 +43,18 @@ async def open_store(config: Config, *, migrate: bool = True) -> AsyncIterator[D
     """
     async with database_url(config) as url, open_database(url) as db:
         if migrate:
-            await migrate_database(db)
+            await migrate_schema(db)
         yield db
 
 
 @asynccontextmanager
 async def database_url(config: Config) -> AsyncIterator[str]:
+    """`postgres_url` as given, or the URL of the data directory's embedded server while it runs."""
     if config.postgres_url is not None:
         yield config.postgres_url
         return
-    from agentd.store.embedded import embedded_postgres
-
     async with embedded_postgres(config.data_dir) as url:
         yield url
-
-
-async def migrate_database(db: Database) -> Any:
-    from agentd.store.migrate import migrate
-
-    return await migrate(db)
 
 
 @attrs.define
