@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from agentd.cli import main
-from agentd.store import Database
+from agentd.store import Database, asyncio_loop, open_database
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "workspace.toml"
@@ -318,7 +318,9 @@ def test_create_workspace_text_output(db_url: str, capsys: pytest.CaptureFixture
     assert lines[1].startswith("agent main id=") and " token=" in lines[1]
 
 
-async def test_create_workspace_bad_files_create_nothing(db_url: str, db: Database, tmp_path: Path) -> None:
+def test_create_workspace_bad_files_create_nothing(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "ws.toml"
     cases = {
         'name = "x"\n[owner\n': "invalid TOML",
@@ -331,16 +333,21 @@ async def test_create_workspace_bad_files_create_nothing(db_url: str, db: Databa
     }
     for text, needle in cases.items():
         bad.write_text(text)
-        result = await _agentd(
-            "admin", "create-workspace", "--file", str(bad), "--json", "--postgres-url", db_url
+        result = _main(
+            capsys, "admin", "create-workspace", "--file", str(bad), "--json", "--postgres-url", db_url
         )
         line = _one_error_line(result)
         assert line.startswith(f"agentd: {bad}: ")
         assert needle in line
         assert result.stdout == b""
-    assert await db.fetchval("SELECT count(*) FROM users WHERE NOT is_system") == 0
-    for table in ("organizations", "templates", "workspaces", "workspace_agents", "provisioner_jobs"):
-        assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0
+
+    async def counts() -> list[int]:
+        async with asyncio_loop(), open_database(db_url) as db:
+            tables = ("organizations", "templates", "workspaces", "workspace_agents", "provisioner_jobs")
+            users = [await db.fetchval("SELECT count(*) FROM users WHERE NOT is_system")]
+            return users + [await db.fetchval(f"SELECT count(*) FROM {table}") for table in tables]
+
+    assert trio.run(counts) == [0] * 6
 
 
 def test_create_workspace_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
