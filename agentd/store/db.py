@@ -26,10 +26,12 @@ from agentd.store import _aio, errors
 
 assert _aio  # imported for its effect on psycopg
 
-__all__ = ["Database", "Params", "Transaction", "asyncio_loop", "open_database"]
+__all__ = ["Database", "Params", "Query", "Transaction", "asyncio_loop", "open_database"]
 
 T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
+# Plain SQL text (what code outside the store passes) or a psycopg.sql composition (store modules).
+Query = str | pgsql.Composable
 Conn = psycopg.AsyncConnection[DictRow]
 Pool = psycopg_pool.AsyncConnectionPool[Conn]
 
@@ -201,19 +203,19 @@ class Transaction:
     _runner: _Runner
     _conn: Conn
 
-    async def execute(self, sql: str, params: Params = ()) -> int:
+    async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run a statement; return its rowcount."""
         return await self._runner.run(_aio_execute, self._conn, sql, params or None)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+    async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
         return await self._runner.run(_aio_fetchone, self._conn, sql, params or None)
 
-    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+    async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
         return await self._runner.run(_aio_fetchall, self._conn, sql, params or None)
 
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+    async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()), None)
@@ -237,19 +239,19 @@ class Database:
         """The server address without credentials."""
         return describe_url(self.url)
 
-    async def execute(self, sql: str, params: Params = ()) -> int:
+    async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run one statement in autocommit mode; return its rowcount."""
         return await self._runner.run(_with_pooled, self._pool, _aio_execute, sql, params or None)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+    async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
         return await self._runner.run(_with_pooled, self._pool, _aio_fetchone, sql, params or None)
 
-    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+    async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
         return await self._runner.run(_with_pooled, self._pool, _aio_fetchall, sql, params or None)
 
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+    async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()), None)
