@@ -21,6 +21,7 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from psycopg import sql as pgsql
 from psycopg.rows import DictRow, dict_row
+from psycopg.types import TypeInfo
 
 from agentd.store import _aio, errors
 
@@ -290,6 +291,11 @@ class Database:
                 scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
                 await self._runner.run(self._pool.putconn, conn)
 
+    async def reload_types(self) -> None:
+        """Replace the pooled connections so they learn enum types created since they opened
+        (called by `migrate` after changing the schema)."""
+        await self._runner.run(self._pool.drain)
+
     async def _connect(self, *, autocommit: bool = True) -> Conn:
         """A dedicated connection outside the pool (the pubsub LISTEN connection)."""
         return await self._runner.run(_aio_connect, self.url, self.statement_timeout_ms, autocommit)
@@ -305,6 +311,14 @@ class Database:
 
 async def _configure(conn: Conn, statement_timeout_ms: int) -> None:
     await conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{statement_timeout_ms}ms"])
+    # Arrays of the schema's enums (subsystems, display_apps) should load as list[str], not as the
+    # '{a,b}' text psycopg yields for array types it does not know.
+    cur = await conn.execute(
+        "SELECT typname, oid, typarray FROM pg_type"
+        " WHERE typtype = 'e' AND typnamespace = 'public'::regnamespace"
+    )
+    for row in await cur.fetchall():
+        TypeInfo(row["typname"], int(row["oid"]), int(row["typarray"])).register(conn)
 
 
 async def _aio_connect(url: str, statement_timeout_ms: int, autocommit: bool) -> Conn:

@@ -41,6 +41,11 @@ async def test_migrate_empty_database(empty_db_url: str) -> None:
         assert await migrate(db) == CURRENT_VERSION
         assert await catalog_snapshot(db) == before
         assert await db.fetchval("SELECT count(*) FROM schema_version") == 1
+        # Connections opened before the enums existed were replaced: enum arrays load as lists.
+        assert await db.fetchval("SELECT '{vscode,web_terminal}'::display_app[]") == [
+            "vscode",
+            "web_terminal",
+        ]
 
 
 async def test_template_is_current(db: Database) -> None:
