@@ -169,13 +169,14 @@ class PubSub:
             await tx.execute(query, [channel, text])
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+    async def subscribe(self, channel: str, *, buffer_size: int | None = None) -> AsyncIterator[Subscription]:
         """Subscribe to ``channel``; LISTEN is active when the body starts (messages published
-        after entry are delivered). Waits while the listener is reconnecting."""
+        after entry are delivered). Waits while the listener is reconnecting. ``buffer_size``
+        overrides the PubSub's default bound for this subscription."""
         _check_channel(channel)
         if not self._running:
             raise RuntimeError("PubSub.run() is not running; start it in a nursery first")
-        sub = Subscription(channel, self.buffer_size)
+        sub = Subscription(channel, self.buffer_size if buffer_size is None else buffer_size)
         self._subs.setdefault(channel, set()).add(sub)
         try:
             if channel in self._listening:
