@@ -1,0 +1,58 @@
+"""Shared database fixtures.
+
+* ``pg_server`` (session): ``AGENTD_TEST_POSTGRES_URL`` if set, else one embedded pgserver per test
+  run. Started lazily — only runs that use a database fixture pay for it.
+* ``db_template`` (session): the name of a database migrated to the current schema, made once.
+* ``db_url``: a fresh database cloned from the template for this test (dropped afterwards).
+* ``empty_db_url``: a fresh, empty (unmigrated) database for migration tests.
+* ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.testing import TestServer, test_server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TestServer]:
+    # Not under pytest's tmp_path: concurrent pytest runs of the same user chmod that tree to 0700
+    # and prune old numbered directories, which would break a server running as pgserver's user.
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-test-pg-") as directory,
+        test_server(Path(directory)) as server,
+    ):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def db_template(pg_server: TestServer) -> Iterator[str]:
+    name = pg_server.create_template()
+    yield name
+    pg_server.drop(name)
+
+
+@pytest.fixture
+def db_url(pg_server: TestServer, db_template: str) -> Iterator[str]:
+    name = pg_server.clone(db_template)
+    yield pg_server.url_for(name)
+    pg_server.drop(name)
+
+
+@pytest.fixture
+def empty_db_url(pg_server: TestServer) -> Iterator[str]:
+    name = pg_server.create_empty()
+    yield pg_server.url_for(name)
+    pg_server.drop(name)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    async with asyncio_loop(), open_database(db_url, min_size=1, max_size=4) as database:
+        yield database
