@@ -53,7 +53,15 @@ async def serve_session(
                 stream = await session.accept_stream()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
-            nursery.start_soon(serve_stream, stream, registry)
+            # Handlers run in this nursery too (saves a nursery per call); each stream's task
+            # still waits for its handler before closing the stream.
+            nursery.start_soon(_serve_in, stream, registry, nursery)
+
+
+async def _serve_in(
+    transport: trio.abc.HalfCloseableStream, registry: Registry, nursery: trio.Nursery
+) -> None:
+    await _StreamServer(transport, registry, MAX_PACKET_SIZE).run(nursery)
 
 
 async def serve_stream(
@@ -63,7 +71,9 @@ async def serve_stream(
     max_packet_size: int = MAX_PACKET_SIZE,
 ) -> None:
     """Serve RPCs on one transport until EOF, a transport failure or a protocol error; then close it."""
-    await _StreamServer(transport, registry, max_packet_size).run()
+    server = _StreamServer(transport, registry, max_packet_size)
+    async with trio.open_nursery() as nursery:
+        await server.run(nursery)
 
 
 class _Call:
@@ -152,7 +162,19 @@ def _decode(method: RpcMethod, data: bytes) -> Message:
 
 
 class _StreamServer:
-    __slots__ = ("_send_lock", "broken", "call", "conn", "max_size", "nursery", "registry", "transport")
+    __slots__ = (
+        "_handlers_done",
+        "_idle",
+        "_writing",
+        "broken",
+        "call",
+        "conn",
+        "max_size",
+        "nursery",
+        "registry",
+        "running",
+        "transport",
+    )
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
         self.transport = transport
@@ -160,21 +182,29 @@ class _StreamServer:
         self.conn = Connection(Role.SERVER, max_packet_size=max_size)
         self.max_size = max_size
         self.call: _Call | None = None
-        self._send_lock = trio.Lock()
+        self._writing = False
+        self._idle: trio.Event | None = None
         # A send cut short (cancelled/failed) may leave half a frame on the wire: stop serving.
         self.broken = False
         self.nursery: trio.Nursery | None = None
+        self.running = 0
+        self._handlers_done: trio.Event | None = None
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve until EOF/failure; handlers are spawned into ``nursery`` and awaited here."""
+        self.nursery = nursery
         clean = False
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                try:
-                    clean = await self._read_loop()
-                finally:
-                    if self.call is not None:
-                        self.call.abort()
+            try:
+                clean = await self._read_loop()
+            finally:
+                if self.call is not None:
+                    self.call.abort()
+            while self.running:
+                # The aborted handler unwinds (it sends nothing more) before the stream closes.
+                if self._handlers_done is None:
+                    self._handlers_done = trio.Event()
+                await self._handlers_done.wait()
         finally:
             if clean and not self.broken:
                 # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
@@ -256,6 +286,7 @@ class _StreamServer:
 
     def _spawn(self, call: _Call, request: Message | None) -> None:
         assert self.nursery is not None
+        self.running += 1
         self.nursery.start_soon(self._run_handler, call, request)
 
     async def _fail(self, call: _Call, code: int, message: str) -> None:
@@ -264,6 +295,15 @@ class _StreamServer:
         await self.flush()
 
     async def _run_handler(self, call: _Call, request: Message | None) -> None:
+        try:
+            await self._handle(call, request)
+        finally:
+            self.running -= 1
+            if not self.running and self._handlers_done is not None:
+                self._handlers_done.set()
+                self._handlers_done = None
+
+    async def _handle(self, call: _Call, request: Message | None) -> None:
         method = call.method
         handler = call.handler
         conn = self.conn
@@ -308,16 +348,26 @@ class _StreamServer:
             self.conn.send_error(code, message)
 
     async def flush(self) -> None:
-        """Write everything queued, in order, as one transport write."""
-        async with self._send_lock:
-            data = self.conn.data_to_send()
-            if not data or self.broken:
-                return
-            try:
-                await self.transport.send_all(data)
-            except BaseException:
-                self.broken = True
-                raise
+        """Write everything queued, in order, as one transport write (one writer at a time)."""
+        while self._writing:
+            if self._idle is None:
+                self._idle = trio.Event()  # only on contention: the common path allocates nothing
+            await self._idle.wait()
+        data = self.conn.data_to_send()
+        if not data or self.broken:
+            await trio.lowlevel.checkpoint()
+            return
+        self._writing = True
+        try:
+            await self.transport.send_all(data)
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            self._writing = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
 
 async def _close(transport: trio.abc.HalfCloseableStream) -> None:

@@ -244,7 +244,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
 class MuxSession:
     """A yamux session over any `trio.abc.Stream`; run it with `await nursery.start(session.run)`."""
 
-    def __init__(self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None) -> None:
+    def __init__(
+        self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None
+    ) -> None:
         self._transport = transport
         self.config = config if config is not None else MuxConfig()
         self.is_client = is_client
@@ -428,7 +430,9 @@ class MuxSession:
         while self._conn.out_len > HIGH_WATER and not self._closing:
             await self._drain_lot.park()
 
-    def _push_deadline(self, dq: collections.deque[tuple[float, StreamState]], delay: float, st: StreamState) -> None:
+    def _push_deadline(
+        self, dq: collections.deque[tuple[float, StreamState]], delay: float, st: StreamState
+    ) -> None:
         # drop heads that no longer matter so the queue stays as long as the live streams
         while dq and not self._deadline_live(dq is self._open_deadlines, dq[0][1]):
             dq.popleft()
