@@ -165,6 +165,7 @@ class _StreamServer:
     __slots__ = (
         "_handlers_done",
         "_idle",
+        "_start",
         "_writing",
         "broken",
         "call",
@@ -188,49 +189,70 @@ class _StreamServer:
         self.broken = False
         self.nursery: trio.Nursery | None = None
         self.running = 0
+        self._start: tuple[_Call, Message | None] | None = None
         self._handlers_done: trio.Event | None = None
 
     async def run(self, nursery: trio.Nursery) -> None:
-        """Serve until EOF/failure; handlers are spawned into ``nursery`` and awaited here."""
+        """Serve until EOF/failure; the read loop and handlers run as tasks of ``nursery``."""
         self.nursery = nursery
+        await self._reader()
+
+    async def _reader(self) -> None:
+        """The read loop.  To start a handler, the reading task runs it itself and hands the loop
+        to a fresh task: the reply goes out without waiting for a task switch (the critical path of
+        a unary call), while the new reader still sees a FIN/Close/Cancel that must cancel it."""
         clean = False
+        start: tuple[_Call, Message | None] | None = None
         try:
-            try:
-                clean = await self._read_loop()
-            finally:
-                if self.call is not None:
-                    self.call.abort()
+            clean, start = await self._read_loop()
+            if start is not None:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._reader)
+                await self._run_handler(*start)
+                return
+            if self.call is not None:
+                self.call.abort()
             while self.running:
                 # The aborted handler unwinds (it sends nothing more) before the stream closes.
                 if self._handlers_done is None:
                     self._handlers_done = trio.Event()
                 await self._handlers_done.wait()
+        except BaseException:
+            if self.call is not None:
+                self.call.abort()
+            clean = False
+            raise
         finally:
-            if clean and not self.broken:
-                # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
-                await _close(self.transport)
-            else:
-                await _abort(self.transport)
+            if start is None:
+                if clean and not self.broken:
+                    # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
+                    await _close(self.transport)
+                else:
+                    await _abort(self.transport)
 
-    async def _read_loop(self) -> bool:
-        """Read until EOF (True) or a transport/protocol failure (False)."""
+    async def _read_loop(self) -> tuple[bool, tuple[_Call, Message | None] | None]:
+        """Read until EOF (True), a transport/protocol failure (False), or a handler to start."""
         transport = self.transport
         conn = self.conn
         while not self.broken:
             try:
                 data = await transport.receive_some()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
+                return False, None
             if not data:
-                return True
+                return True, None
             try:
                 events = conn.receive_data(data)
             except ProtocolError as exc:
                 log.debug("drpc protocol error, closing the stream: %s", exc)
-                return False
+                return False, None
             for ev in events:
                 await self._dispatch(ev)
-        return False
+            start = self._start
+            if start is not None:
+                self._start = None
+                return True, start
+        return False, None
 
     async def _dispatch(self, ev: Event) -> None:
         call = self.call
@@ -285,9 +307,18 @@ class _StreamServer:
             self.call = None
 
     def _spawn(self, call: _Call, request: Message | None) -> None:
-        assert self.nursery is not None
+        """Schedule a handler: run by the reading task after this batch of events (see _reader)."""
         self.running += 1
-        self.nursery.start_soon(self._run_handler, call, request)
+        assert self.nursery is not None
+        if not call.awaiting_request and call.recv is not None:
+            # Client-stream/bidi: the reader may soon block feeding this handler's requests, so
+            # it must already be running in its own task.
+            self.nursery.start_soon(self._run_handler, call, request)
+            return
+        if self._start is not None:
+            # Two handlers from one read (pipelined calls; the first is usually superseded).
+            self.nursery.start_soon(self._run_handler, *self._start)
+        self._start = (call, request)
 
     async def _fail(self, call: _Call, code: int, message: str) -> None:
         call.finished = True
