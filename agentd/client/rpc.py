@@ -175,15 +175,21 @@ class RpcConn:
     async def unary(self, path: str, request: Message | None = None) -> Message:
         method = self._table[path]
         request = _check_request(method, request)
-        async with self._lock:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # one call at a time (Go's drpcconn); no yield when free
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             self._link.events.clear()
-            try:
-                return await _unary(self._link, method, request)
-            except BaseException:
-                if self._link.conn.active:
-                    # The transport's state is unknown mid-call: it cannot carry another RPC.
-                    await trio.aclose_forcefully(self._link.transport)
-                raise
+            return await _unary(self._link, method, request)
+        except BaseException:
+            if self._link.conn.active:
+                # The transport's state is unknown mid-call: it cannot carry another RPC.
+                await trio.aclose_forcefully(self._link.transport)
+            raise
+        finally:
+            lock.release()
 
     async def aclose(self) -> None:
         await _close_quietly(self._link.transport)
