@@ -5,9 +5,10 @@ Run from anywhere: ``python scripts/gen_proto.py`` (``just proto``), or
 (tests/proto/test_generated_current.py does that to prove the committed files are current).
 
 protoc comes from the pinned grpcio-tools, so the output is a pure function of the sources and
-that pin. Sources are compiled with the repository root as the import root, which makes the
-generated agent_pb2 say ``from agentd.proto import tailnet_pb2``. Only message modules and type
-stubs are produced: agentd speaks DRPC, so gRPC service stubs would be dead code.
+that pin (plus one fixed mypy directive prepended to each stub, see PYI_HEADER). Sources are
+compiled with the repository root as the import root, which makes the generated agent_pb2 say
+``from agentd.proto import tailnet_pb2``. Only message modules and type stubs are produced:
+agentd speaks DRPC, so gRPC service stubs would be dead code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_PKG = Path("agentd") / "proto"
+
+# protoc's .pyi output uses bare ``Mapping`` and a ``**kwargs`` without annotation (for fields named
+# after Python keywords, e.g. IPFields.class). Code checked with ``mypy --strict`` imports these
+# stubs, and mypy reports errors in followed stubs, so the stubs carry this one inline directive.
+PYI_HEADER = '# mypy: disable-error-code="type-arg, no-untyped-def"\n'
 
 
 def proto_sources() -> list[Path]:
@@ -62,7 +68,10 @@ def generate(out_dir: Path) -> list[Path]:
                 name = src.stem + suffix
                 generated = Path(tmp) / PROTO_PKG / name
                 target = out_dir / name
-                shutil.copyfile(generated, target)
+                if suffix == "_pb2.pyi":
+                    target.write_text(PYI_HEADER + generated.read_text())
+                else:
+                    shutil.copyfile(generated, target)
                 written.append(target)
     return written
 

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="type-arg, no-untyped-def"
 import datetime
 
 from agentd.proto import tailnet_pb2 as _tailnet_pb2
