@@ -375,7 +375,7 @@ def _make_method(method: RpcMethod) -> Callable[..., Any]:
     shape = method.shape
     if shape is CallShape.UNARY:
 
-        async def unary(self: _ServiceStub, request: Message | None = None) -> Message:
+        async def unary(self: _ServiceStub, request: Message | None = None) -> Any:
             return await self._client.unary(method.path, request)
 
         fn: Callable[..., Any] = unary
