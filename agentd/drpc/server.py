@@ -1,10 +1,14 @@
 """trio DRPC server: Go's ``drpcserver.ServeOne`` per transport, and an accept loop per session.
 
-Each transport (one mux stream under Coder) has one reader task — the task running
-:func:`serve_stream` — that owns the transport's receive side and a sans-I/O
-:class:`~agentd.drpc.stream.Connection`; each RPC's handler runs in a child task so that a peer's
-FIN, Close, Cancel or Error cancels it.  RPCs on one transport are served one after another until
-EOF; on EOF the transport is closed (FIN) at once, as Go clients wait for that FIN.
+Each transport (one mux stream under Coder) has a sans-I/O :class:`~agentd.drpc.stream.Connection`
+and, at any time, exactly one task reading it.  A handler runs in its own task while a reader keeps
+reading, so that the peer's FIN, Close, Cancel or Error cancels it: to keep a task switch off the
+reply's path, the reading task runs a unary/server-stream handler itself and hands the read loop to
+a new task (client-stream and bidi handlers get a task of their own, as the reader feeds them).
+All of them live in one nursery (the session's, or serve_stream's own).  RPCs on one transport are
+served one after another until EOF; on EOF the active handler is cancelled and the transport is
+closed (FIN) at once, as Go clients wait for that FIN.  A protocol error or an over-limit packet
+resets that one mux stream; a handler's exception becomes one Error packet.
 """
 
 from __future__ import annotations
