@@ -127,11 +127,14 @@ class _HandlerStream:
         payload = message.SerializeToString()
         if len(payload) > self._server.max_size:
             raise RpcError(_too_large(method, len(payload)))
+        server = self._server
         try:
-            self._server.conn.send_message(payload)
+            server.conn.send_message(payload)
         except StreamClosedError:
             raise trio.BrokenResourceError("the RPC is over") from None
-        await self._server.flush()
+        await server.flush()
+        if server.broken:
+            raise trio.BrokenResourceError("the stream is gone")
 
     async def receive(self) -> Any:
         """The next request; trio.EndOfChannel after the client's CloseSend."""
@@ -368,6 +371,11 @@ class _StreamServer:
                 self._queue_error(call, exc.code, exc.message)
             except StreamClosedError:
                 return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self.broken:
+                    return  # the client went away mid-call: not the handler's failure
+                log.exception("RPC %s failed", method.path)
+                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             except Exception as exc:
                 log.exception("RPC %s failed", method.path)
                 self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
@@ -395,8 +403,11 @@ class _StreamServer:
         self._writing = True
         try:
             await self.transport.send_all(data)
-        except BaseException:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The stream (or session) is gone: the reader ends this stream; nothing to report.
             self.broken = True
+        except BaseException:
+            self.broken = True  # cancelled mid-write: half a frame may be out
             raise
         finally:
             self._writing = False
