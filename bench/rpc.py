@@ -11,7 +11,8 @@ reads until EOF, then closes).  The client measures, in the same run:
 * ``rpc same stream``  sequential unary calls on one mux stream (DRPC stream ids 1, 2, ...)
 
 each sequentially and with 32 in flight (32 tasks; "same stream" = one stream per task), reporting
-calls/s and p50/p99 latency; the ratio compares each RPC row with its mux baseline per call.
+calls/s and p50/p99 latency; the ratio compares each RPC row with its mux baseline per call.  A
+baseline and its RPC mode alternate every 100 calls, so a noisy shared machine loads both alike.
 Median of ``--runs`` (≥ 3) runs.  ``--quick`` for a short smoke run.
 """
 
@@ -125,30 +126,44 @@ async def _mux_new_stream(session: MuxSession) -> None:
     await stream.aclose()
 
 
-async def _measure(
-    make_worker: Callable[[], Awaitable[Callable[[], Awaitable[object]]]], calls: int, concurrency: int
-) -> tuple[float, list[float]]:
-    """Run ``calls`` operations split over ``concurrency`` tasks; (calls/s, per-call latencies)."""
-    workers = [await make_worker() for _ in range(concurrency)]
-    # Warm up each worker.
-    for w in workers:
-        await w()
-    lat: list[float] = []
-    per = calls // concurrency
+Worker = Callable[[], Awaitable[object]]
 
-    async def run(w: Callable[[], Awaitable[object]]) -> None:
+#: Calls per alternation slice: baseline and RPC take turns so both see the same machine load.
+SLICE = 100
+
+
+async def _measure_pair(
+    makers: tuple[Callable[[], Awaitable[Worker]], Callable[[], Awaitable[Worker]]],
+    calls: int,
+    concurrency: int,
+) -> list[tuple[float, list[float]]]:
+    """Run ``calls`` operations of each of two modes over ``concurrency`` tasks, alternating the
+    modes every SLICE calls; return (calls/s, per-call latencies) for each mode."""
+    workers = [[await make() for _ in range(concurrency)] for make in makers]
+    for ws in workers:  # warm up
+        for w in ws:
+            await w()
+    lat: list[list[float]] = [[], []]
+    busy = [0.0, 0.0]
+    done = [0, 0]
+    per_slice = max(1, SLICE // concurrency)
+
+    async def run(w: Worker, out: list[float]) -> None:
         clock = time.perf_counter
-        for _ in range(per):
+        for _ in range(per_slice):
             t0 = clock()
             await w()
-            lat.append(clock() - t0)
+            out.append(clock() - t0)
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for w in workers:
-            nursery.start_soon(run, w)
-    elapsed = time.perf_counter() - t0
-    return per * concurrency / elapsed, lat
+    while done[0] < calls:
+        for i in (0, 1):
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for w in workers[i]:
+                    nursery.start_soon(run, w, lat[i])
+            busy[i] += time.perf_counter() - t0
+            done[i] += per_slice * concurrency
+    return [(done[i] / busy[i], lat[i]) for i in (0, 1)]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -188,22 +203,74 @@ async def bench_once(directory: str, calls: int) -> dict[tuple[str, int], tuple[
             conns.append(conn)
             return lambda: conn.unary(BANNER)
 
-        modes = [
-            ("mux new stream", mux_new),
-            ("rpc new stream", rpc_new),
-            ("mux same stream", mux_same),
-            ("rpc same stream", rpc_same),
+        pairs = [
+            (("mux new stream", mux_new), ("rpc new stream", rpc_new)),
+            (("mux same stream", mux_same), ("rpc same stream", rpc_same)),
         ]
         for concurrency in (1, 32):
-            for name, make in modes:
-                rate, lat = await _measure(make, calls, concurrency)
-                results[(name, concurrency)] = (rate, _pct(lat, 0.5), _pct(lat, 0.99))
+            for (base_name, base_make), (rpc_name, rpc_make) in pairs:
+                measured = await _measure_pair((base_make, rpc_make), calls, concurrency)
+                for name, (rate, lat) in zip((base_name, rpc_name), measured, strict=True):
+                    results[(name, concurrency)] = (rate, _pct(lat, 0.5), _pct(lat, 0.99))
         for conn in conns:
             await conn.aclose()
         for s in echo_streams:
             await s.aclose()
         nursery.cancel_scope.cancel()
     return results
+
+
+async def _cpu_once(mode: str, calls: int) -> float:
+    """CPU µs per call with client and server in this process over a memory stream pair."""
+    import trio.testing
+
+    a, b = trio.testing.memory_stream_pair()
+    cs = MuxSession(a, is_client=True)
+    ss = MuxSession(b, is_client=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cs.run)
+        await nursery.start(ss.run)
+        if mode.startswith("rpc"):
+            await nursery.start(serve_session, ss, _registry())
+        else:
+            nursery.start_soon(_echo_session, ss)
+        client = RpcClient(cs)
+        conn = RpcConn(await cs.open_stream())
+        stream = await cs.open_stream()
+
+        async def mux_same() -> None:
+            await stream.send_all(PAYLOAD)
+            got = 0
+            while got < len(PAYLOAD):
+                got += len(await stream.receive_some())
+
+        op: Worker = {
+            "mux new stream": lambda: _mux_new_stream(cs),
+            "rpc new stream": lambda: client.agent.GetServiceBanner(),
+            "mux same stream": mux_same,
+            "rpc same stream": lambda: conn.unary(BANNER),
+        }[mode]
+        for _ in range(100):
+            await op()
+        t0 = time.process_time()
+        for _ in range(calls):
+            await op()
+        cpu = (time.process_time() - t0) / calls
+        nursery.cancel_scope.cancel()
+    return cpu
+
+
+def cpu_table(runs: int, calls: int) -> None:
+    """Client + server CPU per call in one process (robust on a busy machine): min over runs."""
+    names = ("mux new stream", "rpc new stream", "mux same stream", "rpc same stream")
+    best = {n: min(trio.run(_cpu_once, n, calls) for _ in range(runs)) for n in names}
+    print()
+    print(f"in-process CPU per call (client + server, memory streams, min of {runs} runs of {calls} calls)")
+    print("| mode             | CPU us/call |  ratio |")
+    print("|-----------------:|------------:|-------:|")
+    for n in names:
+        ratio = f"{best[n] / best['mux' + n[3:]]:.2f}x" if n.startswith("rpc") else ""
+        print(f"| {n:<16} | {best[n] * 1e6:>11.0f} | {ratio:>6} |")
 
 
 def main() -> int:
@@ -242,6 +309,7 @@ def main() -> int:
                 server.kill()
                 server.wait()
     _print(all_runs, runs, calls)
+    cpu_table(runs, calls // 2)
     return 0
 
 
