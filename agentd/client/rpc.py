@@ -107,6 +107,8 @@ class _Link:
 
 def _decode(type_: type[RespT], data: bytes, path: str) -> RespT:
     msg = type_()
+    if not data:
+        return msg
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:

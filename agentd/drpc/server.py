@@ -161,6 +161,8 @@ def _too_large(method: RpcMethod, size: int) -> str:
 
 def _decode(method: RpcMethod, data: bytes) -> Message:
     msg = method.request_type()
+    if not data:
+        return msg  # an empty message (common: most Get* requests)
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:
