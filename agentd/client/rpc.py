@@ -63,19 +63,33 @@ class StreamOpener(Protocol):
 class _Link:
     """One transport + its client-side DRPC :class:`Connection` + events not yet consumed."""
 
-    __slots__ = ("conn", "events", "send_lock", "transport")
+    __slots__ = ("conn", "events", "idle", "transport", "writing")
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, max_packet_size: int) -> None:
         self.transport = transport
         self.conn = Connection(Role.CLIENT, max_packet_size=max_packet_size)
         self.events: deque[Event] = deque()
-        self.send_lock = trio.Lock()
+        self.writing = False
+        self.idle: trio.Event | None = None
 
     async def flush(self) -> None:
-        async with self.send_lock:
-            data = self.conn.data_to_send()
-            if data:
-                await self.transport.send_all(data)
+        """Write everything queued as one transport write (one writer at a time, in order)."""
+        while self.writing:
+            if self.idle is None:
+                self.idle = trio.Event()  # only on contention (bidi calls sending from two tasks)
+            await self.idle.wait()
+        data = self.conn.data_to_send()
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        self.writing = True
+        try:
+            await self.transport.send_all(data)
+        finally:
+            self.writing = False
+            if self.idle is not None:
+                self.idle.set()
+                self.idle = None
 
     async def next_event(self) -> Event:
         """The next event of the active RPC; BrokenResourceError if the transport ends first."""
@@ -93,6 +107,8 @@ class _Link:
 
 def _decode(type_: type[RespT], data: bytes, path: str) -> RespT:
     msg = type_()
+    if not data:
+        return msg
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:
@@ -161,15 +177,21 @@ class RpcConn:
     async def unary(self, path: str, request: Message | None = None) -> Message:
         method = self._table[path]
         request = _check_request(method, request)
-        async with self._lock:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # one call at a time (Go's drpcconn); no yield when free
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             self._link.events.clear()
-            try:
-                return await _unary(self._link, method, request)
-            except BaseException:
-                if self._link.conn.active:
-                    # The transport's state is unknown mid-call: it cannot carry another RPC.
-                    await trio.aclose_forcefully(self._link.transport)
-                raise
+            return await _unary(self._link, method, request)
+        except BaseException:
+            if self._link.conn.active:
+                # The transport's state is unknown mid-call: it cannot carry another RPC.
+                await trio.aclose_forcefully(self._link.transport)
+            raise
+        finally:
+            lock.release()
 
     async def aclose(self) -> None:
         await _close_quietly(self._link.transport)
@@ -355,7 +377,7 @@ def _make_method(method: RpcMethod) -> Callable[..., Any]:
     shape = method.shape
     if shape is CallShape.UNARY:
 
-        async def unary(self: _ServiceStub, request: Message | None = None) -> Message:
+        async def unary(self: _ServiceStub, request: Message | None = None) -> Any:
             return await self._client.unary(method.path, request)
 
         fn: Callable[..., Any] = unary
