@@ -52,6 +52,7 @@ from agentd.websocket import WebSocketByteStream
 
 __all__ = [
     "AgentConnection",
+    "AgentSessions",
     "ApiTask",
     "CompositionError",
     "ServiceBuilder",
@@ -59,6 +60,7 @@ __all__ = [
     "compose_services",
     "load_service_builders",
     "serve",
+    "start_components",
 ]
 
 log = logging.getLogger("agentd.connection")
@@ -118,7 +120,7 @@ def build_registry(apis: Sequence[ApiTask]) -> Registry:
 class _Call:
     """One call handed to an API task: its cancel scope, completion and outcome."""
 
-    __slots__ = ("done", "error", "returned", "result", "scope")
+    __slots__ = ("done", "error", "result", "returned", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
@@ -310,3 +312,57 @@ async def serve(connection: AgentConnection) -> None:
         log.exception("agent %s: session failed", ident.agent_id)
     finally:
         log.info("agent %s disconnected", ident.agent_id)
+
+
+@attrs.define(eq=False)
+class AgentSessions:
+    """The daemon's side of every agent session: what a connection needs from the process, and the
+    set of live connections so a shutdown can end them at once (agents redial another replica)."""
+
+    db: Any  # agentd.store.Database
+    events: Events
+    settings: Settings = attrs.field(factory=Settings)
+    components: Components = attrs.field(factory=Components)
+    builders: Mapping[str, ServiceBuilder] = attrs.field(factory=load_service_builders)
+    live: set[AgentConnection] = attrs.field(factory=set, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+
+    async def lookup(self, token: uuid.UUID) -> AgentIdentity | None:
+        """The handshake's token lookup (spec §2.2)."""
+        return await queries.authenticate_agent(self.db, token)
+
+    async def serve(self, upgraded: Upgraded[AgentIdentity]) -> None:
+        """Run one upgraded agent connection to its end; never raises for that agent's failures."""
+        connection = AgentConnection.from_upgraded(
+            upgraded,
+            db=self.db,
+            events=self.events,
+            settings=self.settings,
+            components=self.components,
+            builders=self.builders,
+        )
+        if self._closing:
+            connection.close()
+        self.live.add(connection)
+        try:
+            await serve(connection)
+        finally:
+            self.live.discard(connection)
+
+    def close_all(self) -> None:
+        """Shutdown: end every live session (each monitor still records its disconnect)."""
+        self._closing = True
+        for connection in list(self.live):
+            connection.close()
+
+
+async def start_components(components: Components, nursery: trio.Nursery) -> None:
+    """Start every configured component that has a ``run`` (coordinator, batchers ...) in ``nursery``.
+
+    Cancelling that nursery is their shutdown: each flushes what it holds (their contract).
+    """
+    for field in attrs.fields(Components):
+        component = getattr(components, field.name)
+        run = getattr(component, "run", None)
+        if run is not None:
+            await nursery.start(run)

@@ -108,7 +108,12 @@ async def serve_agent(
         try:
             client_outcome.append(
                 await upgrade_client(
-                    client_stream, token=token, version=version, role=role, websocket=websocket, timeout=math.inf
+                    client_stream,
+                    token=token,
+                    version=version,
+                    role=role,
+                    websocket=websocket,
+                    timeout=math.inf,
                 )
             )
         except UpgradeError as exc:

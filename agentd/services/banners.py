@@ -77,7 +77,7 @@ def _banner(raw: Any, where: str) -> Banner:
     if not isinstance(message, str):
         raise BannerConfigError(f"{where}.message: expected a string")
     if not isinstance(color, str):
-        raise BannerConfigError(f"{where}.background_color: expected a string like \"#004852\"")
+        raise BannerConfigError(f'{where}.background_color: expected a string like "#004852"')
     return (enabled, message, color)
 
 
@@ -104,7 +104,9 @@ def banners_from_mapping(raw: Mapping[str, Any]) -> dict[str, Any]:
     if "announcement" in raw:
         items = raw["announcement"]
         if not isinstance(items, list):
-            raise BannerConfigError("banners.announcement: expected an array of tables ([[banners.announcement]])")
+            raise BannerConfigError(
+                "banners.announcement: expected an array of tables ([[banners.announcement]])"
+            )
         out["announcement_banners"] = tuple(
             _banner(item, f"banners.announcement[{i}]") for i, item in enumerate(items)
         )

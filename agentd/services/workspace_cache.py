@@ -54,12 +54,14 @@ class WorkspaceCacheRefresher:
             self.cache.value = None
 
     async def refresh(self) -> None:
-        """One tick: read; on error keep what is cached; a prebuild or an unchanged identity changes nothing."""
+        """One tick: read; on error keep the cache; a prebuild or an unchanged identity changes nothing."""
         self.refreshes += 1
         try:
             identity = await self.read(self.workspace_id)
         except Exception:
-            log.warning("workspace %s: cache refresh failed; keeping stale data", self.workspace_id, exc_info=True)
+            log.warning(
+                "workspace %s: cache refresh failed; keeping stale data", self.workspace_id, exc_info=True
+            )
             return
         if identity is None:
             log.warning("workspace %s: not found on cache refresh; keeping stale data", self.workspace_id)
