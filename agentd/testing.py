@@ -26,14 +26,15 @@ Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
 ``settings`` / ``components`` / ``events`` for the daemon-wide parts (defaults: ``Settings()``, no
 components, events published with ``pg_notify`` on ``db``), ``services`` to serve a subset of
-``agentd.services`` modules by name.
+``agentd.services`` modules by name, ``builders`` (name → ``build(scope)``) to compose your own
+service objects instead (e.g. a fake of a service your code depends on).
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 import trio
@@ -41,7 +42,7 @@ import trio.testing
 
 from agentd.client import RpcClient
 from agentd.components import Components
-from agentd.connection import AgentConnection, load_service_builders
+from agentd.connection import AgentConnection, ServiceBuilder, load_service_builders
 from agentd.handshake import HttpError, Rejected, Upgraded, accept_agent, upgrade_client
 from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
@@ -87,6 +88,7 @@ async def serve_agent(
     components: Components | None = None,
     events: Events | None = None,
     services: Iterable[str] = SERVICE_MODULES,
+    builders: Mapping[str, ServiceBuilder] | None = None,
     task_status: trio.TaskStatus[TestAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one agent connection in-process until it ends; ``nursery.start`` returns a TestAgent.
@@ -140,7 +142,7 @@ async def serve_agent(
         events=events if events is not None else Events(NotifyPublisher(db)),  # type: ignore[arg-type]
         settings=settings if settings is not None else Settings(),
         components=components if components is not None else Components(),
-        builders=load_service_builders(services),
+        builders=builders if builders is not None else load_service_builders(services),
     )
     session = MuxSession(transport, is_client=True)
     async with trio.open_nursery() as nursery:
