@@ -13,7 +13,7 @@ import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.client import UNIMPLEMENTED, RpcError
-from agentd.connection import AgentConnection, ApiTask, CompositionError, build_registry
+from agentd.connection import AgentConnection, ApiTask, CompositionError, ServiceBuilder, build_registry
 from agentd.drpc.registry import CallShape, method_table
 from agentd.proto import agent_pb2, tailnet_pb2
 from agentd.services import banners
@@ -127,7 +127,9 @@ def count_tasks() -> int:
     def walk(task: trio.lowlevel.Task) -> int:
         return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
-    return walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
 
 
 # ---- composition ------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ async def test_transport_dying_mid_call_ends_that_agent_only(db: Database) -> No
         done = trio.Event()
 
         async def run_one(*, task_status: Any) -> None:
-            builders = {"probe": probe, "banners": banners.build}
+            builders: dict[str, ServiceBuilder] = {"probe": probe, "banners": banners.build}
             await serve_agent(db, ws.agents[0].token, builders=builders, task_status=task_status)
             done.set()
 
@@ -282,9 +284,8 @@ async def test_failing_load_ends_only_that_session(db: Database, nursery: trio.N
     with trio.fail_after(10):
         await serve(connection)  # logs the failure and returns; nothing propagates
     assert connection.session is not None and connection.session.closed
-    with trio.fail_after(10):
-        while not client.closed:
-            await trio.sleep(0.01)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await client.accept_stream()  # the agent side sees the session end
 
 
 # ---- identity, version, role ------------------------------------------------------------------------
