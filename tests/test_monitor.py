@@ -68,7 +68,8 @@ class Closer:
 
 async def times(db: Database, agent_id: uuid.UUID) -> dict[str, Any]:
     row = await db.fetchone(
-        "SELECT first_connected_at, last_connected_at, disconnected_at, last_connected_replica_id, updated_at "
+        "SELECT first_connected_at, last_connected_at, disconnected_at, last_connected_replica_id,"
+        " updated_at "
         "FROM workspace_agents WHERE id = %s",
         (agent_id,),
     )
@@ -146,7 +147,7 @@ async def test_start_ticks_and_exit(db: Database, clock: trio.testing.MockClock)
 async def test_reconnect_keeps_first_connected_and_clears_disconnect(
     db: Database, clock: trio.testing.MockClock
 ) -> None:
-    monitor, (ws, publisher), closer = await make_monitor(db)
+    monitor, (ws, publisher), _closer = await make_monitor(db)
     agent_id = ws.agents[0].id
     async with trio.open_nursery() as nursery:
         await nursery.start(monitor.run)
