@@ -8,19 +8,22 @@ gives back an :class:`agentd.client.RpcClient` for that agent. Run it in your nu
 nursery (or call ``agent.disconnect()``) to end the session. No real time is involved: it works
 under pytest-trio's ``autojump_clock``.
 
-Example (pytest-trio; ``db`` is an open ``agentd.store.Database`` with a workspace in it)::
+Example (pytest-trio; ``db`` is an open ``agentd.store.Database``, e.g. this repository's fixture)::
 
+    from pathlib import Path
+    import agentd.admin, agentd.testing, trio
     from agentd.proto import agent_pb2
-    from agentd.testing import serve_agent
 
-    async def test_my_agent_reaches_ready(db, nursery, autojump_clock):
-        agent = await nursery.start(serve_agent, db, AGENT_TOKEN)
-        manifest = await agent.client.agent.GetManifest(agent_pb2.GetManifestRequest())
-        lifecycle = agent_pb2.Lifecycle(state=agent_pb2.Lifecycle.READY)
-        await agent.client.agent.UpdateLifecycle(agent_pb2.UpdateLifecycleRequest(lifecycle=lifecycle))
-        row = await db.fetchone("SELECT lifecycle_state FROM workspace_agents WHERE auth_token = %s",
-                                (AGENT_TOKEN,))
-        assert row["lifecycle_state"] == "ready"
+    async def test_my_agent_connects(db, nursery, autojump_clock):
+        spec = agentd.admin.load_workspace_spec(Path("examples/workspace.toml"))
+        ws = await agentd.admin.create_workspace(db, spec)
+        agent = await nursery.start(agentd.testing.serve_agent, db, ws.agents[0].token)
+        banners = await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())
+        assert list(banners.announcement_banners) == []
+        await trio.sleep(3600)  # an hour of virtual time: yamux pings keep the session alive
+        row = await db.fetchone("SELECT last_connected_at FROM workspace_agents WHERE id = %s",
+                                (agent.ident.agent_id,))
+        assert row["last_connected_at"] is not None and not agent.session.closed
 
 Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`` turns the
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
