@@ -107,3 +107,48 @@ def test_server(directory: Path) -> Iterator[TestServer]:
     else:
         with embedded_test_server(directory) as server:
             yield server
+
+
+_CATALOG_QUERIES: dict[str, str] = {
+    "relations": """
+        SELECT relname, relkind, relpersistence FROM pg_class
+        WHERE relnamespace = 'public'::regnamespace ORDER BY relname""",
+    "columns": """
+        SELECT table_name, ordinal_position, column_name, data_type, udt_name, character_maximum_length,
+               is_nullable, column_default, is_generated, generation_expression
+        FROM information_schema.columns WHERE table_schema = 'public'
+        ORDER BY table_name, ordinal_position""",
+    "constraints": """
+        SELECT conrelid::regclass::text AS rel, conname, pg_get_constraintdef(oid) AS def
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2""",
+    "enums": """
+        SELECT t.typname, array_agg(e.enumlabel::text ORDER BY e.enumsortorder) AS labels
+        FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
+        WHERE t.typnamespace = 'public'::regnamespace GROUP BY 1 ORDER BY 1""",
+    "views": "SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1",
+    "triggers": """
+        SELECT tgrelid::regclass::text AS rel, tgname, pg_get_triggerdef(oid) AS def
+        FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2""",
+    "functions": """
+        SELECT proname, pg_get_functiondef(oid) AS def FROM pg_proc
+        WHERE pronamespace = 'public'::regnamespace ORDER BY 1""",
+}
+
+
+async def catalog_snapshot(db: Any) -> dict[str, list[dict[str, Any]]]:
+    """Everything schema-shaped in ``public`` (tables, columns, constraints, indexes, enums,
+    views, triggers, functions) in a comparable form; two databases with equal snapshots have
+    the same schema."""
+    return {name: await db.fetchall(query) for name, query in _CATALOG_QUERIES.items()}
+
+
+async def insert_row(db: Any, table: str, values: dict[str, Any]) -> None:
+    """INSERT one row given as a column -> value dict (``db`` is a Database or Transaction)."""
+    stmt = pgsql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        pgsql.Identifier(table),
+        pgsql.SQL(", ").join(pgsql.Identifier(c) for c in values),
+        pgsql.SQL(", ").join(pgsql.Placeholder() for _ in values),
+    )
+    await db.execute(stmt, list(values.values()))

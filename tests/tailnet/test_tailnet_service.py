@@ -430,3 +430,26 @@ async def test_broken_response_stream_ends_quietly_as_lost(
         with trio.fail_after(60):
             lost = (await client.receive()).peer_updates[0]
         assert (lost.kind, lost.reason) == (Kind.LOST, "lost")
+
+
+async def test_e2e_streams_stay_open_for_hours(
+    client: RpcClient,
+    coordinator: Coordinator,
+    derp_maps: DERPMapSource,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        client.tailnet.StreamDERPMaps(tailnet_pb2.StreamDERPMapsRequest()) as derp_stream,
+        client.tailnet.Coordinate() as coordinate,
+    ):
+        assert (await derp_stream.receive()).HasField("home_params")
+        await coordinate.send(update_self(agent_node_pb()))
+        await trio.sleep(2 * 3600)  # yamux keepalives run meanwhile
+        assert coordinator.node(AGENT) is not None
+        # Both calls are still live: a new node still arrives, a map change still streams.
+        await coordinate.send(update_self(agent_node_pb(derp=9)))
+        await trio.testing.wait_all_tasks_blocked()
+        node = coordinator.node(AGENT)
+        assert node is not None and node.preferred_derp == 9
+        derp_maps.set(tailnet_pb2.DERPMap(regions={4: tailnet_pb2.DERPMap.Region(region_id=4)}))
+        assert list((await derp_stream.receive()).regions) == [4]
