@@ -28,10 +28,10 @@ from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
 from agentd.services.events import Events
 from agentd.store import Database, asyncio_loop, open_database
-from agentd.store.connection import NotifyPublisher
 from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
+from agentd.store.pubsub import PubSub
 
 log = logging.getLogger("agentd")
 
@@ -175,7 +175,7 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
-                    sessions = AgentSessions(db, Events(NotifyPublisher(db)), components=build_components())
+                    sessions = AgentSessions(db, Events(PubSub(db)), components=build_components())
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
                     await self._serve(server, sessions, task_status)
         finally:

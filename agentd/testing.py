@@ -28,7 +28,7 @@ Example (pytest-trio; ``db`` is an open ``agentd.store.Database``, e.g. this rep
 Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`` turns the
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
 ``settings`` / ``components`` / ``events`` for the daemon-wide parts (defaults: ``Settings()``, no
-components, events published with ``pg_notify`` on ``db``), ``services`` to serve a subset of
+components, events published through ``agentd.store.pubsub.PubSub(db)``), ``services`` to serve a subset of
 ``agentd.services`` modules by name, ``builders`` (name → ``build(scope)``) to compose your own
 service objects instead (e.g. a fake of a service your code depends on).
 """
@@ -51,7 +51,9 @@ from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import AgentIdentity, Settings
 from agentd.services.events import Events
-from agentd.store.connection import NotifyPublisher, authenticate_agent
+from agentd.store import Database
+from agentd.store.connection import authenticate_agent
+from agentd.store.pubsub import PubSub
 from agentd.websocket import UpgradeError
 
 __all__ = ["TestAgent", "UpgradeError", "serve_agent"]
@@ -81,7 +83,7 @@ class TestAgent:
 
 
 async def serve_agent(
-    db: object,
+    db: Database,
     token: uuid.UUID | str,
     *,
     version: str | None = "2.10",
@@ -104,7 +106,7 @@ async def serve_agent(
     client_outcome: list[trio.abc.Stream | UpgradeError] = []
 
     async def lookup(raw: uuid.UUID) -> AgentIdentity | None:
-        return await authenticate_agent(db, raw)  # type: ignore[arg-type]
+        return await authenticate_agent(db, raw)
 
     async def server_handshake() -> None:
         server_outcome.append(await accept_agent(server_stream, lookup=lookup, timeout=math.inf))
@@ -142,7 +144,7 @@ async def serve_agent(
     connection = AgentConnection.from_upgraded(
         upgraded,
         db=db,
-        events=events if events is not None else Events(NotifyPublisher(db)),  # type: ignore[arg-type]
+        events=events if events is not None else Events(PubSub(db)),
         settings=settings if settings is not None else Settings(),
         components=components if components is not None else Components(),
         builders=builders if builders is not None else load_service_builders(services),

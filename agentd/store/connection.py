@@ -18,7 +18,6 @@ from agentd.services.base import AgentIdentity, WorkspaceIdentity
 
 __all__ = [
     "ConnectionTimes",
-    "NotifyPublisher",
     "Queryable",
     "authenticate_agent",
     "connection_times",
@@ -175,18 +174,3 @@ async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> Workspac
         autostart_schedule=row["autostart_schedule"],
         task_id=row["task_id"],
     )
-
-
-@attrs.define(eq=False)
-class NotifyPublisher:
-    """``pg_notify`` on a database: the publishing half of a pubsub, for the agent API's events.
-
-    agentd.store.pubsub.PubSub publishes the same way (and also listens); this one needs no running
-    listener task, which is all an agent connection needs to emit events.
-    """
-
-    db: Queryable
-
-    async def publish(self, channel: str, payload: str | bytes) -> None:
-        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        await self.db.execute("SELECT pg_notify(%s, %s)", (channel, text))
