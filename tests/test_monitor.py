@@ -236,3 +236,29 @@ async def test_monitoring_roles(db: Database, nursery: trio.Nursery, role: str) 
     assert agent.connection.monitor is not None
     row = await times(db, ws.agents[0].id)
     assert row["first_connected_at"] is not None
+
+
+async def test_connection_events_reach_pubsub_subscribers(db: Database) -> None:
+    """The agt_connection_update events go out on the owner's channel through the store's pubsub."""
+    from agentd.store.pubsub import PubSub
+
+    ws = await seed(db)
+    pubsub = PubSub(db)
+    event = {
+        "kind": AGT_CONNECTION_UPDATE,
+        "workspace_id": str(ws.workspace_id),
+        "agent_id": str(ws.agents[0].id),
+    }
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pubsub.run)
+        async with pubsub.subscribe(f"workspace_owner:{ws.owner_id}") as sub:
+            async with trio.open_nursery() as agent_nursery:
+                agent = await agent_nursery.start(
+                    functools.partial(serve_agent, db, ws.agents[0].token, services=(), events=Events(pubsub))
+                )
+                with trio.fail_after(10):
+                    assert json.loads(await sub.__anext__()) == event  # type: ignore[arg-type]
+                await agent.disconnect()
+            with trio.fail_after(10):
+                assert json.loads(await sub.__anext__()) == event  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
