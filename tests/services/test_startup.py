@@ -143,7 +143,7 @@ async def test_validation_errors_write_nothing(db: Database, seeded: Seeded) -> 
 
 
 async def test_missing_api_version_is_an_internal_error(db: Database, seeded: Seeded) -> None:
-    ident = attrs.evolve(seeded.main, api_version=())
+    ident = attrs.evolve(seeded.main, api_version=())  # type: ignore[arg-type]
     with pytest.raises(RpcError, match=r"^internal error; api version unspecified$"):
         await service(db, ident).update_startup(request())
     assert await startup_row(db, seeded.main.agent_id) == UNTOUCHED
