@@ -110,25 +110,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from agentd.daemon import migrate_database, open_store
+    from agentd.daemon import open_store
     from agentd.store import asyncio_loop
+    from agentd.store.migrate import migrate
 
     config = _config_from(args)
     _setup_logging("warning")
 
-    async def run() -> Any:
+    async def run() -> int:
         async with asyncio_loop(), open_store(config, migrate=False) as db:
-            return await migrate_database(db)
+            return await migrate(db)
 
-    result = trio.run(run)
-    print(f"agentd: database schema is current{_describe_migration(result)}")
+    version = trio.run(run)
+    print(f"agentd: database schema is current (version {version})")
     return 0
-
-
-def _describe_migration(result: Any) -> str:
-    if isinstance(result, int):
-        return f" (version {result})"
-    return ""
 
 
 def _cmd_create_workspace(args: argparse.Namespace) -> int:
@@ -163,10 +158,14 @@ _COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
 
 def _user_error(exc: BaseException) -> BaseException | None:
     """The first user-caused error inside `exc` (trio wraps errors from nurseries in groups)."""
-    from agentd.store.errors import DatabaseUnavailable, StoreError
+    from agentd.store.embedded import EmbeddedPostgresError
+    from agentd.store.errors import StoreError
 
-    if isinstance(exc, UserError | DatabaseUnavailable | StoreError):
+    if isinstance(exc, UserError | StoreError | EmbeddedPostgresError):
         return exc
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # the environment, not agentd: a data directory that cannot be created, a file not readable
+        return UserError(f"{exc.filename}: {exc.strerror or exc}")
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
             found = _user_error(sub)

@@ -24,7 +24,9 @@ from agentd.config import Config
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
 from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
+from agentd.store.migrate import migrate as migrate_schema
 
 log = logging.getLogger("agentd")
 
@@ -41,25 +43,18 @@ async def open_store(config: Config, *, migrate: bool = True) -> AsyncIterator[D
     """
     async with database_url(config) as url, open_database(url) as db:
         if migrate:
-            await migrate_database(db)
+            await migrate_schema(db)
         yield db
 
 
 @asynccontextmanager
 async def database_url(config: Config) -> AsyncIterator[str]:
+    """`postgres_url` as given, or the URL of the data directory's embedded server while it runs."""
     if config.postgres_url is not None:
         yield config.postgres_url
         return
-    from agentd.store.embedded import embedded_postgres
-
     async with embedded_postgres(config.data_dir) as url:
         yield url
-
-
-async def migrate_database(db: Database) -> Any:
-    from agentd.store.migrate import migrate
-
-    return await migrate(db)
 
 
 @attrs.define
@@ -162,7 +157,6 @@ class Daemon:
 
     async def _serve(self, server: Server, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
             async with trio.open_nursery() as serving:
                 await serving.start(server.run)
                 self._ready = True
@@ -170,6 +164,7 @@ class Daemon:
                     log.info("listening on %s", bound.name)
                     self.listener_names.append(bound.name)
                 await self.notifier.notify("READY=1", f"STATUS=serving on {', '.join(self.listener_names)}")
+                nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
                 log.info("agentd %s ready", __version__)
                 task_status.started()
                 await self._stop.wait()

@@ -23,6 +23,7 @@ from agentd.config import ListenAddress, TcpAddress, UnixAddress, UserError
 log = logging.getLogger("agentd.listeners")
 
 BACKLOG = 1024
+SOCKET_MODE = 0o666
 MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -117,6 +118,9 @@ async def bind_unix(address: UnixAddress, *, backlog: int = BACKLOG) -> BoundLis
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
+        # Same reach as the TCP listener on localhost: every agent request is authenticated by its
+        # token, so any local user may connect (the directory's permissions can still narrow it).
+        os.chmod(path, SOCKET_MODE)
         st = os.lstat(path)
         sock.listen(backlog)
     except OSError as e:

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +21,13 @@ from agentd.store.testing import TestServer, test_server
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    with test_server(tmp_path_factory.mktemp("pg")) as server:
+def pg_server() -> Iterator[TestServer]:
+    # Not under pytest's tmp_path: concurrent pytest runs of the same user chmod that tree to 0700
+    # and prune old numbered directories, which would break a server running as pgserver's user.
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-test-pg-") as directory,
+        test_server(Path(directory)) as server,
+    ):
         yield server
 
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
-from agentd.store import Database
+from agentd.cli import main
+from agentd.store import Database, asyncio_loop, open_database
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "workspace.toml"
@@ -38,6 +42,17 @@ async def _agentd(*args: str, env: dict[str, str] | None = None) -> subprocess.C
             check=False,
             env=env or _env(),
         )
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI in this process (fast; for cases that need no separate process)."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["agentd", *args], code, out.encode(), err.encode())
 
 
 def _one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -127,7 +142,7 @@ def _notify_socket(path: Path) -> socket.socket:
 async def test_serve_healthz_on_unix_and_tcp_notify_and_sigterm(db_url: str, tmp_path: Path) -> None:
     sock = tmp_path / "agentd.sock"
     notify = _notify_socket(tmp_path / "notify")
-    env = _env(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    env = _env(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="100000")
     args = [
         "--postgres-url",
         db_url,
@@ -149,8 +164,12 @@ async def test_serve_healthz_on_unix_and_tcp_notify_and_sigterm(db_url: str, tmp
         serving.process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await serving.process.wait() == 0, serving.text
-    assert notify.recv(4096).split(b"\n")[0] == b"STOPPING=1"
+    messages: list[bytes] = []
+    while not messages or messages[-1] != b"STOPPING=1":
+        messages.append(notify.recv(4096).split(b"\n")[0])
     notify.close()
+    assert b"WATCHDOG=1" in messages  # every 50 ms while serving
+    assert set(messages[:-1]) == {b"WATCHDOG=1"}
     assert not sock.exists()
     assert "Traceback" not in serving.text
 
@@ -200,13 +219,13 @@ async def test_serve_port_in_use_is_one_line(tmp_path: Path) -> None:
     )
 
 
-async def test_serve_unix_socket_in_use_is_one_line(tmp_path: Path) -> None:
+def test_serve_unix_socket_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "agentd.sock"
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(path))
     live.listen()
     try:
-        result = await _agentd("serve", "--postgres-url", UNREACHABLE, "--listen", f"unix:{path}")
+        result = _main(capsys, "serve", "--postgres-url", UNREACHABLE, "--listen", f"unix:{path}")
     finally:
         live.close()
     line = _one_error_line(result)
@@ -216,10 +235,12 @@ async def test_serve_unix_socket_in_use_is_one_line(tmp_path: Path) -> None:
     assert path.exists()  # not ours to remove
 
 
-async def test_serve_unreachable_database_is_one_line_and_leaves_no_socket(tmp_path: Path) -> None:
+def test_serve_unreachable_database_is_one_line_and_leaves_no_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "agentd.sock"
-    result = await _agentd(
-        "serve", "--postgres-url", UNREACHABLE, "--listen", f"unix:{path}", "--log-level", "error"
+    result = _main(
+        capsys, "serve", "--postgres-url", UNREACHABLE, "--listen", f"unix:{path}", "--log-level", "error"
     )
     line = _one_error_line(result)
     assert line.startswith("agentd: cannot connect to PostgreSQL at ")
@@ -227,17 +248,17 @@ async def test_serve_unreachable_database_is_one_line_and_leaves_no_socket(tmp_p
     assert not path.exists()
 
 
-async def test_bad_flags_and_config_files_are_one_line(tmp_path: Path) -> None:
-    assert "listen address 'ftp://x'" in _one_error_line(await _agentd("serve", "--listen", "ftp://x"))
-    usage = await _agentd("frobnicate")
+def test_bad_flags_and_config_files_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "listen address 'ftp://x'" in _one_error_line(_main(capsys, "serve", "--listen", "ftp://x"))
+    usage = _main(capsys, "frobnicate")
     assert usage.returncode == 2
     assert "invalid choice: 'frobnicate'" in _one_error_line(usage)
     config = tmp_path / "agentd.toml"
     config.write_text('listen = ["tcp://127.0.0.1:0"]\nlisten_on = "x"\n')
-    line = _one_error_line(await _agentd("serve", "--config", str(config)))
+    line = _one_error_line(_main(capsys, "serve", "--config", str(config)))
     assert line.startswith(f"agentd: {config}: unknown field 'listen_on'")
     config.write_text("listen = [\n")
-    assert "invalid TOML" in _one_error_line(await _agentd("serve", "--config", str(config)))
+    assert "invalid TOML" in _one_error_line(_main(capsys, "serve", "--config", str(config)))
 
 
 async def test_config_file_values_apply_and_flags_win(db_url: str, tmp_path: Path) -> None:
@@ -256,15 +277,15 @@ async def test_config_file_values_apply_and_flags_win(db_url: str, tmp_path: Pat
             assert await serving.process.wait() == 0
 
 
-async def test_migrate_is_idempotent(empty_db_url: str) -> None:
+def test_migrate_is_idempotent(empty_db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     for _ in range(2):
-        result = await _agentd("migrate", "--postgres-url", empty_db_url)
+        result = _main(capsys, "migrate", "--postgres-url", empty_db_url)
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().startswith("agentd: database schema is current")
 
 
-async def test_migrate_unreachable_database(tmp_path: Path) -> None:
-    line = _one_error_line(await _agentd("migrate", "--postgres-url", UNREACHABLE))
+def test_migrate_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_error_line(_main(capsys, "migrate", "--postgres-url", UNREACHABLE))
     assert line.startswith("agentd: cannot connect to PostgreSQL")
 
 
@@ -290,14 +311,16 @@ async def test_create_workspace_json_prints_tokens_that_match_rows(db_url: str, 
     assert _one_error_line(again) == "agentd: workspace 'dev' already exists for owner 'alice'"
 
 
-async def test_create_workspace_text_output(db_url: str) -> None:
-    result = await _agentd("admin", "create-workspace", "--file", str(EXAMPLE), "--postgres-url", db_url)
+def test_create_workspace_text_output(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _main(capsys, "admin", "create-workspace", "--file", str(EXAMPLE), "--postgres-url", db_url)
     lines = result.stdout.decode().splitlines()
     assert lines[0].startswith("workspace dev ")
     assert lines[1].startswith("agent main id=") and " token=" in lines[1]
 
 
-async def test_create_workspace_bad_files_create_nothing(db_url: str, db: Database, tmp_path: Path) -> None:
+def test_create_workspace_bad_files_create_nothing(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "ws.toml"
     cases = {
         'name = "x"\n[owner\n': "invalid TOML",
@@ -310,28 +333,42 @@ async def test_create_workspace_bad_files_create_nothing(db_url: str, db: Databa
     }
     for text, needle in cases.items():
         bad.write_text(text)
-        result = await _agentd(
-            "admin", "create-workspace", "--file", str(bad), "--json", "--postgres-url", db_url
+        result = _main(
+            capsys, "admin", "create-workspace", "--file", str(bad), "--json", "--postgres-url", db_url
         )
         line = _one_error_line(result)
         assert line.startswith(f"agentd: {bad}: ")
         assert needle in line
         assert result.stdout == b""
-    assert await db.fetchval("SELECT count(*) FROM users WHERE NOT is_system") == 0
-    for table in ("organizations", "templates", "workspaces", "workspace_agents", "provisioner_jobs"):
-        assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0
+
+    async def counts() -> list[int]:
+        async with asyncio_loop(), open_database(db_url) as db:
+            tables = ("organizations", "templates", "workspaces", "workspace_agents", "provisioner_jobs")
+            users = [await db.fetchval("SELECT count(*) FROM users WHERE NOT is_system")]
+            return users + [await db.fetchval(f"SELECT count(*) FROM {table}") for table in tables]
+
+    assert trio.run(counts) == [0] * 6
 
 
-async def test_create_workspace_unreachable_database(tmp_path: Path) -> None:
+def test_create_workspace_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
     line = _one_error_line(
-        await _agentd("admin", "create-workspace", "--file", str(EXAMPLE), "--postgres-url", UNREACHABLE)
+        _main(capsys, "admin", "create-workspace", "--file", str(EXAMPLE), "--postgres-url", UNREACHABLE)
     )
     assert line.startswith("agentd: cannot connect to PostgreSQL")
 
 
-async def test_embedded_default_shared_with_admin_while_serving(tmp_path: Path) -> None:
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory outside /tmp/pytest-of-<user>: pytest resets that one to mode 0700 whenever a test
+    run starts, which locks out the unprivileged user pgserver runs PostgreSQL as when we are root."""
+    path = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_embedded_default_shared_with_admin_while_serving(private_dir: Path) -> None:
     """README command (1) in miniature: embedded PostgreSQL, healthz ok, admin beside serve, clean stop."""
-    data = tmp_path / "data"
+    data = private_dir / "data"
     async with _serve(["--data-dir", str(data), "--listen", "tcp://127.0.0.1:0"]) as serving:
         assert (data / "agentd.sock").exists() is False  # only the listeners asked for
         port = serving.port()
@@ -349,3 +386,10 @@ async def test_embedded_default_shared_with_admin_while_serving(tmp_path: Path) 
         with trio.fail_after(30):
             assert await serving.process.wait() == 0, serving.text
     assert not (data / "postgres" / "postmaster.pid").exists()  # embedded server stopped
+
+
+def test_unusable_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = _one_error_line(_main(capsys, "migrate", "--data-dir", str(blocker / "data")))
+    assert str(blocker) in line

@@ -122,3 +122,10 @@ def test_bad_config_file_names_the_problem(tmp_path: Path, text: str, needle: st
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         build_config(config_file=tmp_path / "absent.toml")
+
+
+def test_shipped_config_file_is_valid() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "contrib" / "agentd.toml"
+    config = build_config(config_file=shipped)
+    assert config.data_dir == Path("/var/lib/agentd")
+    assert config.listen_addresses(socket_activated=True) == ()

@@ -78,3 +78,27 @@ async def test_healthz_is_503_when_the_database_is_unavailable(db_url: str) -> N
     assert isinstance(database, dict)
     assert database["ok"] is False
     assert "closed" in database["error"]
+
+
+async def test_open_connections_get_the_grace_period_and_a_second_stop_cuts_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    sock = tmp_path / "agentd.sock"
+    config = Config(data_dir=tmp_path, postgres_url=db_url, listen=(UnixAddress(sock),), shutdown_timeout=60)
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        idle = await trio.open_unix_socket(str(sock))  # connected, never sends a request
+        await idle.send_all(b"GET /hea")
+        await trio.sleep(0.1)
+        daemon.request_stop()
+        await trio.sleep(0.3)
+        assert not sock.exists()  # listeners closed at once ...
+        with trio.move_on_after(0.2) as waited:  # ... while the open connection is left to finish
+            await idle.receive_some(10)
+        assert waited.cancelled_caught
+        start = trio.current_time()
+        daemon.request_stop()
+    assert trio.current_time() - start < 5
+    assert await idle.receive_some(10) == b""  # the second stop closed it without an answer
+    await idle.aclose()

@@ -5,5 +5,16 @@ modules beside this file (attrs records in and out); database failures arrive as
 """
 
 from agentd.store.db import Database, Params, Transaction, asyncio_loop, open_database
+from agentd.store.pubsub import MISSED, Missed, PubSub, Subscription
 
-__all__ = ["Database", "Params", "Transaction", "asyncio_loop", "open_database"]
+__all__ = [
+    "MISSED",
+    "Database",
+    "Missed",
+    "Params",
+    "PubSub",
+    "Subscription",
+    "Transaction",
+    "asyncio_loop",
+    "open_database",
+]

@@ -21,15 +21,18 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from psycopg import sql as pgsql
 from psycopg.rows import DictRow, dict_row
+from psycopg.types import TypeInfo
 
 from agentd.store import _aio, errors
 
 assert _aio  # imported for its effect on psycopg
 
-__all__ = ["Database", "Params", "Transaction", "asyncio_loop", "open_database"]
+__all__ = ["Database", "Params", "Query", "Transaction", "asyncio_loop", "open_database"]
 
 T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
+# Plain SQL text (what code outside the store passes) or a psycopg.sql composition (store modules).
+Query = str | pgsql.Composable
 Conn = psycopg.AsyncConnection[DictRow]
 Pool = psycopg_pool.AsyncConnectionPool[Conn]
 
@@ -201,19 +204,19 @@ class Transaction:
     _runner: _Runner
     _conn: Conn
 
-    async def execute(self, sql: str, params: Params = ()) -> int:
+    async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run a statement; return its rowcount."""
         return await self._runner.run(_aio_execute, self._conn, sql, params or None)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+    async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
         return await self._runner.run(_aio_fetchone, self._conn, sql, params or None)
 
-    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+    async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
         return await self._runner.run(_aio_fetchall, self._conn, sql, params or None)
 
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+    async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()), None)
@@ -237,19 +240,19 @@ class Database:
         """The server address without credentials."""
         return describe_url(self.url)
 
-    async def execute(self, sql: str, params: Params = ()) -> int:
+    async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run one statement in autocommit mode; return its rowcount."""
         return await self._runner.run(_with_pooled, self._pool, _aio_execute, sql, params or None)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+    async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
         return await self._runner.run(_with_pooled, self._pool, _aio_fetchone, sql, params or None)
 
-    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+    async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
         return await self._runner.run(_with_pooled, self._pool, _aio_fetchall, sql, params or None)
 
-    async def fetchval(self, sql: str, params: Params = ()) -> Any:
+    async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()), None)
@@ -288,6 +291,11 @@ class Database:
                 scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
                 await self._runner.run(self._pool.putconn, conn)
 
+    async def reload_types(self) -> None:
+        """Replace the pooled connections so they learn enum types created since they opened
+        (called by `migrate` after changing the schema)."""
+        await self._runner.run(self._pool.drain)
+
     async def _connect(self, *, autocommit: bool = True) -> Conn:
         """A dedicated connection outside the pool (the pubsub LISTEN connection)."""
         return await self._runner.run(_aio_connect, self.url, self.statement_timeout_ms, autocommit)
@@ -303,6 +311,14 @@ class Database:
 
 async def _configure(conn: Conn, statement_timeout_ms: int) -> None:
     await conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{statement_timeout_ms}ms"])
+    # Arrays of the schema's enums (subsystems, display_apps) should load as list[str], not as the
+    # '{a,b}' text psycopg yields for array types it does not know.
+    cur = await conn.execute(
+        "SELECT typname, oid, typarray FROM pg_type"
+        " WHERE typtype = 'e' AND typnamespace = 'public'::regnamespace"
+    )
+    for row in await cur.fetchall():
+        TypeInfo(row["typname"], int(row["oid"]), int(row["typarray"])).register(conn)
 
 
 async def _aio_connect(url: str, statement_timeout_ms: int, autocommit: bool) -> Conn:

@@ -63,19 +63,18 @@ def _pid_alive(pid: int) -> bool:
 
 def _start(pgdata: Path, cleanup_mode: str | None) -> Any:
     pgserver = _import_pgserver()
-    pgdata = pgdata.expanduser().resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    if pgdata.exists():
-        with pgserver.PostgresServer._lock:
-            _prune_dead_handles(pgdata)
     try:
+        pgdata = pgdata.expanduser().resolve()
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        if pgdata.exists():
+            with pgserver.PostgresServer._lock:
+                _prune_dead_handles(pgdata)
         return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
     except Exception as exc:
         log = pgdata / "log"
-        raise EmbeddedPostgresError(
-            f"cannot start embedded PostgreSQL in {pgdata}: {exc!s}".replace("\n", " ")
-            + (f" (see {log})" if log.exists() else "")
-        ) from exc
+        hint = f" (see {log})" if log.is_file() else ""
+        message = " ".join(f"{exc!s}".split())
+        raise EmbeddedPostgresError(f"cannot start embedded PostgreSQL in {pgdata}: {message}{hint}") from exc
 
 
 def _stop(server: Any) -> None:

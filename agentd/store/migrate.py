@@ -73,6 +73,14 @@ async def migrate(db: Database) -> int:
 
     Concurrent callers serialise on an advisory lock; the later ones find the work done.
     """
+    applied = await _migrate(db)
+    if applied:
+        await db.reload_types()
+    return CURRENT_VERSION
+
+
+async def _migrate(db: Database) -> bool:
+    """Run the migration transaction; return whether it changed the schema."""
     async with db.transaction() as tx:
         # Large upgrades may take longer than the pool's statement_timeout; waiting for another
         # replica's migration counts as statement time too.
@@ -89,13 +97,15 @@ async def migrate(db: Database) -> int:
                 )
             await tx.execute(schema_sql())
             await tx.execute("INSERT INTO schema_version (version) VALUES (%s)", [CURRENT_VERSION])
-            return CURRENT_VERSION
+            return True
         if version > CURRENT_VERSION:
             raise MigrationError(
                 f"database schema version {version} is newer than this agentd supports ({CURRENT_VERSION})"
             )
+        applied = False
         for step in MIGRATIONS:
             if step.version > version:
                 await tx.execute(step.sql())
                 await tx.execute("INSERT INTO schema_version (version) VALUES (%s)", [step.version])
-        return CURRENT_VERSION
+                applied = True
+        return applied

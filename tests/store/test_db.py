@@ -144,3 +144,12 @@ async def test_concurrent_queries_share_pool(db: Database) -> None:
         for i in range(12):
             nursery.start_soon(one, i)
     assert sorted(results) == list(range(12))
+
+
+async def test_enum_arrays_load_as_lists(db: Database) -> None:
+    assert await db.fetchval("SELECT '{envbox,exectrace}'::workspace_agent_subsystem[]") == [
+        "envbox",
+        "exectrace",
+    ]
+    assert await db.fetchval("SELECT 'ready'::workspace_agent_lifecycle_state") == "ready"
+    assert await db.fetchval("SELECT '{}'::display_app[]") == []
