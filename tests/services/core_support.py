@@ -1,9 +1,9 @@
 """Seeding and scope helpers for the manifest / lifecycle / startup / logs service tests.
 
 Workspaces come from `agentd.admin` (the same code `agentd admin create-workspace` runs); the identity
-of each agent is read back from the rows, as the handshake does. Events go through a publisher that
-sends every payload with ``pg_notify`` on the test database (so PostgreSQL's own limits apply) and
-records what was sent.
+of each agent is read back from the rows, as the handshake does. Events go through the store's real
+`PubSub`; tests subscribe to the channels they expect (`listen`) and `drain` them afterwards: a marker is
+published on every channel and everything received before it is what the call published.
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
+import pytest
+import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.components import Components
 from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.store import Database
+from agentd.store.pubsub import MISSED, PubSub, Subscription
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -38,17 +43,57 @@ class FakeNow:
         return self.value
 
 
+@pytest.fixture
+async def pubsub(db: Database) -> AsyncIterator[PubSub]:
+    """The store's PubSub on the test database, running for the test's duration."""
+    ps = PubSub(db)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ps.run)
+        yield ps
+        nursery.cancel_scope.cancel()
+
+
 @attrs.define
-class NotifyPublisher:
-    """Publishes with ``pg_notify`` on the real database and keeps (channel, decoded payload) pairs."""
+class Listener:
+    """Open subscriptions on some channels; `drain` returns what arrived on each."""
 
-    db: Database
-    sent: list[tuple[str, Any]] = attrs.field(factory=list)
+    pubsub: PubSub
+    subs: dict[str, Subscription]
 
-    async def publish(self, channel: str, payload: str | bytes) -> None:
-        text = payload.decode() if isinstance(payload, bytes) else payload
-        await self.db.execute("SELECT pg_notify(%s, %s)", [channel, text])
-        self.sent.append((channel, json.loads(text)))
+    async def drain(self) -> dict[str, list[Any]]:
+        """Every decoded payload received per channel since the last drain (channels with none omitted)."""
+        marker = f"drain-{uuid.uuid4()}"
+        got: dict[str, list[Any]] = {}
+        for channel, sub in self.subs.items():
+            await self.pubsub.publish(channel, marker)
+            with trio.fail_after(10):
+                async for item in sub:
+                    assert item is not MISSED, f"missed messages on {channel}"
+                    assert isinstance(item, str)
+                    if item == marker:
+                        break
+                    got.setdefault(channel, []).append(json.loads(item))
+        return got
+
+
+@asynccontextmanager
+async def listen(pubsub: PubSub, *channels: str) -> AsyncIterator[Listener]:
+    """Subscribe to ``channels`` (LISTEN active on entry)."""
+    async with AsyncExitStack() as stack:
+        subs = {ch: await stack.enter_async_context(pubsub.subscribe(ch)) for ch in channels}
+        yield Listener(pubsub, subs)
+
+
+def owner_channel(ident: AgentIdentity) -> str:
+    return f"workspace_owner:{ident.owner_id}"
+
+
+def logs_channel(ident: AgentIdentity) -> str:
+    return f"agent-logs:{ident.agent_id}"
+
+
+def workspace_event(ident: AgentIdentity, kind: str) -> dict[str, str]:
+    return {"kind": kind, "workspace_id": str(ident.workspace_id), "agent_id": str(ident.agent_id)}
 
 
 def workspace_spec(**agent_fields: Any) -> dict[str, Any]:
@@ -118,7 +163,7 @@ def make_scope(
     db: Database,
     ident: AgentIdentity,
     *,
-    publisher: NotifyPublisher | None = None,
+    pubsub: PubSub | None = None,
     settings: Settings | None = None,
     components: Components | None = None,
     now: FakeNow | None = None,
@@ -126,7 +171,7 @@ def make_scope(
     return ConnectionScope(
         ident=ident,
         db=db,
-        events=Events(publisher if publisher is not None else NotifyPublisher(db)),
+        events=Events(pubsub if pubsub is not None else PubSub(db)),
         cache=WorkspaceCache(None),
         settings=settings if settings is not None else Settings(),
         components=components if components is not None else Components(),

@@ -13,7 +13,20 @@ from agentd.proto import agent_pb2
 from agentd.services import lifecycle
 from agentd.services.base import AGENT, ZERO_TIME
 from agentd.store import Database
-from tests.services.core_support import T0, FakeNow, NotifyPublisher, Seeded, make_scope, seed
+from agentd.store.pubsub import PubSub
+from tests.services.core_support import (
+    T0,
+    FakeNow,
+    Seeded,
+    listen,
+    make_scope,
+    owner_channel,
+    pubsub,
+    seed,
+    workspace_event,
+)
+
+assert pubsub  # fixture
 
 L = agent_pb2.Lifecycle
 
@@ -45,8 +58,8 @@ async def seeded(db: Database) -> Seeded:
     return await seed(db)
 
 
-def service(db: Database, seeded: Seeded, pub: NotifyPublisher, now: FakeNow | None = None) -> Any:
-    return lifecycle.build(make_scope(db, seeded.main, publisher=pub, now=now))
+def service(db: Database, seeded: Seeded, ps: PubSub | None = None, now: FakeNow | None = None) -> Any:
+    return lifecycle.build(make_scope(db, seeded.main, pubsub=ps, now=now))
 
 
 def test_handlers_cover_both_rpcs() -> None:
@@ -77,21 +90,15 @@ async def reset(db: Database, agent_id: Any) -> None:
     )
 
 
-async def test_every_state_is_stored_and_published(db: Database, seeded: Seeded) -> None:
-    event = (
-        f"workspace_owner:{seeded.main.owner_id}",
-        {
-            "kind": "agt_lifecycle_update",
-            "workspace_id": str(seeded.main.workspace_id),
-            "agent_id": str(seeded.main.agent_id),
-        },
-    )
-    for state, label in STATES:
-        pub = NotifyPublisher(db)
-        response = await service(db, seeded, pub).update_lifecycle(request(state))
-        assert response == L(state=state, changed_at=ts(T0))  # type: ignore[arg-type]
-        assert (await agent_row(db, seeded.main.agent_id))["state"] == label
-        assert pub.sent == [event]
+async def test_every_state_is_stored_and_published(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
+    channel = owner_channel(seeded.main)
+    svc = service(db, seeded, pubsub)
+    async with listen(pubsub, channel) as events:
+        for state, label in STATES:
+            response = await svc.update_lifecycle(request(state))
+            assert response == L(state=state, changed_at=ts(T0))  # type: ignore[arg-type]
+            assert (await agent_row(db, seeded.main.agent_id))["state"] == label
+            assert await events.drain() == {channel: [workspace_event(seeded.main, "agt_lifecycle_update")]}
     # The other agent of the workspace is untouched.
     assert await agent_row(db, seeded.other.agent_id) == {
         "state": "created",
@@ -101,7 +108,7 @@ async def test_every_state_is_stored_and_published(db: Database, seeded: Seeded)
 
 
 async def test_starting_sets_started_at_and_resets_ready_at(db: Database, seeded: Seeded) -> None:
-    svc = service(db, seeded, NotifyPublisher(db))
+    svc = service(db, seeded)
     await svc.update_lifecycle(request(L.STARTING, T0))
     await svc.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=5)))
     row = await agent_row(db, seeded.main.agent_id)
@@ -115,7 +122,7 @@ async def test_starting_sets_started_at_and_resets_ready_at(db: Database, seeded
 
 
 async def test_terminal_start_states_fill_started_at_only_when_null(db: Database, seeded: Seeded) -> None:
-    svc = service(db, seeded, NotifyPublisher(db))
+    svc = service(db, seeded)
     for state in (L.READY, L.START_TIMEOUT, L.START_ERROR):
         await reset(db, seeded.main.agent_id)
         # Never reported starting: started_at is filled with changed_at too.
@@ -130,7 +137,7 @@ async def test_terminal_start_states_fill_started_at_only_when_null(db: Database
 
 
 async def test_other_states_keep_both_timestamps(db: Database, seeded: Seeded) -> None:
-    svc = service(db, seeded, NotifyPublisher(db))
+    svc = service(db, seeded)
     await svc.update_lifecycle(request(L.STARTING, T0))
     await svc.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=1)))
     for state in (L.CREATED, L.SHUTTING_DOWN, L.SHUTDOWN_TIMEOUT, L.SHUTDOWN_ERROR, L.OFF):
@@ -140,7 +147,7 @@ async def test_other_states_keep_both_timestamps(db: Database, seeded: Seeded) -
 
 
 async def test_any_transition_is_accepted(db: Database, seeded: Seeded) -> None:
-    svc = service(db, seeded, NotifyPublisher(db))
+    svc = service(db, seeded)
     for state in (L.OFF, L.READY, L.CREATED, L.STARTING, L.CREATED):
         await svc.update_lifecycle(request(state))
     assert (await agent_row(db, seeded.main.agent_id))["state"] == "created"
@@ -148,16 +155,14 @@ async def test_any_transition_is_accepted(db: Database, seeded: Seeded) -> None:
 
 async def test_go_zero_changed_at_becomes_server_now_and_is_echoed(db: Database, seeded: Seeded) -> None:
     now = FakeNow(T0 + dt.timedelta(minutes=7))
-    response = await service(db, seeded, NotifyPublisher(db), now).update_lifecycle(
-        request(L.READY, ZERO_TIME)
-    )
+    response = await service(db, seeded, now=now).update_lifecycle(request(L.READY, ZERO_TIME))
     assert response.changed_at.ToDatetime(tzinfo=dt.UTC) == now.value
     row = await agent_row(db, seeded.main.agent_id)
     assert (row["started_at"], row["ready_at"]) == (now.value, now.value)
 
 
 async def test_absent_changed_at_is_1970_and_not_replaced(db: Database, seeded: Seeded) -> None:
-    response = await service(db, seeded, NotifyPublisher(db)).update_lifecycle(request(L.READY, None))
+    response = await service(db, seeded).update_lifecycle(request(L.READY, None))
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     assert response.changed_at.ToDatetime(tzinfo=dt.UTC) == epoch
     assert (await agent_row(db, seeded.main.agent_id))["ready_at"] == epoch
@@ -166,39 +171,41 @@ async def test_absent_changed_at_is_1970_and_not_replaced(db: Database, seeded: 
 async def test_zero_time_plus_a_nanosecond_is_not_replaced(db: Database, seeded: Seeded) -> None:
     req = request(L.READY, ZERO_TIME)
     req.lifecycle.changed_at.nanos = 1000
-    response = await service(db, seeded, NotifyPublisher(db)).update_lifecycle(req)
+    response = await service(db, seeded).update_lifecycle(req)
     assert response.changed_at == req.lifecycle.changed_at
 
 
-async def test_unknown_state_is_an_error_and_writes_nothing(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
-    for state, text in ((L.STATE_UNSPECIFIED, "STATE_UNSPECIFIED"), (42, "42")):
-        with pytest.raises(RpcError) as err:
-            await service(db, seeded, pub).update_lifecycle(request(state))
-        assert err.value.message == f'invalid lifecycle.state: unknown lifecycle state "{text}"'
-        assert err.value.code == 0
+async def test_unknown_state_is_an_error_and_writes_nothing(
+    db: Database, seeded: Seeded, pubsub: PubSub
+) -> None:
+    async with listen(pubsub, owner_channel(seeded.main)) as events:
+        for state, text in ((L.STATE_UNSPECIFIED, "STATE_UNSPECIFIED"), (42, "42")):
+            with pytest.raises(RpcError) as err:
+                await service(db, seeded, pubsub).update_lifecycle(request(state))
+            assert err.value.message == f'invalid lifecycle.state: unknown lifecycle state "{text}"'
+            assert err.value.code == 0
+        assert await events.drain() == {}
     assert (await agent_row(db, seeded.main.agent_id))["state"] == "created"
-    assert pub.sent == []
 
 
 async def test_missing_lifecycle_message_is_an_unknown_state(db: Database, seeded: Seeded) -> None:
     with pytest.raises(RpcError, match='unknown lifecycle state "STATE_UNSPECIFIED"'):
-        await service(db, seeded, NotifyPublisher(db)).update_lifecycle(agent_pb2.UpdateLifecycleRequest())
+        await service(db, seeded).update_lifecycle(agent_pb2.UpdateLifecycleRequest())
 
 
 async def test_out_of_range_changed_at_names_the_field(db: Database, seeded: Seeded) -> None:
     req = request(L.READY)
     req.lifecycle.changed_at.seconds = 253402300800  # 10000-01-01
     with pytest.raises(RpcError, match=r"^invalid lifecycle\.changed_at: "):
-        await service(db, seeded, NotifyPublisher(db)).update_lifecycle(req)
+        await service(db, seeded).update_lifecycle(req)
 
 
-async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded) -> None:
+async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
     await db.execute("UPDATE workspace_agents SET deleted = true WHERE id = %s", [seeded.main.agent_id])
-    pub = NotifyPublisher(db)
-    with pytest.raises(RpcError) as err:
-        await service(db, seeded, pub).update_lifecycle(request(L.READY))
+    async with listen(pubsub, owner_channel(seeded.main)) as events:
+        with pytest.raises(RpcError) as err:
+            await service(db, seeded, pubsub).update_lifecycle(request(L.READY))
+        assert await events.drain() == {}
     assert err.value.message == (
         f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
-    assert pub.sent == []

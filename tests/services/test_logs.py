@@ -15,7 +15,21 @@ from agentd.proto import agent_pb2
 from agentd.services import logs
 from agentd.services.base import AGENT
 from agentd.store import Database
-from tests.services.core_support import T0, FakeNow, NotifyPublisher, Seeded, make_scope, seed
+from agentd.store.pubsub import PubSub
+from tests.services.core_support import (
+    T0,
+    FakeNow,
+    Seeded,
+    listen,
+    logs_channel,
+    make_scope,
+    owner_channel,
+    pubsub,
+    seed,
+    workspace_event,
+)
+
+assert pubsub  # fixture
 
 X = "\u274c"  # ❌
 EXTERNAL = uuid.UUID("3b579bf4-1ed8-4b99-87a8-e9a1e3410410")
@@ -179,24 +193,26 @@ def batch(source: uuid.UUID | bytes, *entries: tuple[str, int]) -> agent_pb2.Bat
     )
 
 
-def service(db: Database, seeded: Seeded, pub: NotifyPublisher) -> logs.LogsService:
-    return logs.build(make_scope(db, seeded.main, publisher=pub, now=FakeNow(NOW)))
+def service(db: Database, seeded: Seeded, ps: PubSub | None = None) -> logs.LogsService:
+    return logs.build(make_scope(db, seeded.main, pubsub=ps, now=FakeNow(NOW)))
 
 
-def ws_event(seeded: Seeded, kind: str) -> tuple[str, dict[str, str]]:
-    return (
-        f"workspace_owner:{seeded.main.owner_id}",
-        {"kind": kind, "workspace_id": str(seeded.main.workspace_id), "agent_id": str(seeded.main.agent_id)},
-    )
+def both_channels(pubsub: PubSub, seeded: Seeded) -> Any:
+    return listen(pubsub, owner_channel(seeded.main), logs_channel(seeded.main))
 
 
-async def test_logs_are_stored_with_server_time_and_events(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
-    svc = service(db, seeded, pub)
+async def test_logs_are_stored_with_server_time_and_events(
+    db: Database, seeded: Seeded, pubsub: PubSub
+) -> None:
+    svc = service(db, seeded, pubsub)
     agent = seeded.main.agent_id
     source = await source_of(db, agent)
 
-    response = await svc.batch_create_logs(batch(source, ("installing", Log.INFO), ("done\x00", Log.WARN)))
+    async with both_channels(pubsub, seeded) as events:
+        response = await svc.batch_create_logs(
+            batch(source, ("installing", Log.INFO), ("done\x00", Log.WARN))
+        )
+        first_events = await events.drain()
     assert response == agent_pb2.BatchCreateLogsResponse()
     rows = await log_rows(db, agent)
     assert [(r["output"], r["level"], r["created_at"], r["log_source_id"]) for r in rows] == [
@@ -205,21 +221,22 @@ async def test_logs_are_stored_with_server_time_and_events(db: Database, seeded:
     ]
     assert await counters(db, agent) == (len("installing") + len(f"done{X}".encode()), False)
     first = rows[0]["id"]
-    assert pub.sent == [
-        (f"agent-logs:{agent}", {"created_after": first - 1}),
-        ws_event(seeded, "agt_first_logs"),
-    ]
+    assert first_events == {
+        logs_channel(seeded.main): [{"created_after": first - 1}],
+        owner_channel(seeded.main): [workspace_event(seeded.main, "agt_first_logs")],
+    }
 
     # Later batches: only the agent-logs notification, from the new lowest id.
-    pub.sent.clear()
-    await svc.batch_create_logs(batch(source, ("more", Log.DEBUG)))
+    async with both_channels(pubsub, seeded) as events:
+        await svc.batch_create_logs(batch(source, ("more", Log.DEBUG)))
+        later_events = await events.drain()
     rows = await log_rows(db, agent)
-    assert pub.sent == [(f"agent-logs:{agent}", {"created_after": rows[2]["id"] - 1})]
+    assert later_events == {logs_channel(seeded.main): [{"created_after": rows[2]["id"] - 1}]}
     assert await log_rows(db, seeded.other.agent_id) == []
 
 
 async def test_levels_map_and_output_is_truncated_but_counted_in_full(db: Database, seeded: Seeded) -> None:
-    svc = service(db, seeded, NotifyPublisher(db))
+    svc = service(db, seeded)
     source = await source_of(db, seeded.main.agent_id)
     levels = [Log.TRACE, Log.DEBUG, Log.INFO, Log.WARN, Log.ERROR, Log.LEVEL_UNSPECIFIED, 77]
     await svc.batch_create_logs(batch(source, *[(str(i), level) for i, level in enumerate(levels)]))
@@ -233,35 +250,33 @@ async def test_levels_map_and_output_is_truncated_but_counted_in_full(db: Databa
     assert await counters(db, seeded.main.agent_id) == (len(levels) + 4500, False)
 
 
-async def test_log_source_ids(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
-    svc = service(db, seeded, pub)
+async def test_log_source_ids(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
+    svc = service(db, seeded, pubsub)
     agent = seeded.main.agent_id
+    async with both_channels(pubsub, seeded) as events:
+        # An empty batch is answered before the source id is even looked at.
+        assert await svc.batch_create_logs(batch(b"bad")) == agent_pb2.BatchCreateLogsResponse()
 
-    # An empty batch is answered before the source id is even looked at.
-    assert await svc.batch_create_logs(batch(b"bad")) == agent_pb2.BatchCreateLogsResponse()
-    assert pub.sent == []
+        # Not 16 bytes.
+        for raw, text in [
+            (b"", 'parse log source ID "": invalid UUID (got 0 bytes)'),
+            (b"\x01\x02\xff", 'parse log source ID "\\x01\\x02\\xff": invalid UUID (got 3 bytes)'),
+            (b"a" * 17, f'parse log source ID "{"a" * 17}": invalid UUID (got 17 bytes)'),
+        ]:
+            with pytest.raises(RpcError) as err:
+                await svc.batch_create_logs(batch(raw, ("x", Log.INFO)))
+            assert err.value.message == text
 
-    # Not 16 bytes.
-    for raw, text in [
-        (b"", 'parse log source ID "": invalid UUID (got 0 bytes)'),
-        (b"\x01\x02\xff", 'parse log source ID "\\x01\\x02\\xff": invalid UUID (got 3 bytes)'),
-        (b"a" * 17, f'parse log source ID "{"a" * 17}": invalid UUID (got 17 bytes)'),
-    ]:
+        # Another agent's source: refused, nothing written anywhere.
+        foreign = await source_of(db, seeded.other.agent_id)
         with pytest.raises(RpcError) as err:
-            await svc.batch_create_logs(batch(raw, ("x", Log.INFO)))
-        assert err.value.message == text
-
-    # Another agent's source: refused, nothing written anywhere.
-    foreign = await source_of(db, seeded.other.agent_id)
-    with pytest.raises(RpcError) as err:
-        await svc.batch_create_logs(batch(foreign, ("x", Log.INFO)))
-    assert err.value.message == f'invalid log_source_id: log source "{foreign}" belongs to another agent'
-    assert await log_rows(db, agent) == []
-    assert await log_rows(db, seeded.other.agent_id) == []
-    assert await counters(db, agent) == (0, False)
-    assert await counters(db, seeded.other.agent_id) == (0, False)
-    assert pub.sent == []
+            await svc.batch_create_logs(batch(foreign, ("x", Log.INFO)))
+        assert err.value.message == f'invalid log_source_id: log source "{foreign}" belongs to another agent'
+        assert await log_rows(db, agent) == []
+        assert await log_rows(db, seeded.other.agent_id) == []
+        assert await counters(db, agent) == (0, False)
+        assert await counters(db, seeded.other.agent_id) == (0, False)
+        assert await events.drain() == {}
 
     # The nil id (legacy clients) creates this agent's "External" source once and logs to it.
     for _ in range(2):
@@ -281,7 +296,7 @@ async def test_log_source_ids(db: Database, seeded: Seeded) -> None:
     ]
 
     # The External id itself is shared by all agents: another agent may send it directly.
-    other = logs.build(make_scope(db, seeded.other, publisher=NotifyPublisher(db), now=FakeNow(NOW)))
+    other = logs.build(make_scope(db, seeded.other, now=FakeNow(NOW)))
     await other.batch_create_logs(batch(EXTERNAL, ("external", Log.INFO)))
 
     # An id no agent has is accepted as-is (there is no foreign key).
@@ -298,50 +313,56 @@ async def test_log_source_ids(db: Database, seeded: Seeded) -> None:
     ]
 
 
-async def test_overflow_marks_the_agent_and_tells_it_to_stop(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
-    svc = service(db, seeded, pub)
+async def test_overflow_marks_the_agent_and_tells_it_to_stop(
+    db: Database, seeded: Seeded, pubsub: PubSub
+) -> None:
+    svc = service(db, seeded, pubsub)
     agent = seeded.main.agent_id
     source = await source_of(db, agent)
     await db.execute("UPDATE workspace_agents SET logs_length = %s WHERE id = %s", [1_048_576 - 5, agent])
 
-    # Exactly up to the limit is fine ...
-    assert (
-        await svc.batch_create_logs(batch(source, ("12345", Log.INFO))) == agent_pb2.BatchCreateLogsResponse()
-    )
-    assert await counters(db, agent) == (1_048_576, False)
-    # (logs_length was not 0 before: no first-logs event)
-    assert [kind for _, body in pub.sent if (kind := body.get("kind"))] == []
-    pub.sent.clear()
+    async with both_channels(pubsub, seeded) as events:
+        # Exactly up to the limit is fine ...
+        response = await svc.batch_create_logs(batch(source, ("12345", Log.INFO)))
+        assert response == agent_pb2.BatchCreateLogsResponse()
+        assert await counters(db, agent) == (1_048_576, False)
+        # (logs_length was not 0 before: no first-logs event)
+        assert list(await events.drain()) == [logs_channel(seeded.main)]
 
-    # ... one more byte is not: nothing stored, the agent is marked, the UI is told.
-    response = await svc.batch_create_logs(batch(source, ("x", Log.INFO)))
-    assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
-    assert await counters(db, agent) == (1_048_576, True)
-    assert [r["output"] for r in await log_rows(db, agent)] == ["12345"]
-    assert pub.sent == [ws_event(seeded, "agt_logs_overflow")]
+        # ... one more byte is not: nothing stored, the agent is marked, the UI is told.
+        response = await svc.batch_create_logs(batch(source, ("x", Log.INFO)))
+        assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+        assert await counters(db, agent) == (1_048_576, True)
+        assert [r["output"] for r in await log_rows(db, agent)] == ["12345"]
+        assert await events.drain() == {
+            owner_channel(seeded.main): [workspace_event(seeded.main, "agt_logs_overflow")]
+        }
 
-    # From now on every call answers at once, empty or not, without events.
-    pub.sent.clear()
-    for req in (batch(source, ("y", Log.INFO)), batch(b"")):
-        assert await svc.batch_create_logs(req) == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
-    assert pub.sent == []
+        # From now on every call answers at once, empty or not, without events.
+        for req in (batch(source, ("y", Log.INFO)), batch(b"")):
+            assert await svc.batch_create_logs(req) == agent_pb2.BatchCreateLogsResponse(
+                log_limit_exceeded=True
+            )
+        assert await events.drain() == {}
 
 
-async def test_a_batch_larger_than_the_budget_overflows(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
+async def test_a_batch_larger_than_the_budget_overflows(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
     source = await source_of(db, seeded.main.agent_id)
     big = ("a" * 700_000, Log.INFO)
-    response = await service(db, seeded, pub).batch_create_logs(batch(source, big, big))
+    async with both_channels(pubsub, seeded) as events:
+        response = await service(db, seeded, pubsub).batch_create_logs(batch(source, big, big))
+        assert await events.drain() == {
+            owner_channel(seeded.main): [workspace_event(seeded.main, "agt_logs_overflow")]
+        }
     assert response.log_limit_exceeded
     assert await counters(db, seeded.main.agent_id) == (0, True)
-    assert pub.sent == [ws_event(seeded, "agt_logs_overflow")]
+    assert await log_rows(db, seeded.main.agent_id) == []
 
 
 async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded) -> None:
     await db.execute("UPDATE workspace_agents SET deleted = true WHERE id = %s", [seeded.main.agent_id])
     with pytest.raises(RpcError) as err:
-        await service(db, seeded, NotifyPublisher(db)).batch_create_logs(batch(uuid.uuid4(), ("x", Log.INFO)))
+        await service(db, seeded).batch_create_logs(batch(uuid.uuid4(), ("x", Log.INFO)))
     assert (
         err.value.message == f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )

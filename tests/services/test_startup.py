@@ -12,7 +12,10 @@ from agentd.proto import agent_pb2
 from agentd.services import lifecycle
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
-from tests.services.core_support import NotifyPublisher, Seeded, make_scope, seed
+from agentd.store.pubsub import PubSub
+from tests.services.core_support import Seeded, listen, make_scope, owner_channel, pubsub, seed
+
+assert pubsub  # fixture
 
 S = agent_pb2.Startup
 
@@ -41,10 +44,8 @@ async def seeded(db: Database) -> Seeded:
     return await seed(db)
 
 
-def service(
-    db: Database, ident: AgentIdentity, pub: NotifyPublisher | None = None
-) -> lifecycle.LifecycleService:
-    return lifecycle.build(make_scope(db, ident, publisher=pub))
+def service(db: Database, ident: AgentIdentity, ps: PubSub | None = None) -> lifecycle.LifecycleService:
+    return lifecycle.build(make_scope(db, ident, pubsub=ps))
 
 
 @pytest.mark.parametrize(
@@ -93,15 +94,16 @@ def test_go_semver_rejects(version: str) -> None:
     assert not lifecycle.is_go_semver(version)
 
 
-async def test_startup_is_recorded(db: Database, seeded: Seeded) -> None:
-    pub = NotifyPublisher(db)
+async def test_startup_is_recorded(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
     ident = attrs.evolve(seeded.main, api_version=(2, 3))
     req = request(
         "v2.25.1-devel+abc",
         "/home/coder/src",
         [S.EXECTRACE, S.ENVBOX, S.ENVBUILDER, S.ENVBOX, S.EXECTRACE],
     )
-    response = await service(db, ident, pub).update_startup(req)
+    async with listen(pubsub, owner_channel(ident)) as events:
+        response = await service(db, ident, pubsub).update_startup(req)
+        assert await events.drain() == {}  # no pubsub for startup
     # The response is the request's Startup, unchanged (duplicates and order included).
     assert response == req.startup
     assert await startup_row(db, seeded.main.agent_id) == {
@@ -111,7 +113,6 @@ async def test_startup_is_recorded(db: Database, seeded: Seeded) -> None:
         "subsystems": ["envbox", "envbuilder", "exectrace"],
         "api_version": "2.3",
     }
-    assert pub.sent == []  # no pubsub for startup
     assert await startup_row(db, seeded.other.agent_id) == UNTOUCHED
 
 
