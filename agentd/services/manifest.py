@@ -9,7 +9,6 @@ it). No writes.
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,7 @@ from google.protobuf import duration_pb2
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2, tailnet_pb2
 from agentd.services.base import AGENT, ConnectionScope, Handler, Settings
+from agentd.services.logs import go_quote
 from agentd.store import manifest as store
 from agentd.tailnet.derpmap import DERPMapError, default_derp_map, with_home_params
 
@@ -133,14 +133,14 @@ def app_to_proto(
     sharing = _SHARING_LEVELS.get(app.sharing_level.upper())
     if sharing is None:
         raise RpcError(
-            f"converting workspace apps: parse app {index} ({json.dumps(app.slug)}): "
-            f"unknown app sharing level: {json.dumps(app.sharing_level)}"
+            f"converting workspace apps: parse app {index} ({go_quote(app.slug)}): "
+            f"unknown app sharing level: {go_quote(app.sharing_level)}"
         )
     health = _HEALTHS.get(app.health.upper())
     if health is None:
         raise RpcError(
-            f"converting workspace apps: parse app {index} ({json.dumps(app.slug)}): "
-            f"unknown app health: {json.dumps(app.health)}"
+            f"converting workspace apps: parse app {index} ({go_quote(app.slug)}): "
+            f"unknown app health: {go_quote(app.health)}"
         )
     return agent_pb2.WorkspaceApp(
         id=app.id.bytes,
@@ -174,7 +174,7 @@ def environment_variables(raw: Any) -> dict[str, str]:
         )
     for key, value in raw.items():
         if not isinstance(value, str):
-            raise RpcError(f"unmarshal environment variables: value of {json.dumps(key)} is not a string")
+            raise RpcError(f"unmarshal environment variables: value of {go_quote(key)} is not a string")
     return dict(raw)
 
 
