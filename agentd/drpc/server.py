@@ -1,0 +1,331 @@
+"""trio DRPC server: Go's ``drpcserver.ServeOne`` per transport, and an accept loop per session.
+
+Each transport (one mux stream under Coder) has one reader task — the task running
+:func:`serve_stream` — that owns the transport's receive side and a sans-I/O
+:class:`~agentd.drpc.stream.Connection`; each RPC's handler runs in a child task so that a peer's
+FIN, Close, Cancel or Error cancels it.  RPCs on one transport are served one after another until
+EOF; on EOF the transport is closed (FIN) at once, as Go clients wait for that FIN.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from agentd.drpc.errors import UNIMPLEMENTED, UNIMPLEMENTED_TEXT, RpcError, unknown_rpc_text
+from agentd.drpc.registry import CallShape, Handler, Registry, RpcMethod
+from agentd.drpc.stream import (
+    Connection,
+    Event,
+    Invoked,
+    MessageReceived,
+    RecvClosed,
+    Role,
+    StreamClosedError,
+)
+from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
+
+__all__ = ["StreamAcceptor", "serve_session", "serve_stream"]
+
+log = logging.getLogger("agentd.drpc.server")
+
+
+class StreamAcceptor(Protocol):
+    """What :func:`serve_session` needs from a mux session."""
+
+    async def accept_stream(self) -> trio.abc.HalfCloseableStream: ...
+
+
+async def serve_session(
+    session: StreamAcceptor,
+    registry: Registry,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept mux streams until the session closes; serve each in its own task (owned here)."""
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await session.accept_stream()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            nursery.start_soon(serve_stream, stream, registry)
+
+
+async def serve_stream(
+    transport: trio.abc.HalfCloseableStream,
+    registry: Registry,
+    *,
+    max_packet_size: int = MAX_PACKET_SIZE,
+) -> None:
+    """Serve RPCs on one transport until EOF, a transport failure or a protocol error; then close it."""
+    await _StreamServer(transport, registry, max_packet_size).run()
+
+
+class _Call:
+    """trio-side state of the active RPC: its handler's cancel scope and request channel."""
+
+    __slots__ = ("awaiting_request", "finished", "handler", "method", "recv", "scope", "send", "stream_id")
+
+    def __init__(self, stream_id: int, method: RpcMethod, handler: Handler) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.handler = handler
+        self.scope = trio.CancelScope()
+        self.finished = False
+        # Unary and server-stream handlers start once their single request message arrived.
+        self.awaiting_request = method.shape in (CallShape.UNARY, CallShape.SERVER_STREAM)
+        self.send: trio.MemorySendChannel[bytes] | None = None
+        self.recv: trio.MemoryReceiveChannel[bytes] | None = None
+        if not self.awaiting_request:
+            # One buffered message, like Go's streambuf: an unread stream pushes back on the peer.
+            self.send, self.recv = trio.open_memory_channel[bytes](1)
+
+    def end_requests(self) -> None:
+        if self.send is not None:
+            self.send.close()
+
+    def abort(self) -> None:
+        self.scope.cancel()
+        self.end_requests()
+
+
+class _HandlerStream:
+    """The :class:`~agentd.drpc.registry.ServerStream` given to streaming handlers."""
+
+    __slots__ = ("_call", "_server")
+
+    def __init__(self, server: _StreamServer, call: _Call) -> None:
+        self._server = server
+        self._call = call
+
+    async def send(self, message: Message) -> None:
+        """Send one response message (flushed at once, like Go's MsgSend)."""
+        method = self._call.method
+        if not isinstance(message, method.response_type):
+            raise TypeError(
+                f"{method.path} sends {method.response_type.__name__}, not {type(message).__name__}"
+            )
+        try:
+            self._server.conn.send_message(message.SerializeToString())
+        except StreamClosedError:
+            raise trio.BrokenResourceError("the RPC is over") from None
+        await self._server.flush()
+
+    async def receive(self) -> Any:
+        """The next request; trio.EndOfChannel after the client's CloseSend."""
+        recv = self._call.recv
+        if recv is None:
+            await trio.lowlevel.checkpoint()
+            raise trio.EndOfChannel
+        data = await recv.receive()
+        return _decode(self._call.method, data)
+
+    def __aiter__(self) -> _HandlerStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+def _decode(method: RpcMethod, data: bytes) -> Message:
+    msg = method.request_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise RpcError(f"{method.path}: invalid {method.request_type.__name__}: {exc}") from None
+    return msg
+
+
+class _StreamServer:
+    __slots__ = ("_send_lock", "broken", "call", "conn", "nursery", "registry", "transport")
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
+        self.transport = transport
+        self.registry = registry
+        self.conn = Connection(Role.SERVER, max_packet_size=max_size)
+        self.call: _Call | None = None
+        self._send_lock = trio.Lock()
+        # A send cut short (cancelled/failed) may leave half a frame on the wire: stop serving.
+        self.broken = False
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        clean = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                try:
+                    clean = await self._read_loop()
+                finally:
+                    if self.call is not None:
+                        self.call.abort()
+        finally:
+            if clean and not self.broken:
+                # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
+                await _close(self.transport)
+            else:
+                await _abort(self.transport)
+
+    async def _read_loop(self) -> bool:
+        """Read until EOF (True) or a transport/protocol failure (False)."""
+        transport = self.transport
+        conn = self.conn
+        while not self.broken:
+            try:
+                data = await transport.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            if not data:
+                return True
+            try:
+                events = conn.receive_data(data)
+            except ProtocolError as exc:
+                log.debug("drpc protocol error, closing the stream: %s", exc)
+                return False
+            for ev in events:
+                await self._dispatch(ev)
+        return False
+
+    async def _dispatch(self, ev: Event) -> None:
+        call = self.call
+        if type(ev) is MessageReceived:
+            if call is None or call.stream_id != ev.stream_id or call.finished:
+                return
+            if call.awaiting_request:
+                call.awaiting_request = False
+                try:
+                    request = _decode(call.method, ev.data)
+                except RpcError as exc:
+                    await self._fail(call, exc.code, exc.message)
+                    return
+                self._spawn(call, request)
+            elif call.send is not None:
+                try:
+                    await call.send.send(ev.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the handler is done with its requests
+            return
+        if type(ev) is Invoked:
+            if call is not None:
+                call.abort()
+            self.call = None
+            route = self.registry.lookup(ev.rpc)
+            if route is None:
+                self.conn.send_error(0, unknown_rpc_text(ev.rpc))
+                await self.flush()
+                return
+            method, handler = route
+            if handler is None:
+                self.conn.send_error(UNIMPLEMENTED, UNIMPLEMENTED_TEXT)
+                await self.flush()
+                return
+            call = self.call = _Call(ev.stream_id, method, handler)
+            if not call.awaiting_request:
+                self._spawn(call, None)
+            return
+        if call is None or call.stream_id != ev.stream_id:
+            return
+        if type(ev) is RecvClosed:
+            if call.awaiting_request:
+                # CloseSend before the request: Go's MsgRecv sees io.EOF and the RPC fails with it.
+                call.awaiting_request = False
+                await self._fail(call, 0, "EOF")
+            else:
+                call.end_requests()
+            return
+        # RemoteClosed / RemoteError / RemoteCancelled / Superseded: the RPC is over.
+        call.abort()
+        if self.call is call:
+            self.call = None
+
+    def _spawn(self, call: _Call, request: Message | None) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_handler, call, request)
+
+    async def _fail(self, call: _Call, code: int, message: str) -> None:
+        call.finished = True
+        self.conn.send_error(code, message)
+        await self.flush()
+
+    async def _run_handler(self, call: _Call, request: Message | None) -> None:
+        method = call.method
+        handler = call.handler
+        conn = self.conn
+        with call.scope:
+            try:
+                shape = method.shape
+                if shape is CallShape.UNARY:
+                    result = await handler(request)
+                elif shape is CallShape.SERVER_STREAM:
+                    result = await handler(request, _HandlerStream(self, call))
+                else:
+                    result = await handler(_HandlerStream(self, call))
+                if shape is CallShape.UNARY or shape is CallShape.CLIENT_STREAM:
+                    if not isinstance(result, method.response_type):
+                        raise TypeError(
+                            f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
+                        )
+                    payload = result.SerializeToString()
+                    if not conn.active or conn.stream is None or conn.stream.stream_id != call.stream_id:
+                        return
+                    conn.send_message(payload)
+                if conn.active and conn.stream is not None and conn.stream.stream_id == call.stream_id:
+                    conn.close_send()
+            except RpcError as exc:
+                self._queue_error(call, exc.code, exc.message)
+            except StreamClosedError:
+                return
+            except Exception as exc:
+                log.exception("RPC %s failed", method.path)
+                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
+            finally:
+                call.finished = True
+                if call.recv is not None:
+                    call.recv.close()
+            await self.flush()
+
+    def _queue_error(self, call: _Call, code: int, message: str) -> None:
+        st = self.conn.stream
+        if st is not None and st.stream_id == call.stream_id:
+            self.conn.send_error(code, message)
+
+    async def flush(self) -> None:
+        """Write everything queued, in order, as one transport write."""
+        async with self._send_lock:
+            data = self.conn.data_to_send()
+            if not data or self.broken:
+                return
+            try:
+                await self.transport.send_all(data)
+            except BaseException:
+                self.broken = True
+                raise
+
+
+async def _close(transport: trio.abc.HalfCloseableStream) -> None:
+    try:
+        await transport.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _abort(transport: trio.abc.HalfCloseableStream) -> None:
+    """After a protocol error or broken write: reset the mux stream if we can, else close it."""
+    reset = getattr(transport, "reset", None)
+    try:
+        if reset is not None:
+            result = reset()
+            if hasattr(result, "__await__"):
+                await result
+        else:
+            await trio.aclose_forcefully(transport)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
