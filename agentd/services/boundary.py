@@ -98,9 +98,7 @@ class BoundaryLogsService:
             try:
                 await store.insert_boundary_logs(self.scope.db, session_id, owner_id, mapped.rows)
             except Exception:
-                log.exception(
-                    "insert %d boundary logs of session %s failed", len(mapped.rows), session_id
-                )
+                log.exception("insert %d boundary logs of session %s failed", len(mapped.rows), session_id)
 
         tracker = self.scope.components.boundary_usage if self.scope.components is not None else None
         if tracker is not None and mapped.allowed + mapped.denied > 0:
