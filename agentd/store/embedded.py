@@ -1,0 +1,104 @@
+"""Embedded PostgreSQL (the ``pgserver`` package) living in agentd's data directory.
+
+pgserver's API is blocking (initdb, pg_ctl, file locks), so its calls run in a worker thread via
+``trio.to_thread.run_sync`` — the one place agentd uses a thread. The server listens on a Unix
+socket only. It is reused when already running (another agentd process on the same data
+directory, e.g. ``agentd admin`` beside ``agentd serve``) and stopped on exit only by the last
+process using it (pgserver counts handles per process id in the data directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+__all__ = ["EmbeddedPostgresError", "embedded_postgres"]
+
+PGDATA_DIRNAME = "postgres"
+_HANDLES_FILE = ".handle_pids.json"
+
+
+class EmbeddedPostgresError(Exception):
+    """The embedded server could not be initialised or started (message is one line)."""
+
+
+def _import_pgserver() -> Any:
+    # pgserver resolves a runtime directory at import and warns when XDG_RUNTIME_DIR is unset.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    return pgserver
+
+
+def _prune_dead_handles(pgdata: Path) -> None:
+    """Forget handle pids of processes that died without cleaning up (kill -9), so the last live
+    process still stops the server on exit."""
+    path = pgdata / _HANDLES_FILE
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _pid_alive(pid)]
+    if alive != pids:
+        path.write_text(json.dumps(alive))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start(pgdata: Path, cleanup_mode: str | None) -> Any:
+    pgserver = _import_pgserver()
+    pgdata = pgdata.expanduser().resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.exists():
+        with pgserver.PostgresServer._lock:
+            _prune_dead_handles(pgdata)
+    try:
+        return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+    except Exception as exc:
+        log = pgdata / "log"
+        raise EmbeddedPostgresError(
+            f"cannot start embedded PostgreSQL in {pgdata}: {exc!s}".replace("\n", " ")
+            + (f" (see {log})" if log.exists() else "")
+        ) from exc
+
+
+def _stop(server: Any) -> None:
+    server.cleanup()
+
+
+@asynccontextmanager
+async def embedded_postgres(
+    data_dir: str | os.PathLike[str],
+    *,
+    delete_on_exit: bool = False,
+) -> AsyncIterator[str]:
+    """Start (or reuse) the PostgreSQL server in ``<data_dir>/postgres``; yield its URL.
+
+    The URL names database ``postgres`` over the server's Unix socket. On exit the server is
+    stopped unless another process still uses it; ``delete_on_exit`` also removes its data
+    (for throwaway test servers).
+    """
+    pgdata = Path(data_dir) / PGDATA_DIRNAME
+    mode: Literal["stop", "delete"] = "delete" if delete_on_exit else "stop"
+    server = await trio.to_thread.run_sync(_start, pgdata, mode)
+    try:
+        yield str(server.get_uri())
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_stop, server)

@@ -1,0 +1,51 @@
+"""Shared database fixtures.
+
+* ``pg_server`` (session): ``AGENTD_TEST_POSTGRES_URL`` if set, else one embedded pgserver per test
+  run. Started lazily — only runs that use a database fixture pay for it.
+* ``db_template`` (session): the name of a database migrated to the current schema, made once.
+* ``db_url``: a fresh database cloned from the template for this test (dropped afterwards).
+* ``empty_db_url``: a fresh, empty (unmigrated) database for migration tests.
+* ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.testing import TestServer, test_server
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    with test_server(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def db_template(pg_server: TestServer) -> Iterator[str]:
+    name = pg_server.create_template()
+    yield name
+    pg_server.drop(name)
+
+
+@pytest.fixture
+def db_url(pg_server: TestServer, db_template: str) -> Iterator[str]:
+    name = pg_server.clone(db_template)
+    yield pg_server.url_for(name)
+    pg_server.drop(name)
+
+
+@pytest.fixture
+def empty_db_url(pg_server: TestServer) -> Iterator[str]:
+    name = pg_server.create_empty()
+    yield pg_server.url_for(name)
+    pg_server.drop(name)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    async with asyncio_loop(), open_database(db_url, min_size=1, max_size=4) as database:
+        yield database
