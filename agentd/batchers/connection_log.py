@@ -91,6 +91,8 @@ class ConnectionLogBatcher:
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT_S
     batch: Batch = attrs.field(factory=Batch)
     retries: collections.deque[_Retry] = attrs.field(factory=collections.deque)
+    _running: bool = attrs.field(default=False, init=False)
+    _done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _send: trio.MemorySendChannel[ConnectionLogRow] = attrs.field(init=False)
     _recv: trio.MemoryReceiveChannel[ConnectionLogRow] = attrs.field(init=False)
 
@@ -143,6 +145,7 @@ class ConnectionLogBatcher:
                 return
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._running = True
         task_status.started()
         try:
             next_flush = trio.current_time() + self.interval
@@ -150,7 +153,10 @@ class ConnectionLogBatcher:
             while True:
                 row: ConnectionLogRow | None = None
                 with trio.move_on_at(min(next_flush, next_retry)):
-                    row = await self._recv.receive()
+                    try:
+                        row = await self._recv.receive()
+                    except trio.EndOfChannel:
+                        return  # close() was called: it has written everything held
                 if row is not None:
                     self.batch.add(row)
                     if len(self.batch) >= self.batch_size:
@@ -167,11 +173,23 @@ class ConnectionLogBatcher:
                 if self.retries and next_retry == math.inf:
                     next_retry = trio.current_time() + self.retry_delay
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.shutdown_timeout):
-                await self._final_flush()
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.shutdown_timeout):
+                    await self._write_everything()
+            finally:
+                self._running = False
+                self._done.set()
 
-    async def _final_flush(self) -> None:
-        """Close intake, then write everything held (failed batches first, merged with the rest)."""
+    async def close(self) -> None:
+        """Stop intake and wait until everything held is written (what cancelling ``run`` does)."""
+        self._send.close()
+        if self._running:
+            await self._done.wait()
+        else:
+            await self._write_everything()
+
+    async def _write_everything(self) -> None:
+        """Final write: queued retries merged with the open batch and whatever is still in the channel."""
         self._send.close()
         held = Batch()
         for item in self.retries:

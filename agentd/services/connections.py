@@ -42,8 +42,11 @@ def parse_ip(raw: str) -> str | None:
         addr = ipaddress.ip_address(raw)
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
-        return None  # Go's net.ParseIP rejects zones and PostgreSQL's inet cannot store them
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            return None  # Go's net.ParseIP rejects zones and PostgreSQL's inet cannot store them
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)  # Go prints (and so stores) ::ffff:a.b.c.d as a.b.c.d
     return str(addr)
 
 

@@ -407,5 +407,8 @@ async def test_memory_and_volume_alerts_in_one_push(db: Database) -> None:
     await svc.load()
     await svc.push_usage(push([(99, 100)] * 20, {"/home": [(99, 100)] * 20}))
     notes = await notifications(db)
-    assert sorted(str(n["created_by"]) for n in notes) == ["workspace-monitor-memory", "workspace-monitor-volumes"]
+    assert sorted(str(n["created_by"]) for n in notes) == [
+        "workspace-monitor-memory",
+        "workspace-monitor-volumes",
+    ]
     assert all(json.dumps(n["payload"]) for n in notes)
