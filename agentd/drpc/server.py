@@ -110,8 +110,11 @@ class _HandlerStream:
             raise TypeError(
                 f"{method.path} sends {method.response_type.__name__}, not {type(message).__name__}"
             )
+        payload = message.SerializeToString()
+        if len(payload) > self._server.max_size:
+            raise RpcError(_too_large(method, len(payload)))
         try:
-            self._server.conn.send_message(message.SerializeToString())
+            self._server.conn.send_message(payload)
         except StreamClosedError:
             raise trio.BrokenResourceError("the RPC is over") from None
         await self._server.flush()
@@ -135,6 +138,10 @@ class _HandlerStream:
             raise StopAsyncIteration from None
 
 
+def _too_large(method: RpcMethod, size: int) -> str:
+    return f"{method.path}: response of {size} bytes exceeds the message size limit"
+
+
 def _decode(method: RpcMethod, data: bytes) -> Message:
     msg = method.request_type()
     try:
@@ -145,12 +152,13 @@ def _decode(method: RpcMethod, data: bytes) -> Message:
 
 
 class _StreamServer:
-    __slots__ = ("_send_lock", "broken", "call", "conn", "nursery", "registry", "transport")
+    __slots__ = ("_send_lock", "broken", "call", "conn", "max_size", "nursery", "registry", "transport")
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
         self.transport = transport
         self.registry = registry
         self.conn = Connection(Role.SERVER, max_packet_size=max_size)
+        self.max_size = max_size
         self.call: _Call | None = None
         self._send_lock = trio.Lock()
         # A send cut short (cancelled/failed) may leave half a frame on the wire: stop serving.
@@ -274,6 +282,8 @@ class _StreamServer:
                             f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
                         )
                     payload = result.SerializeToString()
+                    if len(payload) > self.max_size:
+                        raise RpcError(_too_large(method, len(payload)))
                     if not conn.active or conn.stream is None or conn.stream.stream_id != call.stream_id:
                         return
                     conn.send_message(payload)
