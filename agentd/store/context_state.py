@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -80,7 +81,7 @@ async def fetch_context_snapshot(db: Queryable, agent_id: uuid.UUID) -> ContextS
     )
 
 
-async def fetch_context_resources(db: Queryable, agent_id: uuid.UUID) -> list[dict[str, object]]:
+async def fetch_context_resources(db: Queryable, agent_id: uuid.UUID) -> list[dict[str, Any]]:
     """The agent's stored resources ordered by source (body as parsed JSON)."""
     rows = await db.fetchall(
         "SELECT source, source_path, body_kind::text AS body_kind, body, content_hash, size_bytes,"
