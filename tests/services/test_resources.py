@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services import resources
 from agentd.services.resources import (
@@ -412,3 +413,20 @@ async def test_memory_and_volume_alerts_in_one_push(db: Database) -> None:
         "workspace-monitor-volumes",
     ]
     assert all(json.dumps(n["payload"]) for n in notes)
+
+
+async def test_errors_are_joined_and_other_monitors_still_processed(db: Database) -> None:
+    """The memory notification fails (its table is gone): the push answers an error naming the memory
+    monitor, and the volume monitor was still evaluated and written."""
+    ident = await seed_agent(db)
+    await add_memory_monitor(db, ident.agent_id)
+    await add_volume_monitor(db, ident.agent_id, "/home")
+    svc = resources.build(make_scope(db, ident))
+    await svc.load()
+    await db.execute("ALTER TABLE notification_messages RENAME TO notification_messages_away")
+    with pytest.raises(RpcError) as err:
+        await svc.push_usage(push([(99, 100)] * 20, {"/home": [(99, 100)] * 20}))
+    assert "monitor memory: " in err.value.message
+    assert "monitor volumes: " in err.value.message
+    assert (await memory_row(db, ident.agent_id))["state"] == "NOK"
+    assert (await volume_states(db, ident.agent_id))["/home"][0] == "NOK"
