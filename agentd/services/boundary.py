@@ -34,8 +34,17 @@ log = logging.getLogger("agentd.boundary")
 MAX_BATCH = 1000
 
 
-def _rfc3339_nano(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+def rfc3339_nano(t: dt.datetime, nanos: int | None = None) -> str:
+    """Go's time.RFC3339Nano in UTC: fraction with trailing zeros removed, none at all when zero.
+
+    ``nanos`` (0..999999999) overrides the datetime's microseconds when the source has nanoseconds.
+    """
+    t = t.astimezone(dt.UTC)
+    frac = t.microsecond * 1000 if nanos is None else nanos
+    text = t.strftime("%Y-%m-%dT%H:%M:%S")
+    if frac:
+        text += "." + f"{frac:09d}".rstrip("0")
+    return text + "Z"
 
 
 def parse_session_id(raw: str) -> uuid.UUID | None:
@@ -137,7 +146,8 @@ class BoundaryLogsService:
                 unknown += 1
                 continue
             http = entry.http_request
-            event_time = entry.time.ToDatetime(tzinfo=dt.UTC) if entry.HasField("time") else now
+            has_time = entry.HasField("time")
+            event_time = entry.time.ToDatetime(tzinfo=dt.UTC) if has_time else now
             if entry.allowed:
                 allowed += 1
             else:
@@ -152,7 +162,7 @@ class BoundaryLogsService:
                 "template_version_id": str(ident.template_version_id),
                 "http_method": http.method,
                 "http_url": http.url,
-                "event_time": _rfc3339_nano(event_time),
+                "event_time": rfc3339_nano(event_time, entry.time.nanos if has_time else None),
             }
             if entry.allowed:
                 fields["matched_rule"] = http.matched_rule

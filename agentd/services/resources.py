@@ -21,6 +21,7 @@ import trio
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services.base import AGENT, ConnectionScope, Handler, Now
+from agentd.services.boundary import rfc3339_nano  # Go marshals time.Time in JSON as RFC3339Nano
 from agentd.store import monitors as store
 from agentd.store import notifications
 
@@ -155,10 +156,6 @@ def volume_samples(
     return out
 
 
-def _rfc3339(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
 # --------------------------------------------------------------------------------------------------
 # Service
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +251,7 @@ class ResourcesMonitoringService:
                 template_id=MEMORY_TEMPLATE_ID,
                 user_id=ws.owner_id,
                 labels={"workspace": ws.name, "threshold": f"{monitor.threshold}%"},
-                data={"timestamp": _rfc3339(now)},
+                data={"timestamp": rfc3339_nano(now)},
                 created_by=MEMORY_CREATED_BY,
                 targets=(ws.id, ws.owner_id, ws.organization_id),
             ),
@@ -307,7 +304,7 @@ class ResourcesMonitoringService:
                     template_id=VOLUME_TEMPLATE_ID,
                     user_id=ws.owner_id,
                     labels={"workspace": ws.name},
-                    data={"volumes": alerting, "timestamp": _rfc3339(now)},
+                    data={"volumes": alerting, "timestamp": rfc3339_nano(now)},
                     created_by=VOLUME_CREATED_BY,
                     targets=(ws.id, ws.owner_id, ws.organization_id),
                 ),

@@ -232,7 +232,7 @@ async def test_missing_or_invalid_session_is_log_only(
         "template_version_id": str(ident.template_version_id),
         "http_method": "GET",
         "http_url": "https://a/",
-        "event_time": "2026-11-26T11:59:58.500000Z",
+        "event_time": "2026-11-26T11:59:58.5Z",
     }
     assert allow.matched_rule == "domain=example.com"  # type: ignore[attr-defined]
     assert (deny.decision, deny.http_method, deny.http_url) == ("deny", "PUT", "https://b/")  # type: ignore[attr-defined]
@@ -333,3 +333,29 @@ async def test_without_a_tracker_nothing_is_tracked(db: Database) -> None:
     svc = boundary.build(make_scope(db, await seed_agent(db), components=Components()))
     await svc.report_boundary_logs(request(str(uuid.uuid4()), [blog(0)]))
     assert len(await logs(db)) == 1
+
+
+@pytest.mark.parametrize(
+    ("t", "nanos", "text"),
+    [
+        (T0, None, "2026-11-26T12:00:00Z"),
+        (T0 + dt.timedelta(microseconds=120), None, "2026-11-26T12:00:00.00012Z"),
+        (T0, 123456789, "2026-11-26T12:00:00.123456789Z"),
+        (T0, 100, "2026-11-26T12:00:00.0000001Z"),
+        (T0.astimezone(dt.timezone(dt.timedelta(hours=2))), None, "2026-11-26T12:00:00Z"),
+    ],
+)
+def test_event_time_is_go_rfc3339nano(t: dt.datetime, nanos: int | None, text: str) -> None:
+    assert boundary.rfc3339_nano(t, nanos) == text
+
+
+async def test_event_time_keeps_nanoseconds_in_the_log_line(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = service(db, await seed_agent(db))
+    caplog.set_level(logging.INFO, logger="agentd.boundary")
+    entry = blog(0)
+    entry.time.seconds, entry.time.nanos = int(T0.timestamp()), 987654321
+    await svc.report_boundary_logs(request("", [entry]))
+    [line] = [r for r in caplog.records if r.getMessage() == "boundary_request"]
+    assert line.event_time == "2026-11-26T12:00:00.987654321Z"  # type: ignore[attr-defined]
