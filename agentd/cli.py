@@ -1,0 +1,192 @@
+"""The `agentd` command line: serve, migrate, admin create-workspace.
+
+Errors an operator can cause (bad flags, bad files, unreachable database, address in use) end with
+one line on stderr naming the problem and a non-zero exit status; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from agentd import __version__
+from agentd.config import LOG_LEVELS, Config, UserError, build_config
+
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _add_database_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="data directory (default $XDG_DATA_HOME/agentd)"
+    )
+    group.add_argument(
+        "--postgres-url", metavar="URL", help="use this PostgreSQL server instead of the embedded one"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="agentd", description="Serve Coder's workspace-agent API backed by PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"agentd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    serve.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="data directory (default $XDG_DATA_HOME/agentd)"
+    )
+    serve.add_argument(
+        "--postgres-url", metavar="URL", help="use this PostgreSQL instead of the embedded one"
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="unix:/path/to.sock or tcp://HOST:PORT; repeatable "
+        "(default unix:$DATA_DIR/agentd.sock and tcp://127.0.0.1:3113)",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+
+    migrate = commands.add_parser("migrate", help="bring the database schema to the current version")
+    _add_database_flags(migrate)
+
+    admin = commands.add_parser("admin", help="administrative commands")
+    admin_commands = admin.add_subparsers(dest="admin_command", metavar="COMMAND", parser_class=_Parser)
+    admin_commands.required = True
+    create = admin_commands.add_parser(
+        "create-workspace", help="create a workspace with running agents from a TOML file"
+    )
+    create.add_argument("--file", type=Path, required=True, metavar="WORKSPACE.toml")
+    create.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_database_flags(create)
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    return build_config(
+        config_file=args.config,
+        data_dir=args.data_dir,
+        postgres_url=args.postgres_url,
+        listen=getattr(args, "listen", ()),
+        log_level=getattr(args, "log_level", None),
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pgserver logs every step at INFO; keep it for debugging only.
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from agentd.daemon import Daemon
+
+    config = _config_from(args)
+    _setup_logging(config.log_level)
+    trio.run(Daemon(config).run)
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from agentd.daemon import migrate_database, open_store
+    from agentd.store import asyncio_loop
+
+    config = _config_from(args)
+    _setup_logging("warning")
+
+    async def run() -> Any:
+        async with asyncio_loop(), open_store(config, migrate=False) as db:
+            return await migrate_database(db)
+
+    result = trio.run(run)
+    print(f"agentd: database schema is current{_describe_migration(result)}")
+    return 0
+
+
+def _describe_migration(result: Any) -> str:
+    if isinstance(result, int):
+        return f" (version {result})"
+    return ""
+
+
+def _cmd_create_workspace(args: argparse.Namespace) -> int:
+    from agentd.admin import create_workspace, load_workspace_spec
+    from agentd.daemon import open_store
+    from agentd.store import asyncio_loop
+
+    spec = load_workspace_spec(args.file)  # validate before touching any database
+    config = _config_from(args)
+    _setup_logging("warning")
+
+    async def run() -> Any:
+        async with asyncio_loop(), open_store(config) as db:
+            return await create_workspace(db, spec)
+
+    created = trio.run(run)
+    if args.json:
+        print(json.dumps(created.to_json(), indent=2))
+    else:
+        print(f"workspace {created.workspace_name} {created.workspace_id}")
+        for agent in created.agents:
+            print(f"agent {agent.name} id={agent.id} token={agent.token}")
+    return 0
+
+
+_COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("serve", None): _cmd_serve,
+    ("migrate", None): _cmd_migrate,
+    ("admin", "create-workspace"): _cmd_create_workspace,
+}
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The first user-caused error inside `exc` (trio wraps errors from nurseries in groups)."""
+    from agentd.store.errors import DatabaseUnavailable, StoreError
+
+    if isinstance(exc, UserError | DatabaseUnavailable | StoreError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _user_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = _COMMANDS[(args.command, getattr(args, "admin_command", None))]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("agentd: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        found = _user_error(exc)
+        if found is None:
+            raise
+        message = " ".join(str(found).split()) or type(found).__name__
+        print(f"agentd: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR

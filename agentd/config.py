@@ -1,0 +1,212 @@
+"""Daemon configuration: one attrs record built from a TOML file overlaid with command-line flags.
+
+Precedence, lowest first: built-in defaults, the `--config` TOML file, command-line flags. Unknown keys
+in the file are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+DEFAULT_TCP_PORT = 3113
+DEFAULT_SOCKET_NAME = "agentd.sock"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UserError(Exception):
+    """A problem the operator caused and can fix (bad flag, bad file, port in use ...).
+
+    The CLI prints `agentd: <message>` on one line and exits non-zero, without a traceback.
+    """
+
+
+class ConfigError(UserError):
+    """The configuration (file or flags) is invalid."""
+
+
+@attrs.frozen
+class UnixAddress:
+    """`unix:/path/to.sock` — a Unix stream socket agentd binds (and removes on exit)."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+@attrs.frozen
+class TcpAddress:
+    """`tcp://HOST:PORT` — a TCP listener; port 0 lets the kernel pick one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+ListenAddress = UnixAddress | TcpAddress
+
+
+def parse_listen_address(text: str, *, base_dir: Path | None = None) -> ListenAddress:
+    """Parse `unix:/path` or `tcp://HOST:PORT`; relative unix paths resolve against `base_dir`."""
+    if text.startswith("unix:"):
+        raw = text[len("unix:") :]
+        if raw.startswith("//"):
+            raw = raw[2:]
+        if not raw:
+            raise ConfigError(f"listen address {text!r}: the unix socket path is empty")
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        return UnixAddress(path)
+    if text.startswith("tcp://"):
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"listen address {text!r}: the port is not a number in 0..65535") from None
+        if parts.hostname is None or port is None:
+            raise ConfigError(f"listen address {text!r}: expected tcp://HOST:PORT")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ConfigError(
+                f"listen address {text!r}: expected tcp://HOST:PORT with nothing after the port"
+            )
+        return TcpAddress(parts.hostname, port)
+    raise ConfigError(f"listen address {text!r}: expected unix:/path/to.sock or tcp://HOST:PORT")
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`$XDG_DATA_HOME/agentd`, i.e. `~/.local/share/agentd` when XDG_DATA_HOME is unset or relative."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.local/share").expanduser()
+    return base / "agentd"
+
+
+def _validate_log_level(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"log_level {value!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+
+@attrs.frozen
+class Config:
+    """Everything `agentd serve` needs; `listen == ()` means the defaults (see `listen_addresses`)."""
+
+    data_dir: Path = attrs.field(factory=default_data_dir)
+    postgres_url: str | None = None
+    listen: tuple[ListenAddress, ...] = ()
+    log_level: str = attrs.field(default="info", validator=_validate_log_level)
+    shutdown_timeout: float = 10.0
+
+    def default_listen_addresses(self) -> tuple[ListenAddress, ...]:
+        return (UnixAddress(self.data_dir / DEFAULT_SOCKET_NAME), TcpAddress("127.0.0.1", DEFAULT_TCP_PORT))
+
+    def listen_addresses(self, *, socket_activated: bool = False) -> tuple[ListenAddress, ...]:
+        """The addresses to bind: the configured ones, else the defaults unless systemd passed sockets."""
+        if self.listen:
+            return self.listen
+        return () if socket_activated else self.default_listen_addresses()
+
+
+# TOML key -> (expected python type(s), human name of the type)
+_FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "data_dir": ((str,), "a string"),
+    "postgres_url": ((str,), "a string"),
+    "listen": ((list,), "an array of strings"),
+    "log_level": ((str,), "a string"),
+    "shutdown_timeout": ((int, float), "a number of seconds"),
+}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read and strictly validate a config file; returns Config keyword arguments."""
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    return config_values_from_mapping(raw, source=str(path), base_dir=path.parent.resolve())
+
+
+def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> dict[str, Any]:
+    """Validate a parsed config table (strict: unknown keys are errors) and convert it."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FILE_KEYS:
+            known = ", ".join(sorted(_FILE_KEYS))
+            raise ConfigError(f"{source}: unknown field {key!r} (known fields: {known})")
+        types, type_name = _FILE_KEYS[key]
+        if not _has_type(value, types):
+            raise ConfigError(f"{source}: field {key!r} must be {type_name}")
+        if key == "data_dir":
+            out[key] = _resolve_path(value, base_dir)
+        elif key == "listen":
+            addresses = []
+            for item in value:
+                if not isinstance(item, str):
+                    raise ConfigError(f"{source}: field 'listen' must be {type_name}")
+                addresses.append(_parse_in(source, item, base_dir))
+            out[key] = tuple(addresses)
+        elif key == "shutdown_timeout":
+            if value < 0:
+                raise ConfigError(f"{source}: field 'shutdown_timeout' must not be negative")
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return not isinstance(value, bool) and isinstance(value, types)
+
+
+def _parse_in(source: str, text: str, base_dir: Path) -> ListenAddress:
+    try:
+        return parse_listen_address(text, base_dir=base_dir)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def build_config(
+    *,
+    config_file: Path | None = None,
+    data_dir: Path | None = None,
+    postgres_url: str | None = None,
+    listen: Iterable[str] = (),
+    log_level: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Defaults < config file < flags. Flag values are passed as given on the command line."""
+    values: dict[str, Any] = {"data_dir": default_data_dir(environ)}
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    if data_dir is not None:
+        values["data_dir"] = data_dir.expanduser().resolve()
+    if postgres_url is not None:
+        values["postgres_url"] = postgres_url
+    flags = tuple(parse_listen_address(text) for text in listen)
+    if flags:
+        values["listen"] = flags
+    if log_level is not None:
+        values["log_level"] = log_level
+    if values.get("postgres_url") == "":
+        raise ConfigError("postgres_url is empty")
+    return Config(**values)

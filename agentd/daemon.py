@@ -1,0 +1,217 @@
+"""`agentd serve`: the daemon's composition root and shutdown sequence.
+
+Start-up order is chosen so that the cheap checks fail first: listeners are bound (a port in use is
+reported before an embedded PostgreSQL is started for nothing), then the database is opened and
+migrated, then connections are accepted and systemd hears READY=1. Shutdown on SIGTERM/SIGINT is
+hypercorn's shape: STOPPING=1, stop accepting and close the listeners (unix socket files removed),
+let open connections finish within `shutdown_timeout`, then close the pool and stop the embedded
+server. A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from agentd import __version__, systemd
+from agentd.components import Components
+from agentd.config import Config
+from agentd.connection import AgentSessions, start_components
+from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
+from agentd.http import HttpApp, Request, Router, json_body
+from agentd.listeners import Server, bind_all
+from agentd.services.events import Events
+from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.connection import NotifyPublisher
+from agentd.store.errors import StoreError
+
+log = logging.getLogger("agentd")
+
+AGENT_RPC_PATH = "/api/v2/workspaceagents/me/rpc"
+HEALTH_CHECK_TIMEOUT = 5.0
+
+
+@asynccontextmanager
+async def open_store(config: Config, *, migrate: bool = True) -> AsyncIterator[Database]:
+    """The database `config` names (embedded in the data dir unless postgres_url), migrated, as a pool.
+
+    Exiting closes the pool and releases the embedded server (it stops when no other agentd process
+    of the same data directory still uses it). Needs an enclosing `asyncio_loop()`.
+    """
+    async with database_url(config) as url, open_database(url) as db:
+        if migrate:
+            await migrate_database(db)
+        yield db
+
+
+@asynccontextmanager
+async def database_url(config: Config) -> AsyncIterator[str]:
+    if config.postgres_url is not None:
+        yield config.postgres_url
+        return
+    from agentd.store.embedded import embedded_postgres
+
+    async with embedded_postgres(config.data_dir) as url:
+        yield url
+
+
+async def migrate_database(db: Database) -> Any:
+    from agentd.store.migrate import migrate
+
+    return await migrate(db)
+
+
+@attrs.define
+class Health:
+    """Answers `GET /healthz`: 200 when a `SELECT 1` succeeds within the timeout, else 503."""
+
+    db: Database
+    timeout: float = HEALTH_CHECK_TIMEOUT
+
+    async def check_database(self) -> str | None:
+        """None when the database answers, else a one-line reason."""
+        with trio.move_on_after(self.timeout):
+            try:
+                value = await self.db.fetchval("SELECT 1")
+            except StoreError as e:
+                return str(e).splitlines()[0] if str(e) else type(e).__name__
+            return None if value == 1 else f"SELECT 1 returned {value!r}"
+        return f"no answer within {self.timeout:g} s"
+
+    async def handle(self, request: Request) -> None:
+        error = await self.check_database()
+        database: dict[str, Any] = {"ok": error is None}
+        if error is not None:
+            database["error"] = error
+        status = "ok" if error is None else "unavailable"
+        body = {"status": status, "version": __version__, "database": database}
+        await request.send_json(200 if error is None else 503, body)
+
+
+@attrs.define
+class AgentRpcRoute:
+    """`GET /api/v2/workspaceagents/me/rpc`: token auth + upgrade (agentd.handshake), then the agent's
+    session (agentd.connection) on this same stream until it ends."""
+
+    sessions: AgentSessions
+
+    async def handle(self, request: Request) -> None:
+        head = RequestHead.from_text(
+            request.method, request.target, request.headers, request.http_version, request.trailing_data
+        )
+        outcome = await handle_rpc_request(request.stream, head, lookup=self.sessions.lookup)
+        if isinstance(outcome, Upgraded):
+            request.responded = True
+            await self.sessions.serve(outcome)
+        elif isinstance(outcome, NotMine):
+            await request.send_json(404, json_body("Route not found.", f"No route for {request.path}."))
+        else:
+            request.responded = True  # Rejected (answered) or Closed
+
+
+def build_components() -> Components:
+    """The process-wide components that exist (DESIGN task tree); started before agents are accepted."""
+    from agentd.tailnet import Coordinator, DERPMapSource
+
+    return Components(coordinator=Coordinator(), derp_map=DERPMapSource.from_config())
+
+
+def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
+    router = Router()
+    router.add("/healthz", Health(db).handle)
+    if sessions is not None:
+        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
+    return router
+
+
+@attrs.define(eq=False)
+class Daemon:
+    """Owns everything `agentd serve` runs; `run` returns after a clean shutdown."""
+
+    config: Config
+    notifier: systemd.Notifier = attrs.field(factory=systemd.Notifier.from_environ)
+    listener_names: list[str] = attrs.field(factory=list, init=False)
+    _stop: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _startup: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _force: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _ready: bool = attrs.field(default=False, init=False)
+
+    def request_stop(self) -> None:
+        """First call: graceful stop (or abandon start-up). Second call: cancel whatever still runs."""
+        if self._stop.is_set():
+            log.warning("second stop request: cancelling open connections now")
+            self._force.cancel()
+            return
+        self._stop.set()
+        if not self._ready:
+            self._startup.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until SIGTERM/SIGINT (or `request_stop`); `task_status.started()` once READY."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals)
+                try:
+                    with self._force:
+                        async with asyncio_loop():
+                            await self._run(task_status)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self.notifier.close()
+        log.info("stopped")
+
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self.request_stop()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        inherited = systemd.listen_fds()
+        addresses = self.config.listen_addresses(socket_activated=bool(inherited))
+        listeners = await bind_all(addresses, inherited)
+        try:
+            with self._startup:
+                if self.config.postgres_url is None:
+                    log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
+                async with open_store(self.config) as db:
+                    sessions = AgentSessions(db, Events(NotifyPublisher(db)), components=build_components())
+                    server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
+                    await self._serve(server, sessions, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                for bound in listeners:
+                    await bound.aclose()
+
+    async def _serve(
+        self, server: Server, sessions: AgentSessions, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
+            # Process-wide components outlive every agent session: cancelled (and flushed) last.
+            await start_components(sessions.components, nursery)
+            async with trio.open_nursery() as serving:
+                await serving.start(server.run)
+                self._ready = True
+                for bound in server.listeners:
+                    log.info("listening on %s", bound.name)
+                    self.listener_names.append(bound.name)
+                await self.notifier.notify("READY=1", f"STATUS=serving on {', '.join(self.listener_names)}")
+                log.info("agentd %s ready", __version__)
+                task_status.started()
+                await self._stop.wait()
+                await self.notifier.notify("STOPPING=1", "STATUS=shutting down")
+                if server.active_connections:
+                    log.info(
+                        "closing listeners; waiting up to %g s for %d open connections",
+                        self.config.shutdown_timeout,
+                        server.active_connections,
+                    )
+                server.stop(self.config.shutdown_timeout)
+                sessions.close_all()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,124 @@
+"""Configuration: address parsing, strict TOML files, and defaults < file < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentd.config import (
+    Config,
+    ConfigError,
+    TcpAddress,
+    UnixAddress,
+    build_config,
+    default_data_dir,
+    parse_listen_address,
+)
+
+
+def test_parse_listen_addresses() -> None:
+    assert parse_listen_address("unix:/run/agentd.sock") == UnixAddress(Path("/run/agentd.sock"))
+    assert parse_listen_address("unix:rel.sock", base_dir=Path("/etc")) == UnixAddress(Path("/etc/rel.sock"))
+    assert parse_listen_address("tcp://127.0.0.1:3113") == TcpAddress("127.0.0.1", 3113)
+    assert parse_listen_address("tcp://[::1]:0") == TcpAddress("::1", 0)
+    assert str(TcpAddress("::1", 80)) == "tcp://[::1]:80"
+    assert str(UnixAddress(Path("/a.sock"))) == "unix:/a.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("http://x:1", "expected unix:/path/to.sock or tcp://HOST:PORT"),
+        ("tcp://host", "expected tcp://HOST:PORT"),
+        ("tcp://host:99999", "port is not a number"),
+        ("tcp://host:80/path", "nothing after the port"),
+        ("unix:", "path is empty"),
+    ],
+)
+def test_bad_listen_address_names_the_problem(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        parse_listen_address(text)
+    assert repr(text) in str(info.value)
+
+
+def test_default_data_dir_follows_xdg() -> None:
+    assert default_data_dir({"XDG_DATA_HOME": "/xdg"}) == Path("/xdg/agentd")
+    assert default_data_dir({}) == Path("~/.local/share/agentd").expanduser()
+    assert default_data_dir({"XDG_DATA_HOME": "relative"}) == Path("~/.local/share/agentd").expanduser()
+
+
+def test_defaults_listen_on_data_dir_socket_and_port_3113(tmp_path: Path) -> None:
+    config = build_config(data_dir=tmp_path)
+    assert config.postgres_url is None
+    assert config.listen_addresses() == (UnixAddress(tmp_path / "agentd.sock"), TcpAddress("127.0.0.1", 3113))
+    # socket-activated without explicit addresses: only the inherited sockets
+    assert config.listen_addresses(socket_activated=True) == ()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_file_values_are_used_and_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    file = _write(
+        tmp_path / "agentd.toml",
+        'data_dir = "state"\npostgres_url = "postgresql://db/x"\n'
+        'listen = ["unix:a.sock", "tcp://0.0.0.0:9"]\nlog_level = "debug"\nshutdown_timeout = 3\n',
+    )
+    config = build_config(config_file=file)
+    assert config == Config(
+        data_dir=tmp_path / "state",
+        postgres_url="postgresql://db/x",
+        listen=(UnixAddress(tmp_path / "a.sock"), TcpAddress("0.0.0.0", 9)),
+        log_level="debug",
+        shutdown_timeout=3.0,
+    )
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    file = _write(
+        tmp_path / "agentd.toml",
+        'data_dir = "/from/file"\npostgres_url = "postgresql://file/x"\nlisten = ["tcp://127.0.0.1:1"]\n',
+    )
+    config = build_config(
+        config_file=file,
+        data_dir=tmp_path / "flag",
+        postgres_url="postgresql://flag/y",
+        listen=["tcp://127.0.0.1:2", "unix:/tmp/flag.sock"],
+        log_level="error",
+    )
+    assert config.data_dir == tmp_path / "flag"
+    assert config.postgres_url == "postgresql://flag/y"
+    assert config.listen == (TcpAddress("127.0.0.1", 2), UnixAddress(Path("/tmp/flag.sock")))
+    assert config.log_level == "error"
+    # a flag that is not given leaves the file's value alone
+    partial = build_config(config_file=file, listen=[])
+    assert partial.listen == (TcpAddress("127.0.0.1", 1),)
+    assert partial.data_dir == Path("/from/file")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("data_dir = [", "invalid TOML"),
+        ('datadir = "/x"', "unknown field 'datadir'"),
+        ("listen = 5", "field 'listen' must be an array of strings"),
+        ("listen = [5]", "field 'listen' must be an array of strings"),
+        ('listen = ["ftp://x"]', "listen address 'ftp://x'"),
+        ('log_level = "loud"', "log_level 'loud'"),
+        ("shutdown_timeout = true", "field 'shutdown_timeout' must be a number"),
+        ("shutdown_timeout = -1", "must not be negative"),
+        ('postgres_url = ""', "postgres_url is empty"),
+    ],
+)
+def test_bad_config_file_names_the_problem(tmp_path: Path, text: str, needle: str) -> None:
+    file = _write(tmp_path / "bad.toml", text + "\n")
+    with pytest.raises(ConfigError, match=needle):
+        build_config(config_file=file)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(config_file=tmp_path / "absent.toml")
