@@ -1,8 +1,4 @@
-"""Seeding and scope helpers for the boundary / resources / connections / context service tests.
-
-Hand-written inserts of the minimal rows an agent needs (organization, user, template, version, job,
-workspace, build, resource, agent) until agentd.admin's create-workspace seeding is on main.
-"""
+"""Seeding and scope helpers for the boundary / resources / connections / context service tests."""
 
 from __future__ import annotations
 
@@ -12,6 +8,7 @@ from typing import Any
 
 import attrs
 
+from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.components import Components
 from agentd.services.base import (
     AgentIdentity,
@@ -21,6 +18,7 @@ from agentd.services.base import (
     WorkspaceIdentity,
 )
 from agentd.store import Database
+from agentd.store.connection import authenticate_agent
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -52,71 +50,45 @@ async def seed_org_user(db: Database, username: str = "alice") -> tuple[uuid.UUI
     return org, user
 
 
-async def seed_agent(
+async def seed(
     db: Database,
     *,
-    org: uuid.UUID | None = None,
-    owner: uuid.UUID | None = None,
-    workspace_name: str = "dev",
     agent_name: str = "main",
-) -> AgentIdentity:
+    memory_monitor: dict[str, Any] | None = None,
+    volume_monitors: list[dict[str, Any]] | None = None,
+) -> tuple[AgentIdentity, uuid.UUID]:
+    """A workspace of a fresh owner with one agent, through ``agentd admin create-workspace``'s code;
+    returns the identity the token authenticates (the real query of spec §2.2) and the token."""
+    tag = uuid.uuid4().hex[:10]
+    agent: dict[str, Any] = {"name": agent_name}
+    monitoring: dict[str, Any] = {}
+    if memory_monitor is not None:
+        monitoring["memory"] = memory_monitor
+    if volume_monitors is not None:
+        monitoring["volumes"] = volume_monitors
+    if monitoring:
+        agent["resources_monitoring"] = monitoring
+    spec = validate_workspace_spec(
+        {
+            "name": "dev",
+            "owner": {"username": f"u-{tag}", "email": f"{tag}@example.com"},
+            "organization": {"name": "acme"},
+            "template": {"name": "docker", "version": "v1"},
+            "resource": {"name": "dev", "type": "docker_container"},
+            "agents": [agent],
+        }
+    )
+    created = await create_workspace(db, spec)
+    token = created.agents[0].token
+    ident = await authenticate_agent(db, token)
+    assert ident is not None
+    return ident, token
+
+
+async def seed_agent(db: Database, *, agent_name: str = "main") -> AgentIdentity:
     """One workspace with one build, resource and agent; returns the agent's identity."""
-    if org is None or owner is None:
-        org, owner = await seed_org_user(db)
-    template, version, job, ws, build, resource, agent = (uuid.uuid4() for _ in range(7))
-    await db.execute(
-        "INSERT INTO templates (id, created_at, updated_at, organization_id, name, active_version_id,"
-        " created_by) VALUES (%s, now(), now(), %s, %s, %s, %s)",
-        [template, org, f"tpl-{template.hex[:8]}", version, owner],
-    )
-    await db.execute(
-        "INSERT INTO provisioner_jobs (id, created_at, updated_at, organization_id, initiator_id, type)"
-        " VALUES (%s, now(), now(), %s, %s, 'workspace_build')",
-        [job, org, owner],
-    )
-    await db.execute(
-        "INSERT INTO template_versions (id, template_id, organization_id, created_at, updated_at, name,"
-        " job_id, created_by) VALUES (%s, %s, %s, now(), now(), 'v1', %s, %s)",
-        [version, template, org, job, owner],
-    )
-    await db.execute(
-        "INSERT INTO workspaces (id, created_at, updated_at, owner_id, organization_id, template_id, name)"
-        " VALUES (%s, now(), now(), %s, %s, %s, %s)",
-        [ws, owner, org, template, f"{workspace_name}-{ws.hex[:6]}"],
-    )
-    await db.execute(
-        "INSERT INTO workspace_builds (id, created_at, updated_at, workspace_id, template_version_id,"
-        " build_number, transition, initiator_id, job_id)"
-        " VALUES (%s, now(), now(), %s, %s, 1, 'start', %s, %s)",
-        [build, ws, version, owner, job],
-    )
-    await db.execute(
-        "INSERT INTO workspace_resources (id, created_at, job_id, transition, type, name)"
-        " VALUES (%s, now(), %s, 'start', 'docker_container', 'dev')",
-        [resource, job],
-    )
-    await db.execute(
-        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token,"
-        " architecture, operating_system) VALUES (%s, now(), now(), %s, %s, %s, 'amd64', 'linux')",
-        [agent, agent_name, resource, uuid.uuid4()],
-    )
-    row = await db.fetchone("SELECT name FROM workspaces WHERE id = %s", [ws])
-    assert row is not None
-    username = await db.fetchval("SELECT username FROM users WHERE id = %s", [owner])
-    return AgentIdentity(
-        agent_id=agent,
-        agent_name=agent_name,
-        parent_id=None,
-        resource_id=resource,
-        build_id=build,
-        workspace_id=ws,
-        workspace_name=row["name"],
-        owner_id=owner,
-        owner_username=username,
-        organization_id=org,
-        template_id=template,
-        template_version_id=version,
-    )
+    ident, _ = await seed(db, agent_name=agent_name)
+    return ident
 
 
 def workspace_identity(ident: AgentIdentity) -> WorkspaceIdentity:
