@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import uuid
 
 import attrs
 import pytest
+import trio
 
 from agentd.batchers.boundary_usage import BoundaryUsageTracker
 from agentd.components import Components
@@ -16,10 +18,12 @@ from agentd.proto import agent_pb2
 from agentd.services import boundary
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
+from agentd.testing import serve_agent
 from tests.services.audit_support import (
     T0,
     FakeNow,
     make_scope,
+    seed,
     seed_agent,
     seed_org_user,
     workspace_identity,
@@ -359,3 +363,24 @@ async def test_event_time_keeps_nanoseconds_in_the_log_line(
     await svc.report_boundary_logs(request("", [entry]))
     [line] = [r for r in caplog.records if r.getMessage() == "boundary_request"]
     assert line.event_time == "2026-11-26T12:00:00.987654321Z"  # type: ignore[attr-defined]
+
+
+async def test_end_to_end_through_an_agent_connection(db: Database, nursery: trio.Nursery) -> None:
+    ident, token = await seed(db)
+    tracker = BoundaryUsageTracker(db=db, replica_id=uuid.uuid4())
+    agent = await nursery.start(
+        functools.partial(serve_agent, db, token, components=Components(boundary_usage=tracker))
+    )
+    sid = uuid.uuid4()
+    await agent.client.agent.ReportBoundaryLogs(request(str(sid), [blog(0), blog(1, allowed=False)]))
+    await agent.client.agent.ReportBoundaryLogs(request(str(sid), [blog(2)]))
+    with pytest.raises(RpcError) as err:
+        await agent.client.agent.ReportBoundaryLogs(request(str(sid), [blog(i) for i in range(1001)]))
+    assert "batch size 1001 exceeds maximum of 1000" in err.value.message
+    [s] = await sessions(db)
+    assert (s["id"], s["workspace_agent_id"], s["owner_id"]) == (sid, ident.agent_id, ident.owner_id)
+    assert [r["sequence_number"] for r in await logs(db)] == [0, 1, 2]
+    await tracker.flush()
+    row = await db.fetchone("SELECT allowed_requests, denied_requests FROM boundary_usage_stats")
+    assert row == {"allowed_requests": 2, "denied_requests": 1}
+    await agent.disconnect()

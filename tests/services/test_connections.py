@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,8 @@ from agentd.services import connections
 from agentd.services.base import AgentIdentity
 from agentd.services.connections import parse_ip
 from agentd.store import Database
-from tests.services.audit_support import T0, make_scope, seed_agent
+from agentd.testing import serve_agent
+from tests.services.audit_support import T0, make_scope, seed, seed_agent
 
 Conn = agent_pb2.Connection
 CID = uuid.UUID("6f1c1f3e-8a8e-4b8e-9a51-0d1c2b3a4f5e")
@@ -233,3 +235,29 @@ async def test_stopped_logger_is_an_export_error(db: Database, batcher: Connecti
     with pytest.raises(RpcError) as err:
         await svc.report_connection(report())
     assert err.value.message.startswith("export connection log: ")
+
+
+async def test_end_to_end_through_an_agent_connection(db: Database, nursery: trio.Nursery) -> None:
+    ident, token = await seed(db)
+    batcher = ConnectionLogBatcher(db=db, interval=3600)
+    async with trio.open_nursery() as daemon:
+        await daemon.start(batcher.run)
+        agent = await nursery.start(
+            functools.partial(serve_agent, db, token, components=Components(connection_logs=batcher))
+        )
+        await agent.client.agent.ReportConnection(report(type_=Conn.VSCODE))
+        await agent.client.agent.ReportConnection(
+            report(action=Conn.DISCONNECT, at=T0 + dt.timedelta(seconds=5))
+        )
+        with pytest.raises(RpcError) as err:
+            await agent.client.agent.ReportConnection(report(cid=bytes(16)))
+        assert "connection ID cannot be nil" in err.value.message
+        await agent.disconnect()
+        daemon.cancel_scope.cancel()  # daemon shutdown: the batcher writes what it holds
+    [row] = await rows(db)
+    assert (row["type"], row["agent_name"], row["connect_time"], row["disconnect_time"]) == (
+        "vscode",
+        ident.agent_name,
+        T0,
+        T0 + dt.timedelta(seconds=5),
+    )

@@ -15,7 +15,8 @@ from agentd.services import context
 from agentd.services.context import INT64_MAX, body_json, validate
 from agentd.store import Database
 from agentd.store.context_state import fetch_context_resources, fetch_context_snapshot
-from tests.services.audit_support import T0, FakeNow, make_scope, seed_agent
+from agentd.testing import serve_agent
+from tests.services.audit_support import T0, FakeNow, make_scope, seed, seed_agent
 
 Res = agent_pb2.ContextResource
 
@@ -278,3 +279,17 @@ async def test_concurrent_pushes_end_at_the_highest_version(db: Database) -> Non
     assert snap is not None and snap.version == 4
     assert results[3] is True
     assert [r["source"] for r in await fetch_context_resources(db, ident.agent_id)] == ["r3"]
+
+
+async def test_end_to_end_through_an_agent_connection(db: Database, nursery: trio.Nursery) -> None:
+    ident, token = await seed(db)
+    agent = await nursery.start(serve_agent, db, token)
+    resp = await agent.client.agent.PushContextState(push(1, [instruction("AGENTS.md")], initial=True))
+    assert resp.accepted is True
+    resp = await agent.client.agent.PushContextState(push(1, [instruction("other")]))
+    assert resp.accepted is False
+    with pytest.raises(RpcError) as err:
+        await agent.client.agent.PushContextState(push(2, [no_body("x")]))
+    assert err.value.code == 0 and "resources[0].body" in err.value.message
+    assert [r["source"] for r in await fetch_context_resources(db, ident.agent_id)] == ["AGENTS.md"]
+    await agent.disconnect()

@@ -8,6 +8,7 @@ import uuid
 from fractions import Fraction
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,8 @@ from agentd.services.resources import (
     next_state,
 )
 from agentd.store import Database
-from tests.services.audit_support import T0, FakeNow, make_scope, seed_agent
+from agentd.testing import serve_agent
+from tests.services.audit_support import T0, FakeNow, make_scope, seed, seed_agent
 
 OK, NOK, UNK = DatapointState.OK, DatapointState.NOK, DatapointState.UNKNOWN
 Datapoint = agent_pb2.PushResourcesMonitoringUsageRequest.Datapoint
@@ -430,3 +432,25 @@ async def test_errors_are_joined_and_other_monitors_still_processed(db: Database
     assert "monitor volumes: " in err.value.message
     assert (await memory_row(db, ident.agent_id))["state"] == "NOK"
     assert (await volume_states(db, ident.agent_id))["/home"][0] == "NOK"
+
+
+async def test_end_to_end_through_an_agent_connection(db: Database, nursery: trio.Nursery) -> None:
+    """The monitors are loaded when the connection starts; both RPCs over yamux + DRPC."""
+    ident, token = await seed(
+        db,
+        memory_monitor={"enabled": True, "threshold": 80},
+        volume_monitors=[{"path": "/home/coder", "enabled": True, "threshold": 90}],
+    )
+    agent = await nursery.start(serve_agent, db, token)
+    config = await agent.client.agent.GetResourcesMonitoringConfiguration(
+        agent_pb2.GetResourcesMonitoringConfigurationRequest()
+    )
+    assert (config.config.num_datapoints, config.config.collection_interval_seconds) == (20, 10)
+    assert config.memory.enabled is True
+    assert [(v.path, v.enabled) for v in config.volumes] == [("/home/coder", True)]
+    await agent.client.agent.PushResourcesMonitoringUsage(
+        push([(90, 100)] * 20, {"/home/coder": [(10, 100)] * 20})
+    )
+    assert (await memory_row(db, ident.agent_id))["state"] == "NOK"
+    assert [n["created_by"] for n in await notifications(db)] == ["workspace-monitor-memory"]
+    await agent.disconnect()
