@@ -15,8 +15,10 @@ __all__ = [
     "BoundaryLogRow",
     "BoundarySession",
     "UsageFlush",
+    "UsageSummary",
     "insert_boundary_logs",
     "insert_boundary_session",
+    "take_usage_summary",
     "upsert_usage_stats",
 ]
 
@@ -142,3 +144,34 @@ async def upsert_usage_stats(db: Database, flush: UsageFlush) -> bool:
             },
         )
     return inserted is True
+
+
+@attrs.frozen
+class UsageSummary:
+    """All replicas' usage of one telemetry period (Coder's GetAndResetBoundaryUsageSummary)."""
+
+    unique_workspaces: int
+    unique_users: int
+    allowed_requests: int
+    denied_requests: int
+
+
+async def take_usage_summary(db: Database, *, now: dt.datetime, stale_after: dt.timedelta) -> UsageSummary:
+    """Sum the rows updated within ``stale_after`` and delete every row, ending the period.
+
+    Runs under the usage lock, so no flush lands between the read and the delete; the next flush of
+    each replica then INSERTs and starts a new period (spec §9.5). Unique counts are summed across
+    replicas, as Coder does (a workspace seen by two replicas counts twice).
+    """
+    async with db.transaction() as tx:
+        await tx.execute("SELECT pg_advisory_xact_lock(%s)", [USAGE_LOCK_KEY])
+        row = await tx.fetchone(
+            "SELECT coalesce(sum(unique_workspaces_count), 0) AS ws,"
+            " coalesce(sum(unique_users_count), 0) AS users, coalesce(sum(allowed_requests), 0) AS allowed,"
+            " coalesce(sum(denied_requests), 0) AS denied"
+            " FROM boundary_usage_stats WHERE updated_at >= %s",
+            [now - stale_after],
+        )
+        await tx.execute("DELETE FROM boundary_usage_stats")
+    assert row is not None
+    return UsageSummary(int(row["ws"]), int(row["users"]), int(row["allowed"]), int(row["denied"]))

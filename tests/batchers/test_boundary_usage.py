@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import attrs
@@ -11,7 +12,7 @@ import trio.testing
 
 from agentd.batchers.boundary_usage import BoundaryUsageTracker, UsageCounter
 from agentd.store import Database
-from agentd.store.boundary import USAGE_LOCK_KEY
+from agentd.store.boundary import USAGE_LOCK_KEY, UsageSummary, take_usage_summary
 from agentd.store.errors import StoreError
 from tests.services.audit_support import T0, FakeNow
 
@@ -224,3 +225,24 @@ async def test_run_flushes_every_minute_and_on_shutdown(db: Database, clock: tri
         nursery.cancel_scope.cancel()
     [row] = await stats(db)  # the final flush on cancellation wrote the rest
     assert (row["ws"], row["users"], row["allowed"], row["denied"]) == (2, 2, 1, 1)
+
+
+async def test_telemetry_summary_ends_the_period(db: Database) -> None:
+    """Reading the summary deletes the rows; each replica's next flush starts a new period."""
+    now = FakeNow()
+    a = BoundaryUsageTracker(db=db, replica_id=uuid.UUID(int=1), now=now)
+    b = BoundaryUsageTracker(db=db, replica_id=uuid.UUID(int=2), now=now)
+    stale = BoundaryUsageTracker(db=db, replica_id=uuid.UUID(int=3), now=lambda: T0 - dt.timedelta(hours=2))
+    a.track(W1, U1, 2, 1)
+    b.track(W2, U2, 1, 0)
+    stale.track(W3, U1, 100, 100)
+    for tr in (a, b, stale):
+        await tr.flush()
+    summary = await take_usage_summary(db, now=now(), stale_after=dt.timedelta(hours=1))
+    assert summary == UsageSummary(unique_workspaces=2, unique_users=2, allowed_requests=3, denied_requests=1)
+    assert await stats(db) == []
+    now.advance(minutes=1)
+    a.track(W2, U1, 1, 0)
+    await a.flush()
+    [row] = await stats(db)
+    assert (row["ws"], row["users"], row["allowed"], row["window_start"]) == (1, 1, 1, now())
