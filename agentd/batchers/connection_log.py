@@ -156,7 +156,7 @@ class ConnectionLogBatcher:
                     try:
                         row = await self._recv.receive()
                     except trio.EndOfChannel:
-                        return  # close() was called: it has written everything held
+                        return  # intake closed by close(): the final write below takes the rest
                 if row is not None:
                     self.batch.add(row)
                     if len(self.batch) >= self.batch_size:
