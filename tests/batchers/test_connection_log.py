@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import uuid
 
 import attrs
@@ -298,3 +299,38 @@ async def test_writes_carry_the_row_fields(db: Database) -> None:
         "workspace_owner_id": ident.owner_id,
         "organization_id": ident.organization_id,
     }
+
+
+async def test_sql_upsert_agrees_with_the_in_memory_merge(db: Database) -> None:
+    """Random events of one connection, cut into batches anywhere: the row equals merging them all in
+    memory (seeded, so a failure reproduces)."""
+    ident = await seed_agent(db)
+    rng = random.Random(20261126)
+    for case in range(40):
+        events = [
+            event(
+                ident,
+                C1,
+                at=t(rng.randint(0, 100)),
+                disconnect=rng.random() < 0.5,
+                code=rng.randint(0, 3),
+                reason=rng.choice([None, "a", "b"]),
+            )
+            for _ in range(rng.randint(1, 6))
+        ]
+        cuts = sorted(rng.sample(range(1, len(events) + 1), rng.randint(0, min(3, len(events)))))
+        await db.execute("DELETE FROM connection_logs")
+        start = 0
+        for cut in [*cuts, len(events)]:
+            b = Batch()
+            for e in events[start:cut]:
+                b.add(e)
+            await upsert_connection_logs(db, b.take())
+            start = cut
+        expected = events[0]
+        for e in events[1:]:
+            expected = merge(expected, e)
+        [row] = await rows(db)
+        got = (row["connect_time"], row["disconnect_time"], row["code"], row["disconnect_reason"])
+        want = (expected.connect_time, expected.disconnect_time, expected.code, expected.disconnect_reason)
+        assert got == want, f"case {case}: cuts {cuts}"
