@@ -1,1 +1,1 @@
-"""agentd."""
+"""storj DRPC as Coder speaks it: wire codec, per-transport state machine, registry and trio server."""

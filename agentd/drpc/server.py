@@ -1,0 +1,422 @@
+"""trio DRPC server: Go's ``drpcserver.ServeOne`` per transport, and an accept loop per session.
+
+Each transport (one mux stream under Coder) has one reader task — the task running
+:func:`serve_stream` — that owns the transport's receive side and a sans-I/O
+:class:`~agentd.drpc.stream.Connection`; each RPC's handler runs in a child task so that a peer's
+FIN, Close, Cancel or Error cancels it.  RPCs on one transport are served one after another until
+EOF; on EOF the transport is closed (FIN) at once, as Go clients wait for that FIN.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from agentd.drpc.errors import UNIMPLEMENTED, UNIMPLEMENTED_TEXT, RpcError, unknown_rpc_text
+from agentd.drpc.registry import CallShape, Handler, Registry, RpcMethod
+from agentd.drpc.stream import (
+    Connection,
+    Event,
+    Invoked,
+    MessageReceived,
+    RecvClosed,
+    Role,
+    StreamClosedError,
+)
+from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
+
+__all__ = ["StreamAcceptor", "serve_session", "serve_stream"]
+
+log = logging.getLogger("agentd.drpc.server")
+
+
+class StreamAcceptor(Protocol):
+    """What :func:`serve_session` needs from a mux session."""
+
+    async def accept_stream(self) -> trio.abc.HalfCloseableStream: ...
+
+
+async def serve_session(
+    session: StreamAcceptor,
+    registry: Registry,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept mux streams until the session closes; serve each in its own task (owned here)."""
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await session.accept_stream()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            # Handlers run in this nursery too (saves a nursery per call); each stream's task
+            # still waits for its handler before closing the stream.
+            nursery.start_soon(_serve_in, stream, registry, nursery)
+
+
+async def _serve_in(
+    transport: trio.abc.HalfCloseableStream, registry: Registry, nursery: trio.Nursery
+) -> None:
+    await _StreamServer(transport, registry, MAX_PACKET_SIZE).run(nursery)
+
+
+async def serve_stream(
+    transport: trio.abc.HalfCloseableStream,
+    registry: Registry,
+    *,
+    max_packet_size: int = MAX_PACKET_SIZE,
+) -> None:
+    """Serve RPCs on one transport until EOF, a transport failure or a protocol error; then close it."""
+    server = _StreamServer(transport, registry, max_packet_size)
+    async with trio.open_nursery() as nursery:
+        await server.run(nursery)
+
+
+class _Call:
+    """trio-side state of the active RPC: its handler's cancel scope and request channel."""
+
+    __slots__ = ("awaiting_request", "finished", "handler", "method", "recv", "scope", "send", "stream_id")
+
+    def __init__(self, stream_id: int, method: RpcMethod, handler: Handler) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.handler = handler
+        self.scope = trio.CancelScope()
+        self.finished = False
+        # Unary and server-stream handlers start once their single request message arrived.
+        self.awaiting_request = method.shape in (CallShape.UNARY, CallShape.SERVER_STREAM)
+        self.send: trio.MemorySendChannel[bytes] | None = None
+        self.recv: trio.MemoryReceiveChannel[bytes] | None = None
+        if not self.awaiting_request:
+            # One buffered message, like Go's streambuf: an unread stream pushes back on the peer.
+            self.send, self.recv = trio.open_memory_channel[bytes](1)
+
+    def end_requests(self) -> None:
+        if self.send is not None:
+            self.send.close()
+
+    def abort(self) -> None:
+        self.scope.cancel()
+        self.end_requests()
+
+
+class _HandlerStream:
+    """The :class:`~agentd.drpc.registry.ServerStream` given to streaming handlers."""
+
+    __slots__ = ("_call", "_server")
+
+    def __init__(self, server: _StreamServer, call: _Call) -> None:
+        self._server = server
+        self._call = call
+
+    async def send(self, message: Message) -> None:
+        """Send one response message (flushed at once, like Go's MsgSend)."""
+        method = self._call.method
+        if not isinstance(message, method.response_type):
+            raise TypeError(
+                f"{method.path} sends {method.response_type.__name__}, not {type(message).__name__}"
+            )
+        payload = message.SerializeToString()
+        if len(payload) > self._server.max_size:
+            raise RpcError(_too_large(method, len(payload)))
+        try:
+            self._server.conn.send_message(payload)
+        except StreamClosedError:
+            raise trio.BrokenResourceError("the RPC is over") from None
+        await self._server.flush()
+
+    async def receive(self) -> Any:
+        """The next request; trio.EndOfChannel after the client's CloseSend."""
+        recv = self._call.recv
+        if recv is None:
+            await trio.lowlevel.checkpoint()
+            raise trio.EndOfChannel
+        data = await recv.receive()
+        return _decode(self._call.method, data)
+
+    def __aiter__(self) -> _HandlerStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+def _too_large(method: RpcMethod, size: int) -> str:
+    return f"{method.path}: response of {size} bytes exceeds the message size limit"
+
+
+def _decode(method: RpcMethod, data: bytes) -> Message:
+    msg = method.request_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise RpcError(f"{method.path}: invalid {method.request_type.__name__}: {exc}") from None
+    return msg
+
+
+class _StreamServer:
+    __slots__ = (
+        "_handlers_done",
+        "_idle",
+        "_start",
+        "_writing",
+        "broken",
+        "call",
+        "conn",
+        "max_size",
+        "nursery",
+        "registry",
+        "running",
+        "transport",
+    )
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
+        self.transport = transport
+        self.registry = registry
+        self.conn = Connection(Role.SERVER, max_packet_size=max_size)
+        self.max_size = max_size
+        self.call: _Call | None = None
+        self._writing = False
+        self._idle: trio.Event | None = None
+        # A send cut short (cancelled/failed) may leave half a frame on the wire: stop serving.
+        self.broken = False
+        self.nursery: trio.Nursery | None = None
+        self.running = 0
+        self._start: tuple[_Call, Message | None] | None = None
+        self._handlers_done: trio.Event | None = None
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve until EOF/failure; the read loop and handlers run as tasks of ``nursery``."""
+        self.nursery = nursery
+        await self._reader()
+
+    async def _reader(self) -> None:
+        """The read loop.  To start a handler, the reading task runs it itself and hands the loop
+        to a fresh task: the reply goes out without waiting for a task switch (the critical path of
+        a unary call), while the new reader still sees a FIN/Close/Cancel that must cancel it."""
+        clean = False
+        start: tuple[_Call, Message | None] | None = None
+        try:
+            clean, start = await self._read_loop()
+            if start is not None:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._reader)
+                await self._run_handler(*start)
+                return
+            if self.call is not None:
+                self.call.abort()
+            while self.running:
+                # The aborted handler unwinds (it sends nothing more) before the stream closes.
+                if self._handlers_done is None:
+                    self._handlers_done = trio.Event()
+                await self._handlers_done.wait()
+        except BaseException:
+            if self.call is not None:
+                self.call.abort()
+            clean = False
+            raise
+        finally:
+            if start is None:
+                if clean and not self.broken:
+                    # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
+                    await _close(self.transport)
+                else:
+                    await _abort(self.transport)
+
+    async def _read_loop(self) -> tuple[bool, tuple[_Call, Message | None] | None]:
+        """Read until EOF (True), a transport/protocol failure (False), or a handler to start."""
+        transport = self.transport
+        conn = self.conn
+        while not self.broken:
+            try:
+                data = await transport.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False, None
+            if not data:
+                return True, None
+            try:
+                events = conn.receive_data(data)
+            except ProtocolError as exc:
+                log.debug("drpc protocol error, closing the stream: %s", exc)
+                return False, None
+            for ev in events:
+                await self._dispatch(ev)
+            start = self._start
+            if start is not None:
+                self._start = None
+                return True, start
+        return False, None
+
+    async def _dispatch(self, ev: Event) -> None:
+        call = self.call
+        if type(ev) is MessageReceived:
+            if call is None or call.stream_id != ev.stream_id or call.finished:
+                return
+            if call.awaiting_request:
+                call.awaiting_request = False
+                try:
+                    request = _decode(call.method, ev.data)
+                except RpcError as exc:
+                    await self._fail(call, exc.code, exc.message)
+                    return
+                self._spawn(call, request)
+            elif call.send is not None:
+                try:
+                    await call.send.send(ev.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the handler is done with its requests
+            return
+        if type(ev) is Invoked:
+            if call is not None:
+                call.abort()
+            self.call = None
+            route = self.registry.lookup(ev.rpc)
+            if route is None:
+                self.conn.send_error(0, unknown_rpc_text(ev.rpc))
+                await self.flush()
+                return
+            method, handler = route
+            if handler is None:
+                self.conn.send_error(UNIMPLEMENTED, UNIMPLEMENTED_TEXT)
+                await self.flush()
+                return
+            call = self.call = _Call(ev.stream_id, method, handler)
+            if not call.awaiting_request:
+                self._spawn(call, None)
+            return
+        if call is None or call.stream_id != ev.stream_id:
+            return
+        if type(ev) is RecvClosed:
+            if call.awaiting_request:
+                # CloseSend before the request: Go's MsgRecv sees io.EOF and the RPC fails with it.
+                call.awaiting_request = False
+                await self._fail(call, 0, "EOF")
+            else:
+                call.end_requests()
+            return
+        # RemoteClosed / RemoteError / RemoteCancelled / Superseded: the RPC is over.
+        call.abort()
+        if self.call is call:
+            self.call = None
+
+    def _spawn(self, call: _Call, request: Message | None) -> None:
+        """Schedule a handler: run by the reading task after this batch of events (see _reader)."""
+        self.running += 1
+        assert self.nursery is not None
+        if not call.awaiting_request and call.recv is not None:
+            # Client-stream/bidi: the reader may soon block feeding this handler's requests, so
+            # it must already be running in its own task.
+            self.nursery.start_soon(self._run_handler, call, request)
+            return
+        if self._start is not None:
+            # Two handlers from one read (pipelined calls; the first is usually superseded).
+            self.nursery.start_soon(self._run_handler, *self._start)
+        self._start = (call, request)
+
+    async def _fail(self, call: _Call, code: int, message: str) -> None:
+        call.finished = True
+        self.conn.send_error(code, message)
+        await self.flush()
+
+    async def _run_handler(self, call: _Call, request: Message | None) -> None:
+        try:
+            await self._handle(call, request)
+        finally:
+            self.running -= 1
+            if not self.running and self._handlers_done is not None:
+                self._handlers_done.set()
+                self._handlers_done = None
+
+    async def _handle(self, call: _Call, request: Message | None) -> None:
+        method = call.method
+        handler = call.handler
+        conn = self.conn
+        with call.scope:
+            try:
+                shape = method.shape
+                if shape is CallShape.UNARY:
+                    result = await handler(request)
+                elif shape is CallShape.SERVER_STREAM:
+                    result = await handler(request, _HandlerStream(self, call))
+                else:
+                    result = await handler(_HandlerStream(self, call))
+                if shape is CallShape.UNARY or shape is CallShape.CLIENT_STREAM:
+                    if not isinstance(result, method.response_type):
+                        raise TypeError(
+                            f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
+                        )
+                    payload = result.SerializeToString()
+                    if len(payload) > self.max_size:
+                        raise RpcError(_too_large(method, len(payload)))
+                    if not conn.active or conn.stream is None or conn.stream.stream_id != call.stream_id:
+                        return
+                    conn.send_message(payload)
+                if conn.active and conn.stream is not None and conn.stream.stream_id == call.stream_id:
+                    conn.close_send()
+            except RpcError as exc:
+                self._queue_error(call, exc.code, exc.message)
+            except StreamClosedError:
+                return
+            except Exception as exc:
+                log.exception("RPC %s failed", method.path)
+                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
+            finally:
+                call.finished = True
+                if call.recv is not None:
+                    call.recv.close()
+            await self.flush()
+
+    def _queue_error(self, call: _Call, code: int, message: str) -> None:
+        st = self.conn.stream
+        if st is not None and st.stream_id == call.stream_id:
+            self.conn.send_error(code, message)
+
+    async def flush(self) -> None:
+        """Write everything queued, in order, as one transport write (one writer at a time)."""
+        while self._writing:
+            if self._idle is None:
+                self._idle = trio.Event()  # only on contention: the common path allocates nothing
+            await self._idle.wait()
+        data = self.conn.data_to_send()
+        if not data or self.broken:
+            await trio.lowlevel.checkpoint()
+            return
+        self._writing = True
+        try:
+            await self.transport.send_all(data)
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            self._writing = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+
+async def _close(transport: trio.abc.HalfCloseableStream) -> None:
+    try:
+        await transport.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _abort(transport: trio.abc.HalfCloseableStream) -> None:
+    """After a protocol error or broken write: reset the mux stream if we can, else close it."""
+    reset = getattr(transport, "reset", None)
+    try:
+        if reset is not None:
+            result = reset()
+            if hasattr(result, "__await__"):
+                await result
+        else:
+            await trio.aclose_forcefully(transport)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

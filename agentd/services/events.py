@@ -1,0 +1,52 @@
+"""Change events with Coder's channel names and payloads (spec §9.4), published through the store's pubsub."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Protocol
+
+import attrs
+
+
+class Publisher(Protocol):
+    async def publish(self, channel: str, payload: str | bytes) -> None: ...
+
+
+# Workspace event kinds (spec §9.4).
+AGT_LIFECYCLE_UPDATE = "agt_lifecycle_update"
+APP_HEALTH = "app_health"
+AGT_FIRST_LOGS = "agt_first_logs"
+AGT_LOGS_OVERFLOW = "agt_logs_overflow"
+AGT_APP_STATUS_UPDATE = "agt_app_status_update"
+STATS_UPDATE = "stats_update"
+AGT_CONNECTION_UPDATE = "agt_connection_update"
+
+METADATA_BATCH_CHANNEL = "workspace_agent_metadata_batch"
+
+
+def workspace_channel(owner_id: uuid.UUID) -> str:
+    return f"workspace_owner:{owner_id}"
+
+
+def agent_logs_channel(agent_id: uuid.UUID) -> str:
+    return f"agent-logs:{agent_id}"
+
+
+@attrs.frozen
+class Events:
+    """Typed publishing of the events the agent API emits."""
+
+    pubsub: Publisher
+
+    async def workspace(
+        self, owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
+    ) -> None:
+        body: dict[str, str] = {"kind": kind, "workspace_id": str(workspace_id)}
+        if agent_id is not None:
+            body["agent_id"] = str(agent_id)
+        await self.pubsub.publish(workspace_channel(owner_id), json.dumps(body, separators=(",", ":")))
+
+    async def agent_logs(self, agent_id: uuid.UUID, created_after: int) -> None:
+        payload = json.dumps({"created_after": created_after}, separators=(",", ":"))
+        await self.pubsub.publish(agent_logs_channel(agent_id), payload)
