@@ -203,7 +203,7 @@ async def test_a_failed_write_is_logged_and_not_retried(
     async with trio.open_nursery() as nursery:
         await nursery.start(b.run)
         b.add(
-            MetadataUpdate(uuid.uuid4(), "k", "v", "", dt.datetime(1, 1, 1, tzinfo=dt.UTC) - dt.timedelta(0))
+            MetadataUpdate(uuid.uuid4(), "k", "v", "", dt.datetime(1, 1, 1, tzinfo=dt.UTC))
         )
         await db.execute("ALTER TABLE workspace_agent_metadata RENAME TO wam_gone")
         await trio.sleep(2)

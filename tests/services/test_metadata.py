@@ -145,7 +145,7 @@ async def test_key_budget_applies_the_accepted_part_then_fails(db: Database) -> 
 
 
 async def test_key_budget_of_exactly_6144_bytes_is_fine(db: Database) -> None:
-    keys = [f"{i:02d}" + "k" * 94 for i in range(64)]  # 64 × 96 = 6144
+    keys = [f"{i:02d}" + "k" * 94 for i in range(64)]  # 64 * 96 = 6144
     [(ident, _)] = await seed_with_metadata(db, keys)
     await service(db, ident).batch_update_metadata(request(*(md(k, "v") for k in keys)))
     assert all(r.value == "v" for r in (await rows(db, ident)).values())
