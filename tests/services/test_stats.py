@@ -140,16 +140,13 @@ async def schedule_rules(
 # ---- report interval, rows, metrics ------------------------------------------------------------------
 
 
-async def test_empty_request_only_returns_the_interval(db: Database) -> None:
+async def test_report_interval_is_always_sent(db: Database) -> None:
     ident, _ = await seed(db)
     p = parts(db, ident, settings=Settings(stats_report_interval=dt.timedelta(seconds=30)))
-    response = await p.svc.update_stats(agent_pb2.UpdateStatsRequest())
+    response = await p.svc.update_stats(agent_pb2.UpdateStatsRequest())  # no stats: the interval only
     assert response.report_interval.ToTimedelta() == dt.timedelta(seconds=30)
     assert p.batcher.pending == 0 and p.last_used.pending == 0 and p.published.sent == []
-
-
-async def test_zero_interval_setting_sends_a_positive_default(db: Database) -> None:
-    ident, _ = await seed(db)
+    # A zero setting still sends a positive interval (coderd's 5 min default), with or without stats.
     p = parts(db, ident, settings=Settings(stats_report_interval=dt.timedelta(0)))
     response = await p.svc.update_stats(agent_pb2.UpdateStatsRequest())
     assert response.HasField("report_interval")
@@ -309,32 +306,43 @@ async def test_bump_is_capped_by_max_deadline(db: Database) -> None:
     assert await deadline(db, ident) == T0 + dt.timedelta(minutes=30)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["activity_bump_zero", "no_deadline", "stop_transition", "job_not_completed", "ttl_branch_without_ttl"],
-)
-async def test_bump_does_not_apply(db: Database, case: str) -> None:
-    ident, _ = await seed(db)
-    before = T0 + dt.timedelta(minutes=10)
-    if case == "activity_bump_zero":
+async def test_bump_does_not_apply(db: Database) -> None:
+    """Each rule of §9.3 that prevents a bump, one workspace per rule (one database for all)."""
+
+    async def activity_bump_zero(ident: AgentIdentity) -> None:
         await schedule_rules(db, ident, activity_bump=0)
-    elif case == "no_deadline":
+
+    async def no_deadline(ident: AgentIdentity) -> None:
         await schedule_rules(db, ident, deadline=None)
-        before = ZERO
-    elif case == "stop_transition":
+
+    async def stop_transition(ident: AgentIdentity) -> None:
         await schedule_rules(db, ident)
         await db.execute("UPDATE workspace_builds SET transition = 'stop' WHERE id = %s", [ident.build_id])
-    elif case == "job_not_completed":
+
+    async def job_not_completed(ident: AgentIdentity) -> None:
         await schedule_rules(db, ident)
         await db.execute(
             "UPDATE provisioner_jobs SET completed_at = NULL"
             " WHERE id = (SELECT job_id FROM workspace_builds WHERE id = %s)",
             [ident.build_id],
         )
-    else:  # the autostart branch needs the workspace TTL; none set → no bump (as coderd's SQL)
+
+    async def autostart_branch_without_ttl(ident: AgentIdentity) -> None:
+        # The autostart branch needs the workspace TTL; none set → no bump (as coderd's SQL).
         await schedule_rules(db, ident, ttl=None, autostart="CRON_TZ=UTC 30 12 * * *")
-    await parts(db, ident, cached=False).svc.update_stats(stats(1))
-    assert await deadline(db, ident) == before
+
+    for case in (
+        activity_bump_zero,
+        no_deadline,
+        stop_transition,
+        job_not_completed,
+        autostart_branch_without_ttl,
+    ):
+        ident, _ = await seed(db)
+        await case(ident)
+        before = await deadline(db, ident)
+        await parts(db, ident, cached=False).svc.update_stats(stats(1))
+        assert await deadline(db, ident) == before, case.__name__
 
 
 async def test_bump_past_next_autostart_uses_autostart_plus_ttl(db: Database) -> None:
