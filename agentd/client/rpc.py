@@ -63,19 +63,33 @@ class StreamOpener(Protocol):
 class _Link:
     """One transport + its client-side DRPC :class:`Connection` + events not yet consumed."""
 
-    __slots__ = ("conn", "events", "send_lock", "transport")
+    __slots__ = ("conn", "events", "idle", "transport", "writing")
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, max_packet_size: int) -> None:
         self.transport = transport
         self.conn = Connection(Role.CLIENT, max_packet_size=max_packet_size)
         self.events: deque[Event] = deque()
-        self.send_lock = trio.Lock()
+        self.writing = False
+        self.idle: trio.Event | None = None
 
     async def flush(self) -> None:
-        async with self.send_lock:
-            data = self.conn.data_to_send()
-            if data:
-                await self.transport.send_all(data)
+        """Write everything queued as one transport write (one writer at a time, in order)."""
+        while self.writing:
+            if self.idle is None:
+                self.idle = trio.Event()  # only on contention (bidi calls sending from two tasks)
+            await self.idle.wait()
+        data = self.conn.data_to_send()
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        self.writing = True
+        try:
+            await self.transport.send_all(data)
+        finally:
+            self.writing = False
+            if self.idle is not None:
+                self.idle.set()
+                self.idle = None
 
     async def next_event(self) -> Event:
         """The next event of the active RPC; BrokenResourceError if the transport ends first."""

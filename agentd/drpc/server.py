@@ -53,7 +53,15 @@ async def serve_session(
                 stream = await session.accept_stream()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
-            nursery.start_soon(serve_stream, stream, registry)
+            # Handlers run in this nursery too (saves a nursery per call); each stream's task
+            # still waits for its handler before closing the stream.
+            nursery.start_soon(_serve_in, stream, registry, nursery)
+
+
+async def _serve_in(
+    transport: trio.abc.HalfCloseableStream, registry: Registry, nursery: trio.Nursery
+) -> None:
+    await _StreamServer(transport, registry, MAX_PACKET_SIZE).run(nursery)
 
 
 async def serve_stream(
@@ -63,7 +71,9 @@ async def serve_stream(
     max_packet_size: int = MAX_PACKET_SIZE,
 ) -> None:
     """Serve RPCs on one transport until EOF, a transport failure or a protocol error; then close it."""
-    await _StreamServer(transport, registry, max_packet_size).run()
+    server = _StreamServer(transport, registry, max_packet_size)
+    async with trio.open_nursery() as nursery:
+        await server.run(nursery)
 
 
 class _Call:
@@ -152,7 +162,20 @@ def _decode(method: RpcMethod, data: bytes) -> Message:
 
 
 class _StreamServer:
-    __slots__ = ("_send_lock", "broken", "call", "conn", "max_size", "nursery", "registry", "transport")
+    __slots__ = (
+        "_handlers_done",
+        "_idle",
+        "_start",
+        "_writing",
+        "broken",
+        "call",
+        "conn",
+        "max_size",
+        "nursery",
+        "registry",
+        "running",
+        "transport",
+    )
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
         self.transport = transport
@@ -160,47 +183,76 @@ class _StreamServer:
         self.conn = Connection(Role.SERVER, max_packet_size=max_size)
         self.max_size = max_size
         self.call: _Call | None = None
-        self._send_lock = trio.Lock()
+        self._writing = False
+        self._idle: trio.Event | None = None
         # A send cut short (cancelled/failed) may leave half a frame on the wire: stop serving.
         self.broken = False
         self.nursery: trio.Nursery | None = None
+        self.running = 0
+        self._start: tuple[_Call, Message | None] | None = None
+        self._handlers_done: trio.Event | None = None
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve until EOF/failure; the read loop and handlers run as tasks of ``nursery``."""
+        self.nursery = nursery
+        await self._reader()
+
+    async def _reader(self) -> None:
+        """The read loop.  To start a handler, the reading task runs it itself and hands the loop
+        to a fresh task: the reply goes out without waiting for a task switch (the critical path of
+        a unary call), while the new reader still sees a FIN/Close/Cancel that must cancel it."""
         clean = False
+        start: tuple[_Call, Message | None] | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                try:
-                    clean = await self._read_loop()
-                finally:
-                    if self.call is not None:
-                        self.call.abort()
+            clean, start = await self._read_loop()
+            if start is not None:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._reader)
+                await self._run_handler(*start)
+                return
+            if self.call is not None:
+                self.call.abort()
+            while self.running:
+                # The aborted handler unwinds (it sends nothing more) before the stream closes.
+                if self._handlers_done is None:
+                    self._handlers_done = trio.Event()
+                await self._handlers_done.wait()
+        except BaseException:
+            if self.call is not None:
+                self.call.abort()
+            clean = False
+            raise
         finally:
-            if clean and not self.broken:
-                # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
-                await _close(self.transport)
-            else:
-                await _abort(self.transport)
+            if start is None:
+                if clean and not self.broken:
+                    # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
+                    await _close(self.transport)
+                else:
+                    await _abort(self.transport)
 
-    async def _read_loop(self) -> bool:
-        """Read until EOF (True) or a transport/protocol failure (False)."""
+    async def _read_loop(self) -> tuple[bool, tuple[_Call, Message | None] | None]:
+        """Read until EOF (True), a transport/protocol failure (False), or a handler to start."""
         transport = self.transport
         conn = self.conn
         while not self.broken:
             try:
                 data = await transport.receive_some()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
+                return False, None
             if not data:
-                return True
+                return True, None
             try:
                 events = conn.receive_data(data)
             except ProtocolError as exc:
                 log.debug("drpc protocol error, closing the stream: %s", exc)
-                return False
+                return False, None
             for ev in events:
                 await self._dispatch(ev)
-        return False
+            start = self._start
+            if start is not None:
+                self._start = None
+                return True, start
+        return False, None
 
     async def _dispatch(self, ev: Event) -> None:
         call = self.call
@@ -255,8 +307,18 @@ class _StreamServer:
             self.call = None
 
     def _spawn(self, call: _Call, request: Message | None) -> None:
+        """Schedule a handler: run by the reading task after this batch of events (see _reader)."""
+        self.running += 1
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handler, call, request)
+        if not call.awaiting_request and call.recv is not None:
+            # Client-stream/bidi: the reader may soon block feeding this handler's requests, so
+            # it must already be running in its own task.
+            self.nursery.start_soon(self._run_handler, call, request)
+            return
+        if self._start is not None:
+            # Two handlers from one read (pipelined calls; the first is usually superseded).
+            self.nursery.start_soon(self._run_handler, *self._start)
+        self._start = (call, request)
 
     async def _fail(self, call: _Call, code: int, message: str) -> None:
         call.finished = True
@@ -264,6 +326,15 @@ class _StreamServer:
         await self.flush()
 
     async def _run_handler(self, call: _Call, request: Message | None) -> None:
+        try:
+            await self._handle(call, request)
+        finally:
+            self.running -= 1
+            if not self.running and self._handlers_done is not None:
+                self._handlers_done.set()
+                self._handlers_done = None
+
+    async def _handle(self, call: _Call, request: Message | None) -> None:
         method = call.method
         handler = call.handler
         conn = self.conn
@@ -308,16 +379,26 @@ class _StreamServer:
             self.conn.send_error(code, message)
 
     async def flush(self) -> None:
-        """Write everything queued, in order, as one transport write."""
-        async with self._send_lock:
-            data = self.conn.data_to_send()
-            if not data or self.broken:
-                return
-            try:
-                await self.transport.send_all(data)
-            except BaseException:
-                self.broken = True
-                raise
+        """Write everything queued, in order, as one transport write (one writer at a time)."""
+        while self._writing:
+            if self._idle is None:
+                self._idle = trio.Event()  # only on contention: the common path allocates nothing
+            await self._idle.wait()
+        data = self.conn.data_to_send()
+        if not data or self.broken:
+            await trio.lowlevel.checkpoint()
+            return
+        self._writing = True
+        try:
+            await self.transport.send_all(data)
+        except BaseException:
+            self.broken = True
+            raise
+        finally:
+            self._writing = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
 
 async def _close(transport: trio.abc.HalfCloseableStream) -> None:

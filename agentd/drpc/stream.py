@@ -11,6 +11,7 @@ write.  Semantics follow drpcstream (spec/wire.md B3-B5): three one-shot flags *
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import attrs
 
@@ -53,8 +54,7 @@ class StreamClosedError(Exception):
 # ------------------------------------------------------------------------------------------ events
 
 
-@attrs.frozen(slots=True)
-class Invoked:
+class Invoked(NamedTuple):
     """Server: the peer started RPC ``rpc`` on DRPC stream ``stream_id``."""
 
     stream_id: int
@@ -62,28 +62,24 @@ class Invoked:
     metadata: dict[str, str]
 
 
-@attrs.frozen(slots=True)
-class MessageReceived:
+class MessageReceived(NamedTuple):
     stream_id: int
     data: bytes
 
 
-@attrs.frozen(slots=True)
-class RecvClosed:
+class RecvClosed(NamedTuple):
     """The peer sent CloseSend: no more messages will arrive (reads see end of stream)."""
 
     stream_id: int
 
 
-@attrs.frozen(slots=True)
-class RemoteClosed:
+class RemoteClosed(NamedTuple):
     """The peer sent Close: the RPC is over in both directions."""
 
     stream_id: int
 
 
-@attrs.frozen(slots=True)
-class RemoteError:
+class RemoteError(NamedTuple):
     """The peer sent an Error packet: the RPC is over."""
 
     stream_id: int
@@ -91,15 +87,13 @@ class RemoteError:
     message: str
 
 
-@attrs.frozen(slots=True)
-class RemoteCancelled:
+class RemoteCancelled(NamedTuple):
     """The peer sent a (soft) Cancel: the RPC is over."""
 
     stream_id: int
 
 
-@attrs.frozen(slots=True)
-class Superseded:
+class Superseded(NamedTuple):
     """Server: a packet for a newer stream implicitly cancelled the still-active RPC."""
 
     stream_id: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import NamedTuple
 
 import attrs
 
@@ -112,9 +113,8 @@ class Frame:
     control: bool = False
 
 
-@attrs.frozen(slots=True)
-class Packet:
-    """One assembled packet: a logical message of one kind."""
+class Packet(NamedTuple):
+    """One assembled packet: a logical message of one kind (a tuple: packets are hot)."""
 
     kind: int
     stream_id: int
@@ -194,12 +194,10 @@ def append_packet(
     n = len(data)
     if n <= split_size:
         # Fast path (almost every packet): one frame, header built inline.
-        buf.append(_control_byte(kind, True, control))
-        if stream_id < 0x80 and message_id < 0x80 and n < 0x80:
-            buf.append(stream_id)
-            buf.append(message_id)
-            buf.append(n)
+        if (stream_id | message_id | n) < 0x80 and 0 <= kind < 64 and stream_id >= 0 and message_id >= 0:
+            buf += bytes(((0x81 if control else 1) | (kind << 1), stream_id, message_id, n))
         else:
+            buf.append(_control_byte(kind, True, control))
             append_varint(buf, stream_id)
             append_varint(buf, message_id)
             append_varint(buf, n)
@@ -233,7 +231,7 @@ class PacketParser:
     __slots__ = ("_buf", "_control", "_data", "_kind", "_max", "_mid", "_partial", "_sid")
 
     def __init__(self, max_size: int = MAX_PACKET_SIZE) -> None:
-        self._buf = bytearray()
+        self._buf = b""
         self._max = max_size
         self._sid = 1
         self._mid = 1
@@ -249,33 +247,46 @@ class PacketParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Packet]:
         """Consume transport bytes; return the packets they complete (possibly none)."""
-        buf = self._buf
-        buf += data
+        buf = self._buf + data if self._buf else bytes(data)
         out: list[Packet] = []
         pos = 0
         n = len(buf)
         try:
             while n - pos >= 4:
-                header = _parse_header(buf, pos)
-                if header is None:
-                    if n - pos > _MAX_HEADER_LEN:  # pragma: no cover - varints raise first
-                        raise ProtocolError("malformed frame header")
-                    break
-                cb, sid, mid, length, body = header
+                cb = buf[pos]
+                sid = buf[pos + 1]
+                mid = buf[pos + 2]
+                length = buf[pos + 3]
+                if (sid | mid | length) < 0x80:
+                    body = pos + 4  # the usual case: three one-byte varints
+                else:
+                    header = _parse_header(buf, pos)
+                    if header is None:
+                        break
+                    cb, sid, mid, length, body = header
                 if length > self._max:
                     raise ProtocolError("data overflow")
-                if n - body < length:
+                end = body + length
+                if end > n:
                     break
-                pkt = self._frame(cb, sid, mid, buf, body, length)
-                pos = body + length
+                pos = end
+                if sid == self._sid and mid == self._mid and not self._partial and cb & 1:
+                    # Fast path: a single-frame packet with exactly the expected id.
+                    self._mid = mid + 1
+                    kind = (cb & 0x7E) >> 1
+                    if kind in _KNOWN_KINDS:
+                        out.append(Packet(kind, sid, mid, buf[body:end], bool(cb & 0x80)))
+                    elif not cb & 0x80:
+                        raise ProtocolError(f"unknown packet kind {kind}")
+                    continue
+                pkt = self._frame(cb, sid, mid, buf[body:end])
                 if pkt is not None:
                     out.append(pkt)
         finally:
-            if pos:
-                del buf[:pos]
+            self._buf = buf[pos:] if pos < n else b""
         return out
 
-    def _frame(self, cb: int, sid: int, mid: int, buf: bytearray, body: int, length: int) -> Packet | None:
+    def _frame(self, cb: int, sid: int, mid: int, data: bytes) -> Packet | None:
         kind = (cb & 0x7E) >> 1
         if sid < self._sid or (sid == self._sid and mid < self._mid):
             raise ProtocolError("id monotonicity violation")
@@ -284,30 +295,29 @@ class PacketParser:
             self._sid = sid
             self._mid = mid
             self._partial = False
-            self._data.clear()
+            self._data = bytearray()
         if self._partial:
             if kind != self._kind:
                 raise ProtocolError("packet kind change")
-            if len(self._data) + length > self._max:
+            if len(self._data) + len(data) > self._max:
                 raise ProtocolError("data overflow")
-            self._data += buf[body : body + length]
+            self._data += data
             self._control = self._control or bool(cb & 0x80)
         else:
             self._kind = kind
             self._control = bool(cb & 0x80)
             if cb & 1:
-                # Single-frame packet: no staging copy.
                 self._mid = mid + 1
-                return self._finish(kind, sid, mid, bytes(buf[body : body + length]))
+                return self._finish(kind, sid, mid, data)
             self._partial = True
-            self._data = bytearray(buf[body : body + length])
+            self._data = bytearray(data)
         if not cb & 1:
             return None
-        data = bytes(self._data)
-        self._data.clear()
+        whole = bytes(self._data)
+        self._data = bytearray()
         self._partial = False
         self._mid = mid + 1
-        return self._finish(self._kind, sid, mid, data)
+        return self._finish(self._kind, sid, mid, whole)
 
     def _finish(self, kind: int, sid: int, mid: int, data: bytes) -> Packet | None:
         if kind not in _KNOWN_KINDS:
