@@ -166,7 +166,8 @@ VALIDATION_CASES: list[tuple[str, Any, str]] = [
     (
         "start after end",
         request(uuid.uuid4().bytes, start=ts(T0 + dt.timedelta(seconds=1)), end=ts(T0)),
-        "script start time 2026-11-26T12:00:01+00:00 is after end time 2026-11-26T12:00:00+00:00 (timing.start)",
+        "script start time 2026-11-26T12:00:01+00:00 is after end time 2026-11-26T12:00:00+00:00"
+        " (timing.start)",
     ),
     ("unknown stage", request(uuid.uuid4().bytes, stage=7), "unknown script timing stage 7 (timing.stage)"),
     (
