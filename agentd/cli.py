@@ -1,4 +1,4 @@
-"""The `agentd` command line: serve, migrate, admin create-workspace.
+"""The `agentd` command line: serve, migrate, admin create-workspace, agent.
 
 Errors an operator can cause (bad flags, bad files, unreachable database, address in use) end with
 one line on stderr naming the problem and a non-zero exit status; tracebacks are for bugs only.
@@ -7,8 +7,10 @@ one line on stderr naming the problem and a non-zero exit status; tracebacks are
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--file", type=Path, required=True, metavar="WORKSPACE.toml")
     create.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_database_flags(create)
+
+    agent = commands.add_parser("agent", help="run a reference workspace agent against agentd")
+    agent.add_argument("--url", required=True, metavar="URL", help="unix:/path/to.sock or tcp://HOST:PORT")
+    agent.add_argument("--websocket", action="store_true", help="upgrade to WebSocket instead of raw yamux")
+    agent.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=os.environ.get("CODER_AGENT_TOKEN"),
+        help="the agent's token (default $CODER_AGENT_TOKEN)",
+    )
+    agent.add_argument(
+        "--boundary-logs", type=int, default=0, metavar="N", help="report N boundary logs per batch"
+    )
+    agent.add_argument(
+        "--exit-after-ready", action="store_true", help="exit once startup finished (0 = ready)"
+    )
     return parser
 
 
@@ -149,10 +167,34 @@ def _cmd_create_workspace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from agentd.agent import TargetError, parse_target, run_agent
+
+    if not args.token:
+        raise UserError("agent: --token (or $CODER_AGENT_TOKEN) is required")
+    if args.boundary_logs < 0 or args.boundary_logs > 1000:
+        raise UserError("agent: --boundary-logs must be between 0 and 1000")
+    try:
+        parse_target(args.url)
+    except TargetError as exc:
+        raise UserError(f"agent: --url {exc}") from None
+    return trio.run(
+        functools.partial(
+            run_agent,
+            args.url,
+            token=args.token,
+            websocket=args.websocket,
+            boundary_logs=args.boundary_logs,
+            exit_after_ready=args.exit_after_ready,
+        )
+    )
+
+
 _COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("serve", None): _cmd_serve,
     ("migrate", None): _cmd_migrate,
     ("admin", "create-workspace"): _cmd_create_workspace,
+    ("agent", None): _cmd_agent,
 }
 
 
