@@ -193,6 +193,8 @@ class Agent:
     base_env: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
     shell: str = "/bin/sh"
     backoff: Backoff = attrs.field(factory=Backoff)
+    #: A connection that lasted this long resets the backoff.
+    stable_after: float = 30.0
     rng: random.Random = attrs.field(factory=random.Random)
     # Process-wide state (survives reconnects).
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle)
@@ -237,10 +239,13 @@ class Agent:
 
     async def _redial_loop(self) -> None:
         while True:
+            started = trio.current_time()
             try:
                 await self._serve_connection()
-            except Exception as exc:
-                self.say(f"connection lost: {describe_error(exc)}")
+            except* Exception as group:  # a Cancelled (Ctrl-C) beside the error still propagates
+                self.say(f"connection lost: {describe_error(group)}")
+            if trio.current_time() - started >= self.stable_after:
+                self.backoff.reset()  # it worked for a while: start again at the floor
             delay = self.backoff.next()
             self.say(f"reconnecting in {delay:.1f}s")
             await trio.sleep(delay)
@@ -343,7 +348,6 @@ class Agent:
         )
         conn.manifest = manifest
         conn.has_manifest.set()
-        self.backoff.reset()
         if self.manifest is None:  # the first manifest of this process: run the startup scripts
             self.manifest = manifest
             assert self._process is not None
