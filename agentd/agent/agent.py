@@ -73,6 +73,10 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_seconds(seconds: float) -> str:
     if seconds >= 60 and seconds % 60 == 0:
         return f"{int(seconds // 60)}m"
@@ -205,8 +209,9 @@ class Agent:
     boundary_session: uuid.UUID = attrs.field(factory=uuid.uuid4, init=False)
     boundary_sequence: int = attrs.field(default=0, init=False)
     exit_status: int = attrs.field(default=0, init=False)
-    _client: RpcClient | None = attrs.field(default=None, init=False)
-    _connected: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _timings: list[agent_pb2.WorkspaceAgentScriptCompletedRequest] = attrs.field(factory=list, init=False)
+    _timing_added: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _timings_sent: trio.Event = attrs.field(factory=trio.Event, init=False)
     _process: trio.Nursery | None = attrs.field(default=None, init=False)
     _startup_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
@@ -254,6 +259,7 @@ class Agent:
         state = await self.lifecycle.wait_reported(TERMINAL_STARTUP)
         with trio.move_on_after(STOP_REPORT_TIMEOUT):
             await self.logs.wait_drained()
+            await self.wait_timings_sent()
         self.exit_status = 0 if state == S.READY else 1
         self.say(f"exiting after startup ({state_name(state)})")
         self.kill()
@@ -263,19 +269,26 @@ class Agent:
         if self._startup_scope is not None:
             self._startup_scope.cancel()
         if self.lifecycle.enter(S.SHUTTING_DOWN):
+            scripts = [s for s in (self.manifest.scripts if self.manifest else ()) if s.run_on_stop]
+            results = (
+                await run_all(self._runner(self.manifest), scripts, self._stop_result) if scripts else []
+            )
             final: LifecycleState = S.OFF
-            stop_scripts = [s for s in (self.manifest.scripts if self.manifest else ()) if s.run_on_stop]
-            if stop_scripts:
-                results = await run_all(self._runner(self.manifest), stop_scripts, self._stop_result)
-                if any(r.status == Timing.TIMED_OUT for r in results):
-                    final = S.SHUTDOWN_TIMEOUT
-                elif any(r.status == Timing.EXIT_FAILURE for r in results):
-                    final = S.SHUTDOWN_ERROR
+            if any(r.status == Timing.TIMED_OUT for r in results):
+                final = S.SHUTDOWN_TIMEOUT
+            elif any(r.status == Timing.EXIT_FAILURE for r in results):
+                final = S.SHUTDOWN_ERROR
             self.lifecycle.enter(final)
             with trio.move_on_after(STOP_REPORT_TIMEOUT):
                 await self.lifecycle.wait_reported(frozenset({final}))
                 await self.logs.wait_drained()
+                await self.wait_timings_sent()
         self.kill()
+
+    async def wait_timings_sent(self) -> None:
+        """Until every script completion has been reported (or refused by the server)."""
+        while self._timings:
+            await self._timings_sent.wait()
 
     async def _stop_result(self, result: ScriptResult) -> None:
         await self._script_done(result, Timing.STOP)
@@ -296,13 +309,12 @@ class Agent:
                 await nursery.start(self._run_session, session)
                 how = "websocket" if self.websocket else "yamux"
                 self.say(f"connected ({how} over {self.where})")
-                self._client = conn.client
-                self._connected.set()
                 for routine in (
                     self._banners,
                     self._handle_manifest,
                     self._report_lifecycle,
                     self._send_logs,
+                    self._report_timings,
                     self._report_metadata,
                     self._monitor_resources,
                     self._report_stats,
@@ -312,8 +324,6 @@ class Agent:
                 ):
                     nursery.start_soon(routine, conn, name=routine.__name__)
         finally:
-            self._client = None
-            self._connected = trio.Event()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await session.aclose()
 
@@ -343,7 +353,7 @@ class Agent:
         )
         self.say(
             f"manifest: agent {manifest.agent_name} in workspace {manifest.workspace_name}, "
-            f"{len(manifest.scripts)} scripts, {len(manifest.apps)} apps, "
+            f"{plural(len(manifest.scripts), 'script')}, {plural(len(manifest.apps), 'app')}, "
             f"{len(manifest.metadata)} metadata"
         )
         conn.manifest = manifest
@@ -355,7 +365,8 @@ class Agent:
 
     async def _report_lifecycle(self, conn: _Connection) -> None:
         while True:
-            for state, changed_at in self.lifecycle.pending():
+            while pending := self.lifecycle.pending():  # re-read: states may be entered meanwhile
+                state, changed_at = pending[0]
                 await conn.client.agent.UpdateLifecycle(Lifecycle.request(state, changed_at))
                 self.lifecycle.acknowledge()
                 self.say(f"lifecycle {state_name(state)}")
@@ -390,7 +401,7 @@ class Agent:
                 changed = collector.changed()
                 await conn.client.agent.BatchUpdateMetadata(collector.request(changed))
                 collector.mark_reported(changed)
-                self.say(f"metadata {len(changed)} values ({', '.join(sorted(changed))})")
+                self.say(f"metadata {plural(len(changed), 'value')} ({', '.join(sorted(changed))})")
                 await trio.sleep(REPORT_INTERVAL)
 
     async def _monitor_resources(self, conn: _Connection) -> None:
@@ -403,7 +414,7 @@ class Agent:
         memory = response.HasField("memory") and response.memory.enabled
         volumes = [v.path for v in response.volumes if v.enabled]
         self.say(
-            f"resources monitor: memory {'on' if memory else 'off'}, {len(volumes)} volumes, "
+            f"resources monitor: memory {'on' if memory else 'off'}, {plural(len(volumes), 'volume')}, "
             f"every {config.collection_interval_seconds}s"
         )
         if not memory and not volumes:
@@ -443,7 +454,7 @@ class Agent:
         async with conn.client.tailnet.StreamDERPMaps(tailnet_pb2.StreamDERPMapsRequest()) as call:
             async for derp_map in call:
                 names = ", ".join(r.region_code or str(i) for i, r in sorted(derp_map.regions.items()))
-                self.say(f"DERP map: {len(derp_map.regions)} regions ({names})")
+                self.say(f"DERP map: {plural(len(derp_map.regions), 'region')} ({names})")
         raise ConnectionLost("the DERP map stream ended")
 
     async def _coordinate(self, conn: _Connection) -> None:
@@ -521,21 +532,26 @@ class Agent:
     async def _script_done(self, result: ScriptResult, stage: agent_pb2.Timing.Stage) -> None:
         self.script_results.append(result)
         self.say(result.describe())
-        request = result.timing(stage)
-        # Coder's runner reports each completion (30 s bound) and only logs a failure.
-        with trio.move_on_after(SCRIPT_COMPLETED_TIMEOUT) as scope:
-            while True:
-                client = self._client
-                if client is None:
-                    await self._connected.wait()
-                    continue
+        self._timings.append(result.timing(stage))
+        self._timing_added.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _report_timings(self, conn: _Connection) -> None:
+        """ScriptCompleted for each finished script. A timing the server refuses is only logged
+        (Coder's runner does the same); one whose connection broke is sent on the next one."""
+        while True:
+            while self._timings:
+                request = self._timings[0]
                 try:
-                    await client.agent.ScriptCompleted(request)
-                except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.say(f'script "{result.label}": completion report failed: {describe_error(exc)}')
-                return
-        if scope.cancelled_caught:
-            self.say(f'script "{result.label}": completion not reported (no connection)')
+                    with trio.fail_after(SCRIPT_COMPLETED_TIMEOUT):
+                        await conn.client.agent.ScriptCompleted(request)
+                except (RpcError, trio.TooSlowError) as exc:
+                    self.say(f"script completion report failed: {describe_error(exc)}")
+                self._timings.pop(0)
+            self._timings_sent.set()
+            self._timings_sent = trio.Event()
+            self._timing_added = trio.Event()
+            await self._timing_added.wait()
 
     def _boundary_batch(self) -> agent_pb2.ReportBoundaryLogsRequest:
         request = agent_pb2.ReportBoundaryLogsRequest(

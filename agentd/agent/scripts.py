@@ -70,7 +70,8 @@ class ScriptResult:
             Timing.TIMED_OUT: "timed out",
             Timing.PIPES_LEFT_OPEN: f"exited {self.exit_code} but left its output open",
         }[self.status]
-        return f'script "{self.label}" {status} ({self.lines} lines logged)'
+        lines = "1 line" if self.lines == 1 else f"{self.lines} lines"
+        return f'script "{self.label}" {status} ({lines} logged)'
 
 
 async def _kill_group(process: trio.Process) -> None:
