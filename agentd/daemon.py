@@ -21,13 +21,19 @@ import attrs
 import trio
 
 from agentd import __version__, systemd
+from agentd.components import Components
 from agentd.config import Config, UserError
+from agentd.connection import AgentSessions, start_components
+from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
+from agentd.services.base import Settings
+from agentd.services.events import Events
 from agentd.store import Database, asyncio_loop, open_database
 from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
+from agentd.store.pubsub import PubSub
 
 log = logging.getLogger("agentd")
 
@@ -85,17 +91,39 @@ class Health:
         await request.send_json(200 if error is None else 503, body)
 
 
-async def agent_rpc_not_yet_served(request: Request) -> None:
-    """The agent endpoint's route exists so clients get a clear answer until the handshake lands."""
-    await request.send_json(
-        501, json_body("Not implemented.", "This agentd build does not serve the agent RPC endpoint yet.")
-    )
+@attrs.define
+class AgentRpcRoute:
+    """`GET /api/v2/workspaceagents/me/rpc`: token auth + upgrade (agentd.handshake), then the agent's
+    session (agentd.connection) on this same stream until it ends."""
+
+    sessions: AgentSessions
+
+    async def handle(self, request: Request) -> None:
+        head = RequestHead.from_text(
+            request.method, request.target, request.headers, request.http_version, request.trailing_data
+        )
+        outcome = await handle_rpc_request(request.stream, head, lookup=self.sessions.lookup)
+        if isinstance(outcome, Upgraded):
+            request.responded = True
+            await self.sessions.serve(outcome)
+        elif isinstance(outcome, NotMine):
+            await request.send_json(404, json_body("Route not found.", f"No route for {request.path}."))
+        else:
+            request.responded = True  # Rejected (answered) or Closed
 
 
-def build_router(db: Database) -> Router:
+def build_components() -> Components:
+    """The process-wide components that exist (DESIGN task tree); started before agents are accepted."""
+    from agentd.tailnet import Coordinator, DERPMapSource
+
+    return Components(coordinator=Coordinator(), derp_map=DERPMapSource.from_config())
+
+
+def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
     router = Router()
     router.add("/healthz", Health(db).handle)
-    router.add(AGENT_RPC_PATH, agent_rpc_not_yet_served, methods=("GET",))
+    if sessions is not None:
+        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
     return router
 
 
@@ -188,15 +216,25 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
-                    server = Server(listeners, HttpApp(build_router(db)).handle_connection)
-                    await self._serve(server, task_status)
+                    sessions = AgentSessions(
+                        db,
+                        Events(PubSub(db)),
+                        settings=Settings(**dict(self.config.banners)),
+                        components=build_components(),
+                    )
+                    server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
+                    await self._serve(server, sessions, task_status)
         finally:
             with trio.CancelScope(shield=True):
                 for bound in listeners:
                     await bound.aclose()
 
-    async def _serve(self, server: Server, task_status: trio.TaskStatus[None]) -> None:
+    async def _serve(
+        self, server: Server, sessions: AgentSessions, task_status: trio.TaskStatus[None]
+    ) -> None:
         async with trio.open_nursery() as nursery:
+            # Process-wide components outlive every agent session: cancelled (and flushed) last.
+            await start_components(sessions.components, nursery)
             async with trio.open_nursery() as serving:
                 await serving.start(server.run)
                 self._ready = True
@@ -216,4 +254,5 @@ class Daemon:
                         server.active_connections,
                     )
                 server.stop(self.config.shutdown_timeout)
+                sessions.close_all()
             nursery.cancel_scope.cancel()

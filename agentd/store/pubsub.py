@@ -87,7 +87,10 @@ class Subscription:
                 self._buffer.append(MISSED)
             self._overflowed = False
         elif len(self._buffer) >= self._capacity:
-            self._overflowed = True
+            # Dropped. A MISSED marker still queued at the tail already covers this loss: the
+            # consumer re-reads its state after taking it, which includes this message's effect.
+            if self._buffer[-1] is not MISSED:
+                self._overflowed = True
             return
         else:
             if self._overflowed:
