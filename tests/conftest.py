@@ -14,6 +14,7 @@ These talk to a real server: waits on the database are real I/O, so do not combi
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +24,16 @@ import trio
 
 from agentd.store import Database, PubSub, asyncio_loop, open_database
 from agentd.store.testing import TestServer, test_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout`, CI runners and process managers stop pytest with SIGTERM; turn it into the
+    # KeyboardInterrupt pytest handles, so fixture teardown still stops the embedded server.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
