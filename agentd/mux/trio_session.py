@@ -591,6 +591,9 @@ class MuxSession:
                 if self._closing and not self._writing:
                     return
                 await lot.park()
+                # let the tasks woken with us run first: an accepted stream's ACK then leaves with
+                # the handler's first reply (often written inline), not as a packet of its own
+                await cancel_shielded_checkpoint()
                 continue
             chunks = conn.take_output()
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
