@@ -200,9 +200,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if st.recv_buf:
                     conn = self._conn
                     data = conn.read(st, n)
-                    # a window update to send: write it now rather than via the writer task
-                    if conn.out_len and await self._session._flush_inline():
-                        parked = True
+                    if conn.out_len:
+                        # a window update: the writer task sends it (a read never blocks on writing)
+                        self._session._wake_writer()
                     break
                 state = st.state
                 if state == RESET:
@@ -433,9 +433,8 @@ class MuxSession:
 
     async def _flush_inline(self) -> bool:
         """Write the queued frames from the calling task when the writer is idle (saves a task
-        switch per request). Shielded, so a cancelled caller never leaves half a frame; a transport
-        that never drains is ended by the keepalive timeout or aclose(), which closes it and so
-        unblocks this write. True if it wrote (that was a checkpoint)."""
+        switch and a wake-up per request). Shielded, so a cancelled caller never leaves half a
+        frame. True if it wrote (that was a checkpoint)."""
         conn = self._conn
         if self._writing or self._closing or not conn.out_len:
             return False
@@ -443,6 +442,9 @@ class MuxSession:
         try:
             chunks = conn.take_output()
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            # no deadline here (a deadline scope per write costs ~20 us): a transport that stops
+            # draining fails the keepalive ping, and ending the session closes the transport, which
+            # releases this write
             with trio.CancelScope(shield=True):
                 try:
                     await self._transport.send_all(data)
