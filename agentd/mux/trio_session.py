@@ -236,7 +236,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self._conn.reset_stream(self._st)
-            self._session._wake_writer()
+            self._session._after_local_reset()
             self._wake()
         await checkpoint()
 
@@ -505,6 +505,12 @@ class MuxSession:
             return False
         return st.syn_pending if is_open else st.state == LOCAL_CLOSE
 
+    def _after_local_reset(self) -> None:
+        # a reset of a stream still waiting for its ACK frees an outbound-backlog slot
+        if self._open_lot:
+            self._open_lot.unpark_all()
+        self._wake_writer()
+
     def _after_local_close(self, st: StreamState) -> None:
         if st.state == LOCAL_CLOSE and not st.forgotten and self.config.stream_close_timeout > 0:
             self._push_deadline(self._close_deadlines, self.config.stream_close_timeout, st)
@@ -684,7 +690,7 @@ class MuxSession:
                     conn.reset_stream(st)
                     if isinstance(st.handle, MuxStream):
                         st.handle._wake()
-                    self._wake_writer()
+                    self._after_local_reset()
             nxt = min(opens[0][0] if opens else math.inf, closes[0][0] if closes else math.inf)
             self._timer_wake_at = nxt
             with trio.move_on_at(nxt):

@@ -425,3 +425,22 @@ async def test_stuck_transport_ends_session_and_releases_writers(
         await stream.send_all(b"x")  # ...the write finishes or the session ends
     assert session.closed and "keepalive timeout" in repr(session.close_reason)
     assert 40 <= trio.current_time() - start <= 42  # 30 s to the ping + 10 s write timeout (+ flush grace)
+
+
+async def test_outbound_backlog_waits_and_reset_frees_a_slot(nursery: trio.Nursery) -> None:
+    session, _to_mux, _from_mux = await raw_server_peer(
+        nursery, MuxConfig(accept_backlog=2, enable_keepalive=False)
+    )
+    first = await session.open_stream()
+    await session.open_stream()
+    opened: list[MuxStream] = []
+
+    async def open_one() -> None:
+        opened.append(await session.open_stream())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(open_one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened  # two un-ACKed streams: the third open waits
+        await first.reset()
+    assert len(opened) == 1 and opened[0].stream_id == 5
