@@ -398,8 +398,14 @@ class Connection:
                 left -= take
                 self._body_left = left
                 if st is not None and not st.forgotten:
-                    st.recv_buf += mv[pos : pos + take]
-                    events.append(DataReceived(st.id, st, take))
+                    if st.app_closed:
+                        # closed by the application while this body was in flight: nobody reads it
+                        self.reset_stream(st)
+                        events.append(StreamReset(st.id, st))
+                        self._body_stream = st = None
+                    else:
+                        st.recv_buf += mv[pos : pos + take]
+                        events.append(DataReceived(st.id, st, take))
                 pos += take
                 if not left:
                     self._body_stream = None

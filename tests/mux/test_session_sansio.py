@@ -418,3 +418,15 @@ def run_interleaving(rng: random.Random) -> None:
             assert p["sent_ab"].startswith(p["got_ab"]) and p["sent_ba"].startswith(p["got_ba"])
         else:
             assert p["got_ab"] == p["sent_ab"] and p["got_ba"] == p["sent_ba"]
+
+
+def test_body_in_flight_when_app_closes_gets_rst() -> None:
+    srv, s = server_with_stream_1()
+    frame = data_frame(1, b"x" * 1000)
+    srv.receive_data(frame[:500])
+    srv.read(s, 10_000)
+    srv.close_stream(s)
+    assert srv.data_to_send() == Y3
+    events = srv.receive_data(frame[500:])
+    assert [type(e) for e in events] == [StreamReset]
+    assert srv.data_to_send() == Y4 and not srv.streams and not s.recv_buf
