@@ -568,6 +568,10 @@ class MuxSession:
                     return
                 if events:
                     self._dispatch(events, accept_queue)
+                    # an opener may wait for an outbound slot: ACK, RST, or a FIN that completed a
+                    # stream the peer never ACKed (Go sends no ACK for a stream FIN'd before Accept)
+                    if self._open_lot and conn.outbound_pending < conn.accept_backlog:
+                        self._open_lot.unpark_all()
                 if self._spin_lot:
                     self._spin_lot.unpark()
                 if conn.out_len:

@@ -444,3 +444,22 @@ async def test_outbound_backlog_waits_and_reset_frees_a_slot(nursery: trio.Nurse
         assert not opened  # two un-ACKed streams: the third open waits
         await first.reset()
     assert len(opened) == 1 and opened[0].stream_id == 5
+
+
+async def test_fin_without_ack_frees_an_outbound_slot(nursery: trio.Nursery) -> None:
+    session, to_mux, _from_mux = await raw_server_peer(
+        nursery, MuxConfig(accept_backlog=1, enable_keepalive=False)
+    )
+    first = await session.open_stream()
+    await first.aclose()  # FIN before the peer accepted
+    opened: list[MuxStream] = []
+
+    async def open_one() -> None:
+        opened.append(await session.open_stream())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(open_one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened
+        await to_mux.send_all(H("00 01 00 04 00 00 00 01 00 00 00 00"))  # Go's FIN, never an ACK
+    assert len(opened) == 1 and session.num_streams == 1
