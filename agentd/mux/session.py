@@ -220,6 +220,7 @@ class Connection:
         self._next_id = sid + 2
         st = StreamState(sid, SYN_SENT)
         st.syn_pending = True
+        st.recv_window = self.max_window  # the SYN's delta grants the peer the extra credit
         self.outbound_pending += 1
         self.streams[sid] = st
         self._queue(_pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, self.max_window - INITIAL_WINDOW))

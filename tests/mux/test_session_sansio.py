@@ -430,3 +430,19 @@ def test_body_in_flight_when_app_closes_gets_rst() -> None:
     events = srv.receive_data(frame[500:])
     assert [type(e) for e in events] == [StreamReset]
     assert srv.data_to_send() == Y4 and not srv.streams and not s.recv_buf
+
+
+def test_bigger_window_is_granted_on_syn_and_ack() -> None:
+    big = 1 << 20
+    cli = Connection(is_client=True, max_stream_window=big)
+    s = cli.open_stream()
+    assert cli.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, big - 262144)
+    cli.receive_data(data_frame(1, b"x" * big, FLAG_ACK))  # the whole granted window at once
+    assert len(s.recv_buf) == big
+    srv = Connection(is_client=False, max_stream_window=big)
+    (ev,) = srv.receive_data(Y1)
+    srv.accept_stream(ev.stream)
+    assert srv.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK, 1, big - 262144)
+    srv.receive_data(data_frame(1, b"y" * big))
+    with pytest.raises(ProtocolError):
+        srv.receive_data(data_frame(1, b"z"))
