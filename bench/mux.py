@@ -1,0 +1,215 @@
+"""Multiplexer benchmark: agentd.mux against hashicorp/yamux, raw sockets as the ceiling.
+
+    python bench/mux.py                 # full run: median of 3 runs per figure (several minutes)
+    python bench/mux.py --quick         # smoke run: small sizes, 1 run (< 60 s)
+    python bench/mux.py --only unix,b,c,sink,rt --runs 5
+
+Pairs (client → server, each its own process, the driver a third one):
+  a   raw trio socket → raw trio socket (no mux; one connection per stream: the ceiling)
+  b   Go yamux → Go yamux (the baseline every ratio is taken against, measured in this run)
+  c   agentd.mux → agentd.mux
+  d1  Go yamux client → agentd.mux server (the production shape: agent dials agentd)
+  d2  agentd.mux client → Go yamux server
+Workloads: 1-stream sink, 1-stream echo, 16-stream echo (MB/s of payload sent), 64-byte round trips
+on one stream, 64-byte round trips with a new stream each, and stream open+close per second
+(opener never waits; an echo round trip at the end makes sure the server kept up).
+`--only` takes pair names, transports (unix, tcp) and workload names; each dimension you name is
+filtered, the others run in full. The machine is shared and noisy: read ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.gopeer import build_go_peer  # noqa: E402
+
+PEER = str(REPO / "bench" / "muxpeer.py")
+PAIRS = {  # name: (client impl, server impl)
+    "a": ("raw", "raw"),
+    "b": ("go", "go"),
+    "c": ("mux", "mux"),
+    "d1": ("go", "mux"),
+    "d2": ("mux", "go"),
+}
+TRANSPORTS = ("unix", "tcp")
+WORKLOADS = ("sink", "echo", "echo16", "rt", "newstream", "openclose")
+LABELS = {
+    "sink": "1-stream sink",
+    "echo": "1-stream echo",
+    "echo16": "16-stream echo",
+    "rt": "64 B round trip",
+    "newstream": "64 B rt, new stream",
+    "openclose": "open+close",
+}
+# Issue 3's targets over Unix sockets, as ratios to (b); other cells are informative only.
+TARGETS = {"sink": 1.0, "echo": 1.0, "rt": 0.8, "newstream": 0.8}
+MUX_PAIRS = ("c", "d1", "d2")
+
+
+def workload_args(workload: str, quick: bool, duration: float) -> dict[str, str]:
+    mib = 1 << 20
+    sizes = {"sink": 256 * mib, "echo": 64 * mib, "echo16": 128 * mib}
+    if quick:
+        sizes = {"sink": 32 * mib, "echo": 8 * mib, "echo16": 16 * mib}
+    if workload in sizes:
+        return {
+            "bench": "echo" if workload == "echo16" else workload,
+            "size": str(sizes[workload]),
+            "streams": "16" if workload == "echo16" else "1",
+        }
+    return {"bench": workload, "duration": str(duration)}
+
+
+def client_command(impl: str, go: Path, address: str, args: dict[str, str]) -> list[str]:
+    if impl == "go":
+        argv = [str(go), "-role", "client", "-dial", address, "-keepalive", "0"]
+        for key, value in args.items():
+            argv += [f"-{key}", value + ("s" if key == "duration" else "")]
+        return argv
+    argv = [sys.executable, PEER, "--impl", impl, "--dial", address]
+    for key, value in args.items():
+        argv += [f"--{key}", value]
+    return argv
+
+
+def server_command(impl: str, go: Path, listen: str) -> list[str]:
+    if impl == "go":
+        return [str(go), "-role", "server", "-listen", listen, "-keepalive", "0"]
+    return [sys.executable, PEER, "--impl", impl, "--listen", listen]
+
+
+@contextmanager
+def server(impl: str, go: Path, listen: str) -> Iterator[str]:
+    """Start a server process, yield the address it printed, kill it afterwards."""
+    proc = subprocess.Popen(server_command(impl, go, listen), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING "):
+            raise RuntimeError(f"{impl} server did not start: {line!r}")
+        yield line.split(" ", 1)[1].strip()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_client(argv: list[str], timeout: float) -> float | str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return f"exit {done.returncode}: {last[:60]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["error"]:
+        return str(result["error"])[:60]
+    return float(result["value"])
+
+
+def fmt(value: float | None, workload: str) -> str:
+    if value is None:
+        return "–"
+    if workload in ("sink", "echo", "echo16"):
+        return f"{value:,.0f} MB/s"
+    return f"{value:,.0f}/s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, short durations, 1 run")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, --quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per rate workload (default 2, quick 0.3)")
+    parser.add_argument("--only", default="", help="comma list of pairs, transports, workloads")
+    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    duration = args.duration or (0.3 if args.quick else 2.0)
+    only = {token for token in args.only.split(",") if token}
+    unknown = only - set(PAIRS) - set(TRANSPORTS) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}")
+
+    def pick(options: tuple[str, ...] | list[str]) -> list[str]:
+        chosen = [o for o in options if o in only]
+        return chosen or list(options)
+
+    pairs, transports, workloads = pick(list(PAIRS)), pick(TRANSPORTS), pick(WORKLOADS)
+    go = build_go_peer()
+    raw: dict[tuple[str, str, str], list[float | str]] = {}
+    started = time.perf_counter()
+    timeout = 120.0
+    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+        for transport in transports:
+            for pair in pairs:
+                client_impl, server_impl = PAIRS[pair]
+                listen = f"unix:{tmp}/{pair}.sock" if transport == "unix" else "tcp:127.0.0.1:0"
+                with server(server_impl, go, listen) as address:
+                    for _ in range(runs):
+                        for workload in workloads:
+                            if pair == "a" and workload in ("newstream", "openclose"):
+                                continue  # one connection per stream: not a stream figure
+                            argv = client_command(
+                                client_impl, go, address, workload_args(workload, args.quick, duration)
+                            )
+                            figure = run_client(argv, timeout)
+                            raw.setdefault((transport, pair, workload), []).append(figure)
+                            print(
+                                f"  {transport:4} {pair:2} {workload:9} {figure}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+    elapsed = time.perf_counter() - started
+
+    def median(transport: str, pair: str, workload: str) -> float | None:
+        figures = [f for f in raw.get((transport, pair, workload), []) if isinstance(f, float)]
+        return statistics.median(figures) if figures else None
+
+    print(f"\nagentd.mux benchmark — median of {runs} run(s), {elapsed:.0f} s, ratios against (b) Go↔Go")
+    print("(a) raw trio sockets  (b) Go↔Go  (c) agentd↔agentd  (d1) Go client→agentd  (d2) agentd→Go server")
+    for transport in transports:
+        print(f"\n{transport.upper()}")
+        header = f"{'workload':22}" + "".join(f"{'(' + p + ')':>26}" for p in pairs)
+        print(header)
+        print("-" * len(header))
+        for workload in workloads:
+            base = median(transport, "b", workload)
+            cells = []
+            for pair in pairs:
+                value = median(transport, pair, workload)
+                failures = [f for f in raw.get((transport, pair, workload), []) if isinstance(f, str)]
+                if value is None and failures:
+                    cells.append(f"{'FAIL':>26}")
+                    continue
+                text = fmt(value, workload)
+                if value is not None and base and pair != "b":
+                    ratio = value / base
+                    text += f" {ratio:4.2f}×"
+                    target = TARGETS.get(workload)
+                    if transport == "unix" and pair in MUX_PAIRS and target is not None:
+                        text += " PASS" if ratio >= target else " MISS"
+                cells.append(f"{text:>26}")
+            print(f"{LABELS[workload]:22}" + "".join(cells))
+    print("\nTargets (Unix, agentd.mux columns vs (b)): sink & echo ≥1.0×, 64 B rt ≥0.8×, new-stream rt ≥0.8×.")
+    failures = {k: [f for f in v if isinstance(f, str)] for k, v in raw.items()}
+    for (transport, pair, workload), errors in sorted(failures.items()):
+        if errors:
+            print(f"FAILED {transport} ({pair}) {workload}: {errors[0]}")
+    if args.json:
+        args.json.write_text(json.dumps({"|".join(k): v for k, v in raw.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
