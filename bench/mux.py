@@ -121,7 +121,7 @@ def run_client(argv: list[str], timeout: float) -> float | str:
 
 def fmt(value: float | None, workload: str) -> str:
     if value is None:
-        return "–"
+        return "-"
     if workload in ("sink", "echo", "echo16"):
         return f"{value:,.0f} MB/s"
     return f"{value:,.0f}/s"
@@ -196,13 +196,13 @@ def main() -> None:
                 text = fmt(value, workload)
                 if value is not None and base and pair != "b":
                     ratio = value / base
-                    text += f" {ratio:4.2f}×"
+                    text += f" {ratio:4.2f}x"
                     target = TARGETS.get(workload)
                     if transport == "unix" and pair in MUX_PAIRS and target is not None:
                         text += " PASS" if ratio >= target else " MISS"
                 cells.append(f"{text:>26}")
             print(f"{LABELS[workload]:22}" + "".join(cells))
-    print("\nTargets (Unix, agentd.mux columns vs (b)): sink & echo ≥1.0×, 64 B rt ≥0.8×, new-stream rt ≥0.8×.")
+    print("\nTargets (Unix, agentd.mux vs (b)): sink & echo >= 1.0x, 64 B rt >= 0.8x, new-stream rt >= 0.8x")
     failures = {k: [f for f in v if isinstance(f, str)] for k, v in raw.items()}
     for (transport, pair, workload), errors in sorted(failures.items()):
         if errors:

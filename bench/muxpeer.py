@@ -12,6 +12,7 @@ print the same JSON result line, so bench/mux.py can pair any client with any se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -95,7 +96,7 @@ async def serve_connection(impl: str, conn: trio.SocketStream) -> None:
 async def listen(address: str) -> trio.SocketListener:
     family, _, rest = address.partition(":")
     if family == "unix":
-        if os.path.exists(rest):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(rest)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(rest)

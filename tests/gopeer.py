@@ -12,6 +12,7 @@ and returns the JSON objects it printed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,9 +116,7 @@ async def _read_lines(stream: trio.abc.ReceiveStream, send: trio.MemorySendChann
 
 
 @asynccontextmanager
-async def go_server(
-    binary: Path, listen: str, *args: str, role: str = "server"
-) -> AsyncIterator[GoServer]:
+async def go_server(binary: Path, listen: str, *args: str, role: str = "server") -> AsyncIterator[GoServer]:
     """Run `goyamux -role <role> -listen <listen> <args>` until the block ends.
 
     `listen` is `unix:PATH` or `tcp:127.0.0.1:0`; the yielded address has the real port.
@@ -125,11 +124,11 @@ async def go_server(
     send, receive = trio.open_memory_channel[str](1000)
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
-            lambda task_status: trio.run_process(
+            functools.partial(
+                trio.run_process,
                 [str(binary), "-role", role, "-listen", listen, *args],
                 stdout=subprocess.PIPE,
                 check=False,
-                task_status=task_status,
             )
         )
         nursery.start_soon(_read_lines, process.stdout, send)
@@ -143,10 +142,10 @@ async def go_server(
 
 
 async def run_go_client(
-    binary: Path, dial: str, *args: str, role: str = "client", timeout: float = 60
+    binary: Path, dial: str, *args: str, role: str = "client", time_limit: float = 60
 ) -> list[dict[str, Any]]:
     """Run `goyamux -role <role> -dial <dial> <args>` to completion; return its JSON output lines."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(time_limit):
         done = await trio.run_process(
             [str(binary), "-role", role, "-dial", dial, *args],
             capture_stdout=True,
