@@ -25,7 +25,8 @@
 //	S | sink      count bytes until EOF, answer "<count>\n", close
 //	source N      write N pattern bytes, close the write side, then discard reads until EOF
 //	goaway        send GoAway(normal) on the session, then behave like echo
-//	watch TAG     read until EOF or error, then print {"event":"watch","tag":TAG,"read":n,"err":...}
+//	watch TAG     answer "watching\n", read until EOF or error, then print
+//	              {"event":"watch","tag":TAG,"read":n,"err":...} on stdout
 //	rst           (Python servers only: hashicorp/yamux has no stream reset API)
 //
 // A stream that reaches EOF before a full command line is simply closed. -serve none never
@@ -250,6 +251,9 @@ func handle(session *yamux.Session, stream *yamux.Stream) {
 		tag := ""
 		if len(fields) > 1 {
 			tag = fields[1]
+		}
+		if _, err := stream.Write([]byte("watching\n")); err != nil {
+			return
 		}
 		n, err := io.Copy(ioutil.Discard, r)
 		msg := ""
