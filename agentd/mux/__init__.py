@@ -1,1 +1,11 @@
-"""agentd."""
+"""agentd.mux: a hashicorp/yamux v0.1.2-compatible stream multiplexer for trio.
+
+`frame` (codec) and `session` (sans-I/O state machine) do no I/O; `trio_session` runs them over any
+`trio.abc.Stream`.
+"""
+
+from agentd.mux.errors import MuxError, ProtocolError
+from agentd.mux.frame import GoAwayCode
+from agentd.mux.trio_session import MuxConfig, MuxSession, MuxStream
+
+__all__ = ["GoAwayCode", "MuxConfig", "MuxError", "MuxSession", "MuxStream", "ProtocolError"]

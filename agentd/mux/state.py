@@ -1,0 +1,80 @@
+"""Per-stream state of the sans-I/O yamux core (hashicorp stream states and windows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentd.mux.frame import INITIAL_WINDOW
+
+# Numbering matches hashicorp's streamState so error texts line up with Go's ("state 5").
+INIT = 0
+SYN_SENT = 1
+SYN_RECEIVED = 2
+ESTABLISHED = 3
+LOCAL_CLOSE = 4
+REMOTE_CLOSE = 5
+CLOSED = 6
+RESET = 7
+
+STATE_NAMES = {
+    INIT: "Init",
+    SYN_SENT: "SYNSent",
+    SYN_RECEIVED: "SYNReceived",
+    ESTABLISHED: "Established",
+    LOCAL_CLOSE: "LocalClose",
+    REMOTE_CLOSE: "RemoteClose",
+    CLOSED: "Closed",
+    RESET: "Reset",
+}
+
+#: States in which the peer may still send us data / we may still send the peer data.
+CAN_RECEIVE = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, LOCAL_CLOSE})
+CAN_SEND = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, REMOTE_CLOSE})
+
+
+class StreamState:
+    """One stream's protocol state, receive buffer and windows.
+
+    Plain slotted class (not attrs) because it sits on the per-frame hot path. The table in the
+    connection drops it once the stream is closed or reset; whoever still holds it (the application's
+    stream object) can drain `recv_buf`.
+    """
+
+    __slots__ = (
+        "ack_pending",
+        "app_closed",
+        "forgotten",
+        "handle",
+        "id",
+        "in_backlog",
+        "recv_buf",
+        "recv_window",
+        "send_window",
+        "session_dead",
+        "state",
+        "syn_pending",
+    )
+
+    def __init__(self, stream_id: int, state: int) -> None:
+        self.id = stream_id
+        self.state = state
+        self.recv_buf = bytearray()
+        self.recv_window = INITIAL_WINDOW
+        self.send_window = INITIAL_WINDOW
+        #: we opened it and no ACK/RST has arrived yet (counts against the outbound backlog)
+        self.syn_pending = False
+        #: the peer opened it and we have not sent the ACK yet (sent exactly once, on accept)
+        self.ack_pending = False
+        #: still counted in the inbound (accept) backlog
+        self.in_backlog = False
+        #: the application closed both directions: later data from the peer is answered with RST
+        self.app_closed = False
+        #: removed from the connection's table (fully closed or reset)
+        self.forgotten = False
+        #: the whole session ended while this stream was open
+        self.session_dead = False
+        #: slot for the I/O adapter's stream object
+        self.handle: Any = None
+
+    def __repr__(self) -> str:
+        return f"<StreamState id={self.id} {STATE_NAMES[self.state]} buffered={len(self.recv_buf)}>"

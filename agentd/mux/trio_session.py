@@ -1,0 +1,603 @@
+"""trio adapter for the sans-I/O yamux core: MuxSession and MuxStream.
+
+Task shape (all under `MuxSession.run`'s nursery):
+- reader: `receive_some` on the transport in big chunks -> `Connection.receive_data` -> wake the
+  waiters the events name. It never blocks on anything but the transport read: pings, RSTs and
+  window updates are only queued.
+- writer: the one path to the transport. It drains whatever the core queued (frames from every
+  stream, joined into one `send_all`), so a cancelled application call can never leave half a frame.
+- keepalive (ping every interval, close the session when the ACK misses the write timeout) and one
+  timer task for stream open / close timeouts.
+Waiting uses `trio.lowlevel.ParkingLot`s that are only touched when someone is parked.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import operator
+from typing import Any
+
+import attrs
+import trio
+from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+
+from agentd.mux.errors import MuxError, ProtocolError
+from agentd.mux.frame import INITIAL_WINDOW, GoAwayCode
+from agentd.mux.session import (
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    GoAwayReceived,
+    PingAcked,
+    SessionClosedError,
+    StreamClosedError,
+    StreamEnded,
+    StreamEstablished,
+    StreamOpened,
+    StreamReset,
+    StreamResetError,
+    WindowUpdated,
+)
+from agentd.mux.state import CLOSED, LOCAL_CLOSE, REMOTE_CLOSE, RESET, StreamState
+
+#: transport read size: big enough for a max-size Data frame plus what follows it
+RECV_SIZE = 512 * 1024
+#: application writers wait for the writer task once this much is queued (all streams together)
+HIGH_WATER = 1024 * 1024
+#: how long a dying session keeps flushing queued frames (e.g. the GoAway of a protocol error)
+FLUSH_GRACE = 1.0
+
+
+@attrs.frozen
+class MuxConfig:
+    """Session settings; defaults are hashicorp/yamux's DefaultConfig."""
+
+    accept_backlog: int = 256
+    enable_keepalive: bool = True
+    keepalive_interval: float = 30.0
+    connection_write_timeout: float = 10.0
+    max_stream_window: int = attrs.field(default=INITIAL_WINDOW)
+    stream_open_timeout: float = 75.0
+    stream_close_timeout: float = 300.0
+
+    @max_stream_window.validator
+    def _check_window(self, _attr: object, value: int) -> None:
+        if value < INITIAL_WINDOW:
+            raise ValueError("max_stream_window must be at least 256 KiB")
+
+
+def _check_max_bytes(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        return 1 << 62
+    max_bytes = operator.index(max_bytes)
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One yamux stream. `send_eof` half-closes (FIN), `aclose` closes both ways (FIN; data the
+    peer still sends is answered with RST), `reset` aborts (RST, unread data dropped)."""
+
+    __slots__ = ("_closed", "_conn", "_read_lot", "_receiving", "_sending", "_session", "_st", "_write_lot")
+
+    def __init__(self, session: MuxSession, st: StreamState) -> None:
+        self._session = session
+        self._conn = session._conn
+        self._st = st
+        self._read_lot = ParkingLot()
+        self._write_lot = ParkingLot()
+        self._receiving = False
+        self._sending = False
+        self._closed = False
+
+    @property
+    def stream_id(self) -> int:
+        return self._st.id
+
+    @property
+    def session(self) -> MuxSession:
+        return self._session
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self._st!r}>"
+
+    def _send_error(self, exc: MuxError) -> BaseException:
+        if self._closed or isinstance(exc, StreamClosedError):
+            return trio.ClosedResourceError("stream closed")
+        if isinstance(exc, StreamResetError):
+            return trio.BrokenResourceError("stream reset")
+        return self._session._broken_error()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        self._sending = True
+        try:
+            view = memoryview(data if type(data) is bytes else bytes(data))
+            total = len(view)
+            off = 0
+            parked = False
+            conn = self._conn
+            st = self._st
+            session = self._session
+            while True:
+                try:
+                    n = conn.send_data(st, view[off:] if off else view)
+                except MuxError as exc:
+                    raise self._send_error(exc) from None
+                if n:
+                    off += n
+                    lot = session._writer_lot
+                    if lot:
+                        lot.unpark()
+                if off >= total:
+                    break
+                if not n:
+                    parked = True
+                    await self._write_lot.park()
+                    if self._closed:
+                        raise trio.ClosedResourceError("stream closed")
+            if conn.out_len > HIGH_WATER:
+                parked = True
+                await session._wait_drained()
+            if not parked:
+                await cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await checkpoint_if_cancelled()
+        self._sending = True
+        try:
+            parked = False
+            st = self._st
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed")
+                if st.send_window > 0 or st.forgotten or st.state in (RESET, LOCAL_CLOSE, CLOSED):
+                    break
+                parked = True
+                await self._write_lot.park()
+            if not parked:
+                await cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        self._conn.end_stream(self._st)
+        self._session._after_local_close(self._st)
+        await cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        n = _check_max_bytes(max_bytes)
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        await checkpoint_if_cancelled()
+        self._receiving = True
+        try:
+            st = self._st
+            parked = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed")
+                if st.recv_buf:
+                    conn = self._conn
+                    data = conn.read(st, n)
+                    if conn.out_len:
+                        lot = self._session._writer_lot
+                        if lot:
+                            lot.unpark()
+                    break
+                state = st.state
+                if state == RESET:
+                    raise trio.BrokenResourceError("stream reset by peer")
+                if state == REMOTE_CLOSE or state == CLOSED:
+                    data = b""
+                    break
+                if st.session_dead:
+                    raise self._session._broken_error()
+                parked = True
+                await self._read_lot.park()
+            if not parked:
+                await cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.close_stream(self._st)
+            self._session._after_local_close(self._st)
+            self._wake()
+        await checkpoint()
+
+    async def reset(self) -> None:
+        """Abort the stream: the peer sees RST, unread data is dropped; later calls raise
+        ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            self._conn.reset_stream(self._st)
+            self._session._wake_writer()
+            self._wake()
+        await checkpoint()
+
+    def _wake(self) -> None:
+        if self._read_lot:
+            self._read_lot.unpark_all()
+        if self._write_lot:
+            self._write_lot.unpark_all()
+
+
+class MuxSession:
+    """A yamux session over any `trio.abc.Stream`; run it with `await nursery.start(session.run)`."""
+
+    def __init__(self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None) -> None:
+        self._transport = transport
+        self.config = config if config is not None else MuxConfig()
+        self.is_client = is_client
+        self._conn = Connection(
+            is_client=is_client,
+            max_stream_window=self.config.max_stream_window,
+            accept_backlog=self.config.accept_backlog,
+        )
+        self._writer_lot = ParkingLot()
+        self._drain_lot = ParkingLot()
+        self._accept_lot = ParkingLot()
+        self._open_lot = ParkingLot()
+        self._timer_lot = ParkingLot()
+        self._accept_queue: collections.deque[MuxStream] = collections.deque()
+        self._pings: dict[int, trio.Event] = {}
+        self._open_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
+        self._close_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
+        self._started = False
+        self._closing = False
+        self._closed_locally = False
+        self._close_reason: BaseException | None = None
+        self._reader_scope: trio.CancelScope | None = None
+        self._aux_scope = trio.CancelScope()
+        self._nursery_scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+
+    # ---- public API --------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the session ended (None while open or after a local aclose)."""
+        return self._close_reason
+
+    @property
+    def num_streams(self) -> int:
+        """Streams still in the session's table (open or half-closed)."""
+        return len(self._conn.streams)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reader, writer, keepalive and timers; returns when the session has ended."""
+        if self._started:
+            raise RuntimeError("MuxSession.run called twice")
+        self._started = True
+        try:
+            if self._closing:
+                task_status.started()
+                return
+            async with trio.open_nursery() as nursery:
+                self._nursery_scope = nursery.cancel_scope
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._aux, self._aux_scope)
+                task_status.started()
+        finally:
+            self._terminate(None)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._transport.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            self._done.set()
+
+    async def open_stream(self) -> MuxStream:
+        """Open a stream (sends SYN; does not wait for the ACK, like Go)."""
+        await checkpoint_if_cancelled()
+        parked = False
+        conn = self._conn
+        while True:
+            if self._closing:
+                raise self._session_error()
+            if conn.outbound_pending < conn.accept_backlog:
+                break
+            parked = True
+            await self._open_lot.park()
+        st = conn.open_stream()
+        stream = MuxStream(self, st)
+        st.handle = stream
+        timeout = self.config.stream_open_timeout
+        if timeout > 0:
+            self._push_deadline(self._open_deadlines, timeout, st)
+        lot = self._writer_lot
+        if lot:
+            lot.unpark()
+        if not parked:
+            await cancel_shielded_checkpoint()
+        return stream
+
+    async def accept_stream(self) -> MuxStream:
+        """Next stream the peer opened (sends its ACK); raises ClosedResourceError after aclose,
+        BrokenResourceError once the session died."""
+        await checkpoint_if_cancelled()
+        parked = False
+        queue = self._accept_queue
+        while not queue:
+            if self._closing:
+                raise self._session_error()
+            parked = True
+            await self._accept_lot.park()
+        stream = queue.popleft()
+        self._conn.accept_stream(stream._st)
+        self._wake_writer()
+        if not parked:
+            await cancel_shielded_checkpoint()
+        return stream
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds; MuxError if no answer within the write timeout."""
+        if self._closing:
+            await checkpoint()
+            raise self._session_error()
+        pid = self._conn.ping()
+        self._wake_writer()
+        event = trio.Event()
+        self._pings[pid] = event
+        start = trio.current_time()
+        try:
+            with trio.move_on_after(self.config.connection_write_timeout) as cs:
+                await event.wait()
+        finally:
+            self._pings.pop(pid, None)
+        if cs.cancelled_caught:
+            raise MuxError("ping timeout")
+        if self._closing:
+            raise self._session_error()
+        return trio.current_time() - start
+
+    async def go_away(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
+        """Tell the peer to open no more streams; later inbound SYNs get RST. Existing streams go on."""
+        await checkpoint_if_cancelled()
+        if self._closing:
+            raise self._session_error()
+        self._conn.go_away(code)
+        self._wake_writer()
+        await cancel_shielded_checkpoint()
+
+    async def aclose(self) -> None:
+        """End the session (like Go's Close: no GoAway; the peer sees EOF). Idempotent."""
+        self._closed_locally = self._closed_locally or not self._closing
+        self._terminate(None)
+        if not self._started:
+            self._started = True
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._transport.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            self._done.set()
+        await checkpoint()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+
+    async def __aenter__(self) -> MuxSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _session_error(self) -> BaseException:
+        if self._closed_locally:
+            return trio.ClosedResourceError("mux session closed")
+        return self._broken_error()
+
+    def _broken_error(self) -> BaseException:
+        reason = self._close_reason
+        err = trio.BrokenResourceError(f"mux session ended: {reason!r}" if reason else "mux session ended")
+        err.__cause__ = reason
+        return err
+
+    def _wake_writer(self) -> None:
+        lot = self._writer_lot
+        if lot:
+            lot.unpark()
+
+    async def _wait_drained(self) -> None:
+        while self._conn.out_len > HIGH_WATER and not self._closing:
+            await self._drain_lot.park()
+
+    def _push_deadline(self, dq: collections.deque[tuple[float, StreamState]], delay: float, st: StreamState) -> None:
+        # drop heads that no longer matter so the queue stays as long as the live streams
+        while dq and not self._deadline_live(dq is self._open_deadlines, dq[0][1]):
+            dq.popleft()
+        was_empty = not dq
+        dq.append((trio.current_time() + delay, st))
+        if was_empty and self._timer_lot:
+            self._timer_lot.unpark_all()
+
+    @staticmethod
+    def _deadline_live(is_open: bool, st: StreamState) -> bool:
+        if st.forgotten:
+            return False
+        return st.syn_pending if is_open else st.state == LOCAL_CLOSE
+
+    def _after_local_close(self, st: StreamState) -> None:
+        if st.state == LOCAL_CLOSE and not st.forgotten and self.config.stream_close_timeout > 0:
+            self._push_deadline(self._close_deadlines, self.config.stream_close_timeout, st)
+        self._wake_writer()
+
+    def _terminate(self, reason: BaseException | None) -> None:
+        """End the session: wake every waiter, stop the reader and helpers; the writer flushes what is
+        queued (bounded by FLUSH_GRACE)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_reason = reason
+        conn = self._conn
+        for st in list(conn.streams.values()):
+            handle = st.handle
+            if isinstance(handle, MuxStream):
+                handle._wake()
+        conn.close()
+        for stream in self._accept_queue:
+            stream._wake()
+        for event in self._pings.values():
+            event.set()
+        for lot in (self._accept_lot, self._open_lot, self._drain_lot, self._writer_lot, self._timer_lot):
+            lot.unpark_all()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        self._aux_scope.cancel()
+        if self._nursery_scope is not None:
+            grace = FLUSH_GRACE if conn.out_len else 0.0
+            self._nursery_scope.deadline = min(self._nursery_scope.deadline, trio.current_time() + grace)
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        receive_some = self._transport.receive_some
+        accept_queue = self._accept_queue
+        with trio.CancelScope() as scope:
+            self._reader_scope = scope
+            if self._closing:
+                return
+            while True:
+                try:
+                    data = await receive_some(RECV_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._terminate(exc)
+                    return
+                if not data:
+                    self._terminate(EOFError("transport closed by peer"))
+                    return
+                try:
+                    events = conn.receive_data(data)
+                except ProtocolError as exc:
+                    self._dispatch(exc.events, accept_queue)  # type: ignore[arg-type]
+                    self._terminate(exc)
+                    return
+                if events:
+                    self._dispatch(events, accept_queue)
+                if conn.out_len:
+                    lot = self._writer_lot
+                    if lot:
+                        lot.unpark()
+
+    def _dispatch(self, events: list[Any], accept_queue: collections.deque[MuxStream]) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is DataReceived or t is StreamEnded:
+                h = ev[1].handle
+                if h is not None and h._read_lot:
+                    h._read_lot.unpark_all()
+            elif t is WindowUpdated:
+                h = ev[1].handle
+                if h is not None and h._write_lot:
+                    h._write_lot.unpark_all()
+            elif t is StreamOpened:
+                stream = MuxStream(self, ev[1])
+                ev[1].handle = stream
+                accept_queue.append(stream)
+                if self._accept_lot:
+                    self._accept_lot.unpark()
+            elif t is StreamReset:
+                h = ev[1].handle
+                if h is not None:
+                    h._wake()
+                if self._open_lot:
+                    self._open_lot.unpark_all()
+            elif t is StreamEstablished:
+                if self._open_lot:
+                    self._open_lot.unpark_all()
+            elif t is PingAcked:
+                event = self._pings.get(ev[0])
+                if event is not None:
+                    event.set()
+            elif t is GoAwayReceived:
+                if self._open_lot:
+                    self._open_lot.unpark_all()
+            elif t is ConnectionTerminated:
+                self._terminate(MuxError(f"peer sent GoAway({ev[0]})"))
+                return
+
+    async def _writer(self) -> None:
+        conn = self._conn
+        send_all = self._transport.send_all
+        lot = self._writer_lot
+        drain = self._drain_lot
+        while True:
+            if not conn.out_len:
+                if self._closing:
+                    return
+                await lot.park()
+                continue
+            chunks = conn.take_output()
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            try:
+                await send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._terminate(exc)
+                return
+            if drain:
+                drain.unpark_all()
+
+    async def _aux(self, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if self.config.enable_keepalive:
+                    nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._timers)
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self.config.keepalive_interval)
+            try:
+                await self.ping()
+            except MuxError:
+                self._terminate(MuxError("keepalive timeout"))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def _timers(self) -> None:
+        opens = self._open_deadlines
+        closes = self._close_deadlines
+        conn = self._conn
+        while True:
+            now = trio.current_time()
+            while opens and (opens[0][0] <= now or not self._deadline_live(True, opens[0][1])):
+                _deadline, st = opens.popleft()
+                if self._deadline_live(True, st):
+                    self._terminate(MuxError(f"stream {st.id} open timeout: no ACK from the peer"))
+                    return
+            while closes and (closes[0][0] <= now or not self._deadline_live(False, closes[0][1])):
+                _deadline, st = closes.popleft()
+                if self._deadline_live(False, st):
+                    conn.reset_stream(st)
+                    if isinstance(st.handle, MuxStream):
+                        st.handle._wake()
+                    self._wake_writer()
+            nxt = min(opens[0][0] if opens else math.inf, closes[0][0] if closes else math.inf)
+            with trio.move_on_at(nxt):
+                await self._timer_lot.park()
