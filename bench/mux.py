@@ -150,7 +150,7 @@ def main() -> None:
     go = build_go_peer()
     raw: dict[tuple[str, str, str], list[float | str]] = {}
     started = time.perf_counter()
-    timeout = 120.0
+    timeout = 20.0 if args.quick else 120.0  # a hung client is a FAIL cell, not a hung run
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         for transport in transports:
             for pair in pairs:
@@ -181,7 +181,7 @@ def main() -> None:
     print("(a) raw trio sockets  (b) Go↔Go  (c) agentd↔agentd  (d1) Go client→agentd  (d2) agentd→Go server")
     for transport in transports:
         print(f"\n{transport.upper()}")
-        header = f"{'workload':22}" + "".join(f"{'(' + p + ')':>26}" for p in pairs)
+        header = f"{'workload':20}" + "".join(f"{'(' + p + ')':>24}" for p in pairs)
         print(header)
         print("-" * len(header))
         for workload in workloads:
@@ -191,7 +191,7 @@ def main() -> None:
                 value = median(transport, pair, workload)
                 failures = [f for f in raw.get((transport, pair, workload), []) if isinstance(f, str)]
                 if value is None and failures:
-                    cells.append(f"{'FAIL':>26}")
+                    cells.append(f"{'FAIL':>24}")
                     continue
                 text = fmt(value, workload)
                 if value is not None and base and pair != "b":
@@ -200,8 +200,8 @@ def main() -> None:
                     target = TARGETS.get(workload)
                     if transport == "unix" and pair in MUX_PAIRS and target is not None:
                         text += " PASS" if ratio >= target else " MISS"
-                cells.append(f"{text:>26}")
-            print(f"{LABELS[workload]:22}" + "".join(cells))
+                cells.append(f"{text:>24}")
+            print(f"{LABELS[workload]:20}" + "".join(cells))
     print("\nTargets (Unix, agentd.mux vs (b)): sink & echo >= 1.0x, 64 B rt >= 0.8x, new-stream rt >= 0.8x")
     failures = {k: [f for f in v if isinstance(f, str)] for k, v in raw.items()}
     for (transport, pair, workload), errors in sorted(failures.items()):

@@ -30,7 +30,8 @@
 //	rst           (Python servers only: hashicorp/yamux has no stream reset API)
 //
 // A stream that reaches EOF before a full command line is simply closed. -serve none never
-// accepts a stream, so the accept backlog fills up and later SYNs are answered with RST.
+// accepts a stream, so the accept backlog fills up and later SYNs are answered with RST;
+// -accept-delay lets streams pile up in the backlog before accepting starts.
 //
 // Script scenarios (-script, Go client against a server speaking the protocol above) print one
 // JSON object per scenario: {"scenario":..,"ok":bool,"error":..,...}. Benchmarks (-bench) print one
@@ -74,6 +75,7 @@ var (
 	flagDuration     = flag.Duration("duration", 2*time.Second, "duration of rt/newstream/openclose benchmarks")
 	flagChunk        = flag.Int("chunk", 256<<10, "write size for sink/echo benchmarks")
 	flagBacklog      = flag.Int("backlog", 256, "AcceptBacklog")
+	flagAcceptDelay  = flag.Duration("accept-delay", 0, "server: wait this long after a session starts before accepting")
 	flagKeepalive    = flag.Duration("keepalive", 30*time.Second, "keepalive interval (0 disables)")
 	flagWriteTimeout = flag.Duration("write-timeout", 10*time.Second, "ConnectionWriteTimeout")
 	flagVerbose      = flag.Bool("v", false, "let yamux log to stderr")
@@ -203,6 +205,7 @@ func serve(session *yamux.Session) {
 		<-session.CloseChan()
 		return
 	}
+	time.Sleep(*flagAcceptDelay)
 	for {
 		stream, err := session.AcceptStream()
 		if err != nil {

@@ -345,3 +345,18 @@ async def test_go_away_from_go_stops_agentd_opens(go_peer: Path, listen_address:
         await stream.send_eof()
         assert await stream.receive_some(1) == b""
         await stream.aclose()
+
+
+async def test_agentd_client_open_close_beyond_outbound_backlog(go_peer: Path, listen_address: str) -> None:
+    """Open and at once close 300 streams while Go is not accepting yet (hashicorp lets at most
+    256 un-ACKed opens wait, like agentd). A Go stream that got our FIN before Accept never sends
+    an ACK, only its own FIN, so that FIN must free the outbound slot for the parked opener."""
+    args = ("-accept-delay", "300ms")
+    async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address) as session:
+        with trio.fail_after(10):
+            for _ in range(300):
+                stream = await session.open_stream()
+                await stream.aclose()
+            stream = await open_command(session, "echo")
+            await echo_through(stream, b"still opening")
+            await stream.aclose()
