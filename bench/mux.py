@@ -20,6 +20,7 @@ filtered, the others run in full. The machine is shared and noisy: read ratios, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -151,28 +152,29 @@ def main() -> None:
     raw: dict[tuple[str, str, str], list[float | str]] = {}
     started = time.perf_counter()
     timeout = 10.0 if args.quick else 60.0  # a hung client is a FAIL cell, not a hung run
+    # All servers of a transport stay up together, and every workload runs pair after pair, so each
+    # ratio compares figures taken seconds apart (this machine's load changes by the minute).
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         for transport in transports:
-            for pair in pairs:
-                client_impl, server_impl = PAIRS[pair]
-                listen = f"unix:{tmp}/{pair}.sock" if transport == "unix" else "tcp:127.0.0.1:0"
-                with server(server_impl, go, listen) as address:
-                    for _ in range(runs):
-                        for workload in workloads:
+            with contextlib.ExitStack() as stack:
+                addresses = {}
+                for pair in pairs:
+                    listen = f"unix:{tmp}/{pair}.sock" if transport == "unix" else "tcp:127.0.0.1:0"
+                    addresses[pair] = stack.enter_context(server(PAIRS[pair][1], go, listen))
+                for _ in range(runs):
+                    for workload in workloads:
+                        for pair in pairs:
                             if pair == "a" and workload in ("newstream", "openclose"):
                                 continue  # one connection per stream: not a stream figure
-                            if "timeout" in raw.get((transport, pair, workload), []):
+                            figures = raw.setdefault((transport, pair, workload), [])
+                            if "timeout" in figures:
                                 continue  # it hung once: do not burn another timeout on it
-                            argv = client_command(
-                                client_impl, go, address, workload_args(workload, args.quick, duration)
-                            )
+                            wargs = workload_args(workload, args.quick, duration)
+                            argv = client_command(PAIRS[pair][0], go, addresses[pair], wargs)
                             figure = run_client(argv, timeout)
-                            raw.setdefault((transport, pair, workload), []).append(figure)
-                            print(
-                                f"  {transport:4} {pair:2} {workload:9} {figure}",
-                                file=sys.stderr,
-                                flush=True,
-                            )
+                            figures.append(figure)
+                            line = f"  {transport:4} {pair:2} {workload:9} {figure}"
+                            print(line, file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
 
     def median(transport: str, pair: str, workload: str) -> float | None:
