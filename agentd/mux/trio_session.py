@@ -130,21 +130,21 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     n = conn.send_data(st, view[off:] if off else view)
                 except MuxError as exc:
                     raise self._send_error(exc) from None
-                if n:
-                    off += n
-                    lot = session._writer_lot
-                    if lot:
-                        lot.unpark()
+                off += n
                 if off >= total:
                     break
                 if not n:
+                    session._wake_writer()
                     parked = True
                     await self._write_lot.park()
                     if self._closed:
                         raise trio.ClosedResourceError("stream closed")
             if conn.out_len > HIGH_WATER:
+                session._wake_writer()
                 parked = True
                 await session._wait_drained()
+            elif await session._flush_inline():
+                parked = True
             if not parked:
                 await cancel_shielded_checkpoint()
         finally:
@@ -178,7 +178,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream closed")
         self._conn.end_stream(self._st)
         self._session._after_local_close(self._st)
-        await cancel_shielded_checkpoint()
+        if not await self._session._flush_inline():
+            await cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         n = _check_max_bytes(max_bytes)
@@ -263,6 +264,7 @@ class MuxSession:
         self._open_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
         self._close_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
         self._started = False
+        self._writing = False
         self._closing = False
         self._closed_locally = False
         self._close_reason: BaseException | None = None
@@ -424,6 +426,34 @@ class MuxSession:
         if lot:
             lot.unpark()
 
+    async def _flush_inline(self) -> bool:
+        """Write the queued frames from the calling task when the writer is idle (saves a task
+        switch per request). Shielded, so a cancelled caller never leaves half a frame; bounded by the
+        write timeout (then the session is dead anyway). True if it wrote (that was a checkpoint)."""
+        conn = self._conn
+        if self._writing or self._closing or not conn.out_len:
+            return False
+        self._writing = True
+        try:
+            chunks = conn.take_output()
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + self.config.connection_write_timeout
+            ) as cs:
+                try:
+                    await self._transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._terminate(exc)
+            if cs.cancelled_caught:
+                self._terminate(MuxError("write timeout"))
+        finally:
+            self._writing = False
+        if conn.out_len:
+            self._wake_writer()
+        if self._drain_lot:
+            self._drain_lot.unpark_all()
+        return True
+
     async def _wait_drained(self) -> None:
         while self._conn.out_len > HIGH_WATER and not self._closing:
             await self._drain_lot.park()
@@ -547,18 +577,21 @@ class MuxSession:
         lot = self._writer_lot
         drain = self._drain_lot
         while True:
-            if not conn.out_len:
-                if self._closing:
+            if not conn.out_len or self._writing:
+                if self._closing and not self._writing:
                     return
                 await lot.park()
                 continue
             chunks = conn.take_output()
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._writing = True
             try:
                 await send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._terminate(exc)
                 return
+            finally:
+                self._writing = False
             if drain:
                 drain.unpark_all()
 
