@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import attrs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -92,32 +95,54 @@ def server_command(impl: str, go: Path, listen: str) -> list[str]:
 
 
 @contextmanager
-def server(impl: str, go: Path, listen: str) -> Iterator[str]:
-    """Start a server process, yield the address it printed, kill it afterwards."""
+def server(impl: str, go: Path, listen: str) -> Iterator[tuple[str, int]]:
+    """Start a server process, yield (the address it printed, its pid), kill it afterwards."""
     proc = subprocess.Popen(server_command(impl, go, listen), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("LISTENING "):
             raise RuntimeError(f"{impl} server did not start: {line!r}")
-        yield line.split(" ", 1)[1].strip()
+        yield line.split(" ", 1)[1].strip(), proc.pid
     finally:
         proc.kill()
         proc.wait()
 
 
-def run_client(argv: list[str], timeout: float) -> float | str:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@attrs.frozen
+class Figure:
+    """One client run: the workload's figure, and CPU microseconds per op (per MiB for byte
+    workloads) spent by the server (from /proc, 10 ms ticks: coarse for short runs) and by the
+    client (measured around the workload only). CPU per op is far less sensitive than throughput
+    to the other load on a shared machine."""
+
+    value: float
+    server_us: float
+    client_us: float
+
+
+def run_client(argv: list[str], timeout: float, server_pid: int) -> Figure | str:
+    server_before = process_cpu(server_pid)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
+    server_cpu = process_cpu(server_pid) - server_before
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         return f"exit {done.returncode}: {last[:60]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["error"]:
         return str(result["error"])[:60]
-    return float(result["value"])
+    units = result["n"] / (1 << 20) if result["unit"] == "MB/s" else result["n"]
+    client_cpu = float(result["cpu"])  # measured by the client around the workload only
+    return Figure(float(result["value"]), server_cpu / units * 1e6, client_cpu / units * 1e6)
 
 
 def fmt(value: float | None, workload: str) -> str:
@@ -149,7 +174,7 @@ def main() -> None:
 
     pairs, transports, workloads = pick(list(PAIRS)), pick(TRANSPORTS), pick(WORKLOADS)
     go = build_go_peer()
-    raw: dict[tuple[str, str, str], list[float | str]] = {}
+    raw: dict[tuple[str, str, str], list[Figure | str]] = {}
     started = time.perf_counter()
     timeout = 10.0 if args.quick else 60.0  # a hung client is a FAIL cell, not a hung run
     # All servers of a transport stay up together, and every workload runs pair after pair, so each
@@ -157,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         for transport in transports:
             with contextlib.ExitStack() as stack:
-                addresses = {}
+                addresses: dict[str, tuple[str, int]] = {}
                 for pair in pairs:
                     listen = f"unix:{tmp}/{pair}.sock" if transport == "unix" else "tcp:127.0.0.1:0"
                     addresses[pair] = stack.enter_context(server(PAIRS[pair][1], go, listen))
@@ -170,49 +195,82 @@ def main() -> None:
                             if "timeout" in figures:
                                 continue  # it hung once: do not burn another timeout on it
                             wargs = workload_args(workload, args.quick, duration)
-                            argv = client_command(PAIRS[pair][0], go, addresses[pair], wargs)
-                            figure = run_client(argv, timeout)
+                            address, server_pid = addresses[pair]
+                            argv = client_command(PAIRS[pair][0], go, address, wargs)
+                            figure = run_client(argv, timeout, server_pid)
                             figures.append(figure)
                             line = f"  {transport:4} {pair:2} {workload:9} {figure}"
                             print(line, file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
 
-    def median(transport: str, pair: str, workload: str) -> float | None:
-        figures = [f for f in raw.get((transport, pair, workload), []) if isinstance(f, float)]
-        return statistics.median(figures) if figures else None
+    def figures(transport: str, pair: str, workload: str) -> list[Figure]:
+        return [f for f in raw.get((transport, pair, workload), []) if isinstance(f, Figure)]
 
-    print(f"\nagentd.mux benchmark — median of {runs} run(s), {elapsed:.0f} s, ratios against (b) Go↔Go")
-    print("(a) raw trio sockets  (b) Go↔Go  (c) agentd↔agentd  (d1) Go client→agentd  (d2) agentd→Go server")
+    def median(transport: str, pair: str, workload: str) -> float | None:
+        found = figures(transport, pair, workload)
+        return statistics.median(f.value for f in found) if found else None
+
+    def median_cpu(transport: str, pair: str, workload: str) -> tuple[float, float] | None:
+        found = figures(transport, pair, workload)
+        if not found:
+            return None
+        return statistics.median(f.server_us for f in found), statistics.median(f.client_us for f in found)
+
+    def failed(transport: str, pair: str, workload: str) -> bool:
+        return any(isinstance(f, str) for f in raw.get((transport, pair, workload), []))
+
+    width = 24
+    print(f"\nagentd.mux benchmark - median of {runs} run(s), {elapsed:.0f} s, ratios against (b) Go<->Go")
+    print("(a) raw trio sockets  (b) Go<->Go  (c) agentd<->agentd")
+    print("(d1) Go client -> agentd server  (d2) agentd client -> Go server")
     for transport in transports:
-        print(f"\n{transport.upper()}")
-        header = f"{'workload':20}" + "".join(f"{'(' + p + ')':>24}" for p in pairs)
-        print(header)
-        print("-" * len(header))
+        header = f"{'workload':20}" + "".join(f"{'(' + p + ')':>{width}}" for p in pairs)
+        print(f"\n{transport.upper()}: throughput / rate\n{header}\n{'-' * len(header)}")
         for workload in workloads:
             base = median(transport, "b", workload)
             cells = []
             for pair in pairs:
                 value = median(transport, pair, workload)
-                failures = [f for f in raw.get((transport, pair, workload), []) if isinstance(f, str)]
-                if value is None and failures:
-                    cells.append(f"{'FAIL':>24}")
+                if value is None:
+                    cells.append(f"{'FAIL' if failed(transport, pair, workload) else '-':>{width}}")
                     continue
                 text = fmt(value, workload)
-                if value is not None and base and pair != "b":
+                if base and pair != "b":
                     ratio = value / base
                     text += f" {ratio:4.2f}x"
                     target = TARGETS.get(workload)
                     if transport == "unix" and pair in MUX_PAIRS and target is not None:
                         text += " PASS" if ratio >= target else " MISS"
-                cells.append(f"{text:>24}")
+                cells.append(f"{text:>{width}}")
+            print(f"{LABELS[workload]:20}" + "".join(cells))
+        print(
+            f"\n{transport.upper()}: CPU microseconds per op (per MiB for byte workloads), server+client,"
+            f" and the total's ratio to (b) (lower is better)\n{header}\n{'-' * len(header)}"
+        )
+        for workload in workloads:
+            base_cpu = median_cpu(transport, "b", workload)
+            cells = []
+            for pair in pairs:
+                cpu = median_cpu(transport, pair, workload)
+                if cpu is None:
+                    cells.append(f"{'FAIL' if failed(transport, pair, workload) else '-':>{width}}")
+                    continue
+                text = f"{cpu[0]:,.0f}+{cpu[1]:,.0f}"
+                if base_cpu and pair != "b" and sum(base_cpu) > 0:
+                    text += f" {sum(cpu) / sum(base_cpu):4.2f}x"
+                cells.append(f"{text:>{width}}")
             print(f"{LABELS[workload]:20}" + "".join(cells))
     print("\nTargets (Unix, agentd.mux vs (b)): sink & echo >= 1.0x, 64 B rt >= 0.8x, new-stream rt >= 0.8x")
-    failures = {k: [f for f in v if isinstance(f, str)] for k, v in raw.items()}
-    for (transport, pair, workload), errors in sorted(failures.items()):
+    for (transport, pair, workload), found in sorted(raw.items()):
+        errors = [f for f in found if isinstance(f, str)]
         if errors:
             print(f"FAILED {transport} ({pair}) {workload}: {errors[0]}")
     if args.json:
-        args.json.write_text(json.dumps({"|".join(k): v for k, v in raw.items()}, indent=1))
+        dump = {
+            "|".join(key): [attrs.asdict(f) if isinstance(f, Figure) else f for f in found]
+            for key, found in raw.items()
+        }
+        args.json.write_text(json.dumps(dump, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@
 //
 // Script scenarios (-script, Go client against a server speaking the protocol above) print one
 // JSON object per scenario: {"scenario":..,"ok":bool,"error":..,...}. Benchmarks (-bench) print one
-// JSON object: {"workload":..,"value":..,"unit":..,"n":..,"seconds":..}.
+// JSON object: {"workload":..,"value":..,"unit":..,"n":..,"seconds":..,"cpu":..} (cpu: this
+// process's CPU seconds during the workload).
 //
 // Note on the Debian snapshot (git 2019-09-23, older than v0.1.2 that Coder pins): Read on a
 // stream in LocalClose returns EOF as soon as its buffer is empty, so after our own Close we
@@ -57,6 +58,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -550,11 +552,21 @@ func scenario(session *yamux.Session, name string, res result) error {
 // ---------------------------------------------------------------------------------------------
 // Benchmarks
 
+// cpuSeconds is the user+system CPU time this process has used so far.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
 func runBench(session *yamux.Session, workload string) result {
-	start := time.Now()
+	start, cpuStart := time.Now(), cpuSeconds()
 	n, unit, err := bench(session, workload)
 	secs := time.Since(start).Seconds()
-	res := result{"workload": workload, "n": n, "seconds": secs, "unit": unit, "error": ""}
+	res := result{"workload": workload, "n": n, "seconds": secs, "unit": unit, "error": "",
+		"cpu": cpuSeconds() - cpuStart}
 	if err != nil {
 		res["error"] = err.Error()
 		res["value"] = 0.0
