@@ -282,6 +282,8 @@ async def test_agentd_client_10000_open_close_cycles(go_peer: Path, listen_addre
                 await stream.send_eof()
                 assert await stream.receive_some(1) == b""
                 await stream.aclose()
+        # Both FINs were seen for every stream: none may be left in the session's table.
+        assert session.num_streams == 0
         # The session still works after 10,000 streams came and went.
         stream = await open_command(session, "echo")
         await echo_through(stream, b"after")
