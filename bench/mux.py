@@ -191,14 +191,14 @@ def main() -> None:
                         for pair in pairs:
                             if pair == "a" and workload in ("newstream", "openclose"):
                                 continue  # one connection per stream: not a stream figure
-                            figures = raw.setdefault((transport, pair, workload), [])
-                            if "timeout" in figures:
+                            taken = raw.setdefault((transport, pair, workload), [])
+                            if "timeout" in taken:
                                 continue  # it hung once: do not burn another timeout on it
                             wargs = workload_args(workload, args.quick, duration)
                             address, server_pid = addresses[pair]
                             argv = client_command(PAIRS[pair][0], go, address, wargs)
                             figure = run_client(argv, timeout, server_pid)
-                            figures.append(figure)
+                            taken.append(figure)
                             line = f"  {transport:4} {pair:2} {workload:9} {figure}"
                             print(line, file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
