@@ -16,7 +16,9 @@ class ProtocolError(MuxError):
     silently (bad version, unknown frame type).
     """
 
-    def __init__(self, message: str, *, code: GoAwayCode = GoAwayCode.PROTOCOL_ERROR, send_go_away: bool = True):
+    def __init__(
+        self, message: str, *, code: GoAwayCode = GoAwayCode.PROTOCOL_ERROR, send_go_away: bool = True
+    ):
         super().__init__(message)
         self.code = code
         self.send_go_away = send_go_away

@@ -30,7 +30,6 @@ from agentd.mux.session import (
     DataReceived,
     GoAwayReceived,
     PingAcked,
-    SessionClosedError,
     StreamClosedError,
     StreamEnded,
     StreamEstablished,
@@ -204,7 +203,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 state = st.state
                 if state == RESET:
                     raise trio.BrokenResourceError("stream reset by peer")
-                if state == REMOTE_CLOSE or state == CLOSED:
+                if state in (REMOTE_CLOSE, CLOSED):
                     data = b""
                     break
                 if st.session_dead:
@@ -245,7 +244,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
 class MuxSession:
     """A yamux session over any `trio.abc.Stream`; run it with `await nursery.start(session.run)`."""
 
-    def __init__(self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None) -> None:
+    def __init__(
+        self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None
+    ) -> None:
         self._transport = transport
         self.config = config if config is not None else MuxConfig()
         self.is_client = is_client
@@ -458,7 +459,9 @@ class MuxSession:
         while self._conn.out_len > HIGH_WATER and not self._closing:
             await self._drain_lot.park()
 
-    def _push_deadline(self, dq: collections.deque[tuple[float, StreamState]], delay: float, st: StreamState) -> None:
+    def _push_deadline(
+        self, dq: collections.deque[tuple[float, StreamState]], delay: float, st: StreamState
+    ) -> None:
         # drop heads that no longer matter so the queue stays as long as the live streams
         while dq and not self._deadline_live(dq is self._open_deadlines, dq[0][1]):
             dq.popleft()
@@ -486,11 +489,12 @@ class MuxSession:
         self._closing = True
         self._close_reason = reason
         conn = self._conn
-        for st in list(conn.streams.values()):
+        conn.close()
+        for st in conn.dead_streams:
             handle = st.handle
             if isinstance(handle, MuxStream):
                 handle._wake()
-        conn.close()
+        conn.dead_streams = []
         for stream in self._accept_queue:
             stream._wake()
         for event in self._pings.values():
@@ -524,7 +528,7 @@ class MuxSession:
                 try:
                     events = conn.receive_data(data)
                 except ProtocolError as exc:
-                    self._dispatch(exc.events, accept_queue)  # type: ignore[arg-type]
+                    self._dispatch(exc.events, accept_queue)
                     self._terminate(exc)
                     return
                 if events:
