@@ -72,13 +72,13 @@ async def _close(stream: trio.abc.HalfCloseableStream) -> None:
         pass
 
 
-async def serve_connection(impl: str, conn: trio.SocketStream) -> None:
+async def serve_connection(impl: str, conn: trio.SocketStream, window: int) -> None:
     if impl == "raw":
         await handle(conn)
         return
-    from agentd.mux import MuxSession
+    from agentd.mux import MuxConfig, MuxSession
 
-    session = MuxSession(conn, is_client=False)
+    session = MuxSession(conn, is_client=False, config=MuxConfig(max_stream_window=window))
     async with trio.open_nursery() as nursery:
         await nursery.start(session.run)
         try:
@@ -109,7 +109,7 @@ async def listen(address: str) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def serve(impl: str, address: str) -> None:
+async def serve(impl: str, address: str, window: int) -> None:
     listener = await listen(address)
     name = listener.socket.getsockname()
     shown = f"unix:{name}" if isinstance(name, str) else f"tcp:{name[0]}:{name[1]}"
@@ -117,7 +117,7 @@ async def serve(impl: str, address: str) -> None:
     async with trio.open_nursery() as nursery:
         while True:
             conn = await listener.accept()
-            nursery.start_soon(serve_connection, impl, conn)
+            nursery.start_soon(serve_connection, impl, conn, window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +239,10 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
         n, unit = await workload(lambda: connect(args.dial), args)
         seconds = time.perf_counter() - start
     else:
-        from agentd.mux import MuxSession
+        from agentd.mux import MuxConfig, MuxSession
 
         conn = await connect(args.dial)
-        session = MuxSession(conn, is_client=True)
+        session = MuxSession(conn, is_client=True, config=MuxConfig(max_stream_window=args.window))
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             start = time.perf_counter()
@@ -268,10 +268,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--chunk", type=int, default=256 << 10)
+    parser.add_argument(
+        "--window", type=int, default=256 << 10, help="agentd.mux max_stream_window (default 256 KiB)"
+    )
     args = parser.parse_args()
     if args.listen:
         try:
-            trio.run(serve, args.impl, args.listen)
+            trio.run(serve, args.impl, args.listen, args.window)
         except KeyboardInterrupt:
             pass
     else:
