@@ -14,7 +14,8 @@ Workloads: 1-stream sink, 1-stream echo, 16-stream echo (MB/s of payload sent), 
 on one stream, 64-byte round trips with a new stream each, and stream open+close per second
 (opener never waits; an echo round trip at the end makes sure the server kept up).
 `--only` takes pair names, transports (unix, tcp) and workload names; each dimension you name is
-filtered, the others run in full; (b) always runs, as every ratio is taken against it. The machine is shared and noisy: read ratios, not absolutes.
+filtered, the others run in full; (b) always runs, as every ratio is taken against it.
+The machine is shared and noisy: read ratios and CPU per op, not absolute rates.
 """
 
 from __future__ import annotations
