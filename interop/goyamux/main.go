@@ -13,7 +13,8 @@
 //	goyamux -role client -dial   unix:/tmp/s.sock   -bench sink -size 268435456
 //
 // Flags shared by both roles: -keepalive DURATION (0 disables Go's keepalive pings),
-// -write-timeout DURATION (ConnectionWriteTimeout, also the ping-answer deadline), -backlog N.
+// -write-timeout DURATION (ConnectionWriteTimeout, also the ping-answer deadline), -backlog N,
+// -window BYTES (MaxStreamWindowSize: advertised to the peer as an extra delta on SYN/ACK).
 // The yamux role (client: odd stream ids) is independent of dialing or listening; by default a
 // server listens and a client dials. A listener prints "LISTENING <addr>" (with the real TCP
 // port) as its first stdout line and serves every connection until killed.
@@ -80,6 +81,7 @@ var (
 	flagAcceptDelay  = flag.Duration("accept-delay", 0, "server: wait this long after a session starts before accepting")
 	flagKeepalive    = flag.Duration("keepalive", 30*time.Second, "keepalive interval (0 disables)")
 	flagWriteTimeout = flag.Duration("write-timeout", 10*time.Second, "ConnectionWriteTimeout")
+	flagWindow       = flag.Int("window", 256<<10, "MaxStreamWindowSize (at least 256 KiB)")
 	flagVerbose      = flag.Bool("v", false, "let yamux log to stderr")
 )
 
@@ -108,6 +110,7 @@ func config() *yamux.Config {
 		c.KeepAliveInterval = *flagKeepalive
 	}
 	c.ConnectionWriteTimeout = *flagWriteTimeout
+	c.MaxStreamWindowSize = uint32(*flagWindow)
 	if !*flagVerbose {
 		c.LogOutput = ioutil.Discard
 	}
@@ -396,6 +399,14 @@ func scenario(session *yamux.Session, name string, res result) error {
 		}
 		defer stream.Close()
 		return echoThrough(stream, pattern(1<<20))
+
+	case "hugewrite": // 4 MiB in one Write: with -window 1 MiB, frames up to 1 MiB each way
+		stream, err := openCmd(session, "echo")
+		if err != nil {
+			return err
+		}
+		defer stream.Close()
+		return echoThrough(stream, pattern(4<<20))
 
 	case "sink": // 1 MiB in one Write, then half-close; the peer answers after our FIN
 		stream, err := openCmd(session, "sink")

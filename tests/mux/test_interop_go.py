@@ -17,7 +17,7 @@ import attrs
 import pytest
 import trio
 
-from agentd.mux import GoAwayCode, MuxError, MuxSession, MuxStream
+from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession, MuxStream
 from tests import gopeer
 from tests.gopeer import connect, go_server, run_go_client
 
@@ -121,7 +121,7 @@ class MuxServer:
 
 
 @asynccontextmanager
-async def mux_server(listen: str) -> AsyncIterator[MuxServer]:
+async def mux_server(listen: str, config: MuxConfig | None = None) -> AsyncIterator[MuxServer]:
     """An agentd.mux yamux server on `listen` that serves every stream with serve_stream."""
     family, _, where = listen.partition(":")
     if family == "unix":
@@ -137,7 +137,7 @@ async def mux_server(listen: str) -> AsyncIterator[MuxServer]:
     server = MuxServer(address)
 
     async def session_main(conn: trio.SocketStream) -> None:
-        session = MuxSession(conn, is_client=False)
+        session = MuxSession(conn, is_client=False, config=config or MuxConfig())
         async with trio.open_nursery() as nursery:
             await nursery.start(session.run)
             try:
@@ -202,9 +202,9 @@ async def test_go_keepalive_pings_are_answered(go_peer: Path, listen_address: st
 
 
 @asynccontextmanager
-async def agentd_client(address: str) -> AsyncIterator[MuxSession]:
+async def agentd_client(address: str, config: MuxConfig | None = None) -> AsyncIterator[MuxSession]:
     conn = await connect(address)
-    session = MuxSession(conn, is_client=True)
+    session = MuxSession(conn, is_client=True, config=config or MuxConfig())
     async with trio.open_nursery() as nursery:
         await nursery.start(session.run)
         yield session
@@ -362,3 +362,34 @@ async def test_agentd_client_open_close_beyond_outbound_backlog(go_peer: Path, l
             stream = await open_command(session, "echo")
             await echo_through(stream, b"still opening")
             await stream.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows larger than 256 KiB (advertised as an extra delta on the SYN / ACK window update)
+
+BIG_WINDOW = 1 << 20
+
+
+async def test_big_windows_go_client_against_agentd_server(go_peer: Path, listen_address: str) -> None:
+    """Both ends allow 1 MiB per stream: Go sends Data frames of up to 1 MiB, and so does agentd."""
+    async with mux_server(listen_address, MuxConfig(max_stream_window=BIG_WINDOW)) as server:
+        [result] = await run_go_client(
+            go_peer, server.address, "-window", str(BIG_WINDOW), "-script", "hugewrite"
+        )
+        assert result["ok"], result
+
+
+async def test_big_windows_agentd_client_against_go_server(go_peer: Path, listen_address: str) -> None:
+    """agentd's SYN grants Go 1 MiB of credit, so Go may send 1 MiB before agentd reads a byte."""
+    args = ("-window", str(BIG_WINDOW))
+    config = MuxConfig(max_stream_window=BIG_WINDOW)
+    async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address, config) as session:
+        stream = await open_command(session, f"source {BIG_WINDOW}")
+        await trio.sleep(0.2)  # let Go use the whole window before the application reads
+        with trio.fail_after(10):
+            assert await read_to_eof(stream) == pattern(BIG_WINDOW)
+        await stream.aclose()
+        stream = await open_command(session, "echo")
+        with trio.fail_after(20):
+            await echo_through(stream, pattern(4 << 20))
+        await stream.aclose()
