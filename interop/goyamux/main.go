@@ -29,6 +29,7 @@
 //	watch TAG     answer "watching\n", read until EOF or error, then print
 //	              {"event":"watch","tag":TAG,"read":n,"err":...} on stdout
 //	rst           (Python servers only: hashicorp/yamux has no stream reset API)
+//	drop          (Python servers only: close the stream at once without reading)
 //
 // A stream that reaches EOF before a full command line is simply closed. -serve none never
 // accepts a stream, so the accept backlog fills up and later SYNs are answered with RST;
@@ -538,6 +539,27 @@ func scenario(session *yamux.Session, name string, res result) error {
 			return fmt.Errorf("existing stream after GoAway: %v", err)
 		}
 		return stream.Close()
+
+	case "drop": // the peer closes at once and reads nothing: a big Write must fail, not hang
+		stream, err := openCmd(session, "drop")
+		if err != nil {
+			return err
+		}
+		errc := make(chan error, 1)
+		go func() {
+			_, err := stream.Write(pattern(2 << 20))
+			errc <- err
+		}()
+		select {
+		case werr := <-errc:
+			res["write_error"] = fmt.Sprint(werr)
+			if werr == nil {
+				return errors.New("2 MiB Write to a stream the peer closed succeeded")
+			}
+			return nil
+		case <-time.After(5 * time.Second):
+			return errors.New("Write to a stream the peer closed still blocked after 5 s")
+		}
 
 	case "rst": // the peer resets the stream: Read and Write report "connection reset"
 		stream, err := openCmd(session, "rst")

@@ -3,7 +3,7 @@
 The Go side is interop/goyamux (built once per session by tests/gopeer.py). Go-client tests run a
 scripted goyamux client against an agentd.mux server defined here; agentd-client tests drive an
 agentd.mux client against a goyamux server. Both servers speak the same per-stream protocol: a
-command line ("echo", "sink", "source N", "goaway", "rst", "watch TAG") and then payload.
+command line ("echo", "sink", "source N", "goaway", "rst", "drop", "watch TAG") and then payload.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ async def serve_stream(session: MuxSession, stream: MuxStream) -> None:
             await read_to_eof(stream)
         elif command[0] == b"rst":
             await reset(stream)
+        elif command[0] == b"drop":
+            pass  # closed below without reading what the peer sends
     except ENDED:
         pass
     finally:
@@ -174,6 +176,7 @@ GO_CLIENT_SCENARIOS = [
     "ping",  # Go Session.Ping answered by agentd
     "goaway",  # agentd go_away(NORMAL): Go Open fails, the open stream finishes
     "rst",  # agentd reset(): Go Read and Write see "connection reset"
+    "drop",  # agentd aclose() without reading: Go's 2 MiB Write fails instead of waiting for credit
 ]
 
 
@@ -392,4 +395,33 @@ async def test_big_windows_agentd_client_against_go_server(go_peer: Path, listen
         stream = await open_command(session, "echo")
         with trio.fail_after(20):
             await echo_through(stream, pattern(4 << 20))
+        await stream.aclose()
+
+
+async def test_go_client_big_window_against_default_agentd(go_peer: Path, listen_address: str) -> None:
+    """Go's SYN carries 768 KiB of extra credit: agentd may then send Go frames of up to 1 MiB."""
+    async with mux_server(listen_address) as server:
+        args = ("-window", str(BIG_WINDOW), "-script", "hugewrite")
+        [result] = await run_go_client(go_peer, server.address, *args)
+        assert result["ok"], result
+
+
+async def test_default_agentd_client_against_big_window_go(go_peer: Path, listen_address: str) -> None:
+    """Go's ACK carries 768 KiB of extra credit for agentd's stream."""
+    args = ("-window", str(BIG_WINDOW))
+    async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address) as session:
+        stream = await open_command(session, "echo")
+        with trio.fail_after(20):
+            await echo_through(stream, pattern(4 << 20))
+        await stream.aclose()
+
+
+async def test_agentd_keepalive_against_go(go_peer: Path, listen_address: str) -> None:
+    """agentd pings Go every 50 ms with a 1 s deadline; Go answers, so the session lives on."""
+    config = MuxConfig(keepalive_interval=0.05, connection_write_timeout=1.0)
+    async with go_server(go_peer, listen_address) as go, agentd_client(go.address, config) as session:
+        await trio.sleep(1.0)
+        stream = await open_command(session, "echo")
+        with trio.fail_after(5):
+            await echo_through(stream, b"alive")
         await stream.aclose()
