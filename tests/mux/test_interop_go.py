@@ -334,9 +334,11 @@ async def test_go_backlog_overflow_resets_agentd_stream(go_peer: Path, listen_ad
     async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address) as session:
         with trio.fail_after(5):
             streams = [await session.open_stream() for _ in range(3)]
-            for stream in streams:
-                await stream.send_all(b"x")
+            for stream in streams[:2]:
+                await stream.send_all(b"x")  # waiting in Go's backlog: writable
+            # The RST surfaces on whichever call comes after it arrived.
             with pytest.raises(trio.BrokenResourceError):
+                await streams[2].send_all(b"x")
                 await streams[2].receive_some(10)
 
 
