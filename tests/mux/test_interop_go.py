@@ -427,3 +427,23 @@ async def test_agentd_keepalive_against_go(go_peer: Path, listen_address: str) -
         with trio.fail_after(5):
             await echo_through(stream, b"alive")
         await stream.aclose()
+
+
+async def test_local_reset_frees_an_outbound_slot(go_peer: Path, listen_address: str) -> None:
+    """256 opens wait for ACKs from a Go server that never accepts; an opener parked for the
+    257th slot must get it as soon as the application resets one of the waiting streams."""
+    args = ("-serve", "none", "-backlog", "300")
+    async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address) as session:
+        with trio.fail_after(5):
+            waiting = [await session.open_stream() for _ in range(256)]
+            opened: list[MuxStream] = []
+
+            async def open_one() -> None:
+                opened.append(await session.open_stream())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(open_one)
+                await trio.sleep(0.1)
+                assert not opened, "the 257th open did not wait for a free slot"
+                await reset(waiting[0])
+            assert len(opened) == 1
