@@ -334,9 +334,10 @@ def test_random_frames_only_events_or_protocol_error(frames: list[tuple[int, int
         conn.read(s, 1 << 20)
 
 
-def test_random_interleavings_deliver_in_order() -> None:
-    for seed in range(30):
-        run_interleaving(random.Random(seed))
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_random_interleavings_deliver_in_order(seed: int) -> None:
+    run_interleaving(random.Random(seed))
 
 
 def run_interleaving(rng: random.Random) -> None:
