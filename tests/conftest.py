@@ -30,6 +30,8 @@ import agentd.testing
 from agentd.store import Database, PubSub, asyncio_loop, open_database
 from agentd.store.testing import TestServer, test_server
 
+pytest_plugins = ["tests.gopeer"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # `timeout`, CI runners and process managers stop pytest with SIGTERM; turn it into the
