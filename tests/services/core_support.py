@@ -9,6 +9,7 @@ published on every channel and everything received before it is what the call pu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from agentd.services.base import AgentIdentity, ConnectionScope, Settings, Works
 from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.pubsub import MISSED, PubSub, Subscription
+from agentd.testing import TestAgent, serve_agent
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -177,3 +179,13 @@ def make_scope(
         components=components if components is not None else Components(),
         now=now if now is not None else FakeNow(),
     )
+
+
+async def connect(nursery: trio.Nursery, db: Database, token: uuid.UUID, **options: Any) -> TestAgent:
+    """Serve one agent connection in-process through agentd.testing (all composed services)."""
+    agent: TestAgent = await nursery.start(functools.partial(serve_agent, db, token, **options))
+    return agent
+
+
+def token_of(seeded: Seeded, name: str = "main") -> uuid.UUID:
+    return next(a.token for a in seeded.workspace.agents if a.name == name)

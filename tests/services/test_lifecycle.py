@@ -6,23 +6,27 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import trio
 from google.protobuf import timestamp_pb2
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services import lifecycle
 from agentd.services.base import AGENT, ZERO_TIME
+from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (
     T0,
     FakeNow,
     Seeded,
+    connect,
     listen,
     make_scope,
     owner_channel,
     pubsub,
     seed,
+    token_of,
     workspace_event,
 )
 
@@ -209,3 +213,29 @@ async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded, pubsub: P
     assert err.value.message == (
         f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
+
+
+async def test_end_to_end_through_agentd_testing(
+    db: Database, seeded: Seeded, pubsub: PubSub, nursery: trio.Nursery
+) -> None:
+    agent = await connect(nursery, db, token_of(seeded), events=Events(pubsub))
+    channel = owner_channel(seeded.main)
+    async with listen(pubsub, channel) as events:
+        for state in (L.STARTING, L.READY):
+            response = await agent.client.agent.UpdateLifecycle(request(state, ZERO_TIME))
+            assert response.state == state
+            # The server filled in its own time for Go's zero time, and said so on the wire.
+            assert response.changed_at.ToDatetime(tzinfo=dt.UTC).year == dt.datetime.now(dt.UTC).year
+        with pytest.raises(RpcError) as err:
+            await agent.client.agent.UpdateLifecycle(request(L.STATE_UNSPECIFIED))
+        assert (err.value.code, err.value.message) == (
+            0,
+            'invalid lifecycle.state: unknown lifecycle state "STATE_UNSPECIFIED"',
+        )
+        kinds = [e["kind"] for e in (await events.drain()).get(channel, [])]
+    # (the connection monitor's agt_connection_update shares the channel)
+    assert [k for k in kinds if k != "agt_connection_update"] == ["agt_lifecycle_update"] * 2
+    row = await agent_row(db, seeded.main.agent_id)
+    assert row["state"] == "ready"
+    assert row["started_at"] is not None and row["ready_at"] is not None
+    assert row["started_at"] <= row["ready_at"]

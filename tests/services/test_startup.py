@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
@@ -13,7 +14,16 @@ from agentd.services import lifecycle
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
-from tests.services.core_support import Seeded, listen, make_scope, owner_channel, pubsub, seed
+from tests.services.core_support import (
+    Seeded,
+    connect,
+    listen,
+    make_scope,
+    owner_channel,
+    pubsub,
+    seed,
+    token_of,
+)
 
 assert pubsub  # fixture
 
@@ -162,3 +172,21 @@ async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded) -> None:
     assert (
         err.value.message == f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
+
+
+async def test_end_to_end_records_the_negotiated_api_version(
+    db: Database, seeded: Seeded, nursery: trio.Nursery
+) -> None:
+    # The agent dials with ?version=2.3: that is what UpdateStartup stores, not the server's newest.
+    agent = await connect(nursery, db, token_of(seeded), version="2.3")
+    req = request("v2.25.1", "/home/coder", [S.ENVBUILDER, S.ENVBOX])
+    assert await agent.client.agent.UpdateStartup(req) == req.startup
+    assert await startup_row(db, seeded.main.agent_id) == {
+        "version": "v2.25.1",
+        "expanded_directory": "/home/coder",
+        "subsystems": ["envbox", "envbuilder"],
+        "api_version": "2.3",
+    }
+    with pytest.raises(RpcError) as err:
+        await agent.client.agent.UpdateStartup(request("2.25.1"))
+    assert (err.value.code, err.value.message) == (0, 'invalid agent semver version "2.25.1"')
