@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import types
 from typing import Any
 
 import pytest
@@ -239,3 +240,63 @@ async def test_end_to_end_through_agentd_testing(
     assert row["state"] == "ready"
     assert row["started_at"] is not None and row["ready_at"] is not None
     assert row["started_at"] <= row["ready_at"]
+
+
+def test_build_duration_histogram_renders_prometheus_text() -> None:
+    hist = lifecycle.BuildDurationHistogram()
+    labels = {
+        "template_name": 'd"ev',
+        "organization_name": "acme",
+        "transition": "start",
+        "is_prebuild": False,
+    }
+    hist.observe(42.5, status="success", **labels)  # type: ignore[arg-type]
+    hist.observe(5, status="success", **labels)  # type: ignore[arg-type]
+    name = "coderd_template_workspace_build_duration_seconds"
+    lbl = 'template_name="d\\"ev",organization_name="acme",transition="start"'
+    lbl += ',status="success",is_prebuild="false"'
+    counts = {"1": 0, "10": 1, "30": 1, "60": 2, "300": 2, "600": 2, "1800": 2, "3600": 2, "+Inf": 2}
+    assert hist.render().splitlines() == [
+        f"# HELP {name} Duration from workspace build creation to agent ready, by template.",
+        f"# TYPE {name} histogram",
+        *[f'{name}_bucket{{{lbl},le="{le}"}} {n}' for le, n in counts.items()],
+        f"{name}_sum{{{lbl}}} 47.5",
+        f"{name}_count{{{lbl}}} 2",
+    ]
+
+
+async def test_build_duration_is_observed_once_all_agents_are_ready(db: Database, seeded: Seeded) -> None:
+    hist = lifecycle.BuildDurationHistogram()
+    components = types.SimpleNamespace(build_durations=hist, derp_map=None)
+    created = T0 - dt.timedelta(seconds=100)
+    await db.execute(
+        "UPDATE workspace_builds SET created_at = %s WHERE id = %s", [created, seeded.main.build_id]
+    )
+    main = lifecycle.build(make_scope(db, seeded.main, components=components))  # type: ignore[arg-type]
+    other = lifecycle.build(make_scope(db, seeded.other, components=components))  # type: ignore[arg-type]
+
+    # "other" is not ready yet: nothing to observe, and main's connection does not look again.
+    await main.update_lifecycle(request(L.READY, T0))
+    assert hist.samples() == {}
+    # The last agent reaches a terminal state: duration = last ready_at - build creation, worst status.
+    await other.update_lifecycle(request(L.START_ERROR, T0 + dt.timedelta(seconds=20)))
+    names = await template_org(db, seeded)
+    assert hist.samples() == {(*names, "start", "error", "false"): (1, 120.0)}
+    # At most once per connection.
+    await other.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=30)))
+    await main.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=40)))
+    assert hist.samples() == {(*names, "start", "error", "false"): (1, 120.0)}
+    # A new connection of the agent checks again (now every agent is "ready": status success).
+    again = lifecycle.build(make_scope(db, seeded.main, components=components))  # type: ignore[arg-type]
+    await again.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=50)))
+    assert hist.samples()[(*names, "start", "success", "false")] == (1, 150.0)
+
+
+async def template_org(db: Database, seeded: Seeded) -> tuple[str, str]:
+    row = await db.fetchone(
+        "SELECT t.name AS template, o.name AS org FROM templates t"
+        " JOIN organizations o ON o.id = t.organization_id WHERE t.id = %s",
+        [seeded.main.template_id],
+    )
+    assert row is not None
+    return (row["template"], row["org"])
