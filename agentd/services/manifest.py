@@ -164,18 +164,23 @@ def app_to_proto(
 
 
 def environment_variables(raw: Any) -> dict[str, str]:
-    """The agent row's ``environment_variables`` jsonb as a string map (NULL → empty; else must be an
-    object of strings, like Go's ``json.Unmarshal`` into ``map[string]string``)."""
+    """The agent row's ``environment_variables`` jsonb as a string map, the way Go's ``json.Unmarshal``
+    into ``map[string]string`` reads it: NULL / JSON null → empty, a null value → "", anything but an
+    object of strings → error."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise RpcError(
             f"unmarshal environment variables: expected a JSON object of strings, got {type(raw).__name__}"
         )
+    envs: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(value, str):
+        if value is None:
+            value = ""
+        elif not isinstance(value, str):
             raise RpcError(f"unmarshal environment variables: value of {go_quote(key)} is not a string")
-    return dict(raw)
+        envs[key] = value
+    return envs
 
 
 def script_to_proto(script: store.ManifestScript) -> agent_pb2.WorkspaceAgentScript:

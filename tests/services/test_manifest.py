@@ -127,6 +127,8 @@ def test_durations() -> None:
 def test_environment_variables() -> None:
     assert manifest.environment_variables(None) == {}
     assert manifest.environment_variables({"A": "1"}) == {"A": "1"}
+    # Go leaves a string untouched for a JSON null: the key is there with "".
+    assert manifest.environment_variables({"A": None, "B": "x"}) == {"A": "", "B": "x"}
     with pytest.raises(RpcError, match=r"^unmarshal environment variables: .*list"):
         manifest.environment_variables(["A"])
     with pytest.raises(RpcError, match=r'^unmarshal environment variables: value of "N" is not a string$'):
