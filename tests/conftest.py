@@ -6,6 +6,10 @@
 * ``db_url``: a fresh database cloned from the template for this test (dropped afterwards).
 * ``empty_db_url``: a fresh, empty (unmigrated) database for migration tests.
 * ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
+* ``pubsub``: a running `agentd.store.PubSub` on ``db`` (its LISTEN task lives until teardown).
+
+These talk to a real server: waits on the database are real I/O, so do not combine them with
+``autojump_clock`` where a trio deadline is pending while a query runs (the clock would jump).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from agentd.store import Database, asyncio_loop, open_database
+from agentd.store import Database, PubSub, asyncio_loop, open_database
 from agentd.store.testing import TestServer, test_server
 
 
@@ -56,3 +61,12 @@ def empty_db_url(pg_server: TestServer) -> Iterator[str]:
 async def db(db_url: str) -> AsyncIterator[Database]:
     async with asyncio_loop(), open_database(db_url, min_size=1, max_size=4) as database:
         yield database
+
+
+@pytest.fixture
+async def pubsub(db: Database) -> AsyncIterator[PubSub]:
+    async with trio.open_nursery() as nursery:
+        bus = PubSub(db)
+        await nursery.start(bus.run)
+        yield bus
+        nursery.cancel_scope.cancel()

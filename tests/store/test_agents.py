@@ -49,34 +49,39 @@ async def test_agent_of_older_build_is_refused(db: Database) -> None:
     assert await get_agent_by_token(db, ws.agent().auth_token) is not None
 
 
-@pytest.mark.parametrize("stop_status", ["pending", "running"])
-async def test_start_agent_keeps_authenticating_during_stop(db: Database, stop_status: str) -> None:
-    ws = await seed_workspace(db)
-    agent = ws.agent()
-    stop = await add_build(db, ws, transition="stop", job_status=stop_status, agents=())
-    auth = await get_agent_by_token(db, agent.auth_token)
-    assert auth is not None and auth.build.build_number == 1
-    # Once the stop job finishes the exception no longer applies.
-    await set_job_status(db, stop.job_id, "succeeded")
-    assert await get_agent_by_token(db, agent.auth_token) is None
+async def test_start_agent_keeps_authenticating_during_stop(db: Database) -> None:
+    for stop_status in ("pending", "running"):
+        ws = await seed_workspace(db, workspace_name=f"ws-{stop_status}", owner_username=f"u-{stop_status}")
+        agent = ws.agent()
+        stop = await add_build(db, ws, transition="stop", job_status=stop_status, agents=())
+        auth = await get_agent_by_token(db, agent.auth_token)
+        assert auth is not None and auth.build.build_number == 1, stop_status
+        # Once the stop job finishes the exception no longer applies.
+        await set_job_status(db, stop.job_id, "succeeded")
+        assert await get_agent_by_token(db, agent.auth_token) is None, stop_status
 
 
-@pytest.mark.parametrize("stop_status", ["succeeded", "failed", "canceling", "canceled"])
-async def test_finished_stop_ends_the_exception(db: Database, stop_status: str) -> None:
-    ws = await seed_workspace(db)
-    agent = ws.agent()
-    await add_build(db, ws, transition="stop", job_status=stop_status, agents=())
-    assert await get_agent_by_token(db, agent.auth_token) is None
+async def test_finished_stop_ends_the_exception(db: Database) -> None:
+    for stop_status in ("succeeded", "failed", "canceling", "canceled"):
+        ws = await seed_workspace(db, workspace_name=f"ws-{stop_status}", owner_username=f"u-{stop_status}")
+        agent = ws.agent()
+        await add_build(db, ws, transition="stop", job_status=stop_status, agents=())
+        assert await get_agent_by_token(db, agent.auth_token) is None, stop_status
 
 
-@pytest.mark.parametrize("start_status", ["pending", "running", "failed", "canceled"])
-async def test_exception_needs_a_succeeded_start(db: Database, start_status: str) -> None:
-    ws = await seed_workspace(db, job_status=start_status)
-    agent = ws.agent()
-    # Latest build itself: allowed whatever its job status (the agent may connect while provisioning).
-    assert await get_agent_by_token(db, agent.auth_token) is not None
-    await add_build(db, ws, transition="stop", job_status="running", agents=())
-    assert await get_agent_by_token(db, agent.auth_token) is None
+async def test_exception_needs_a_succeeded_start(db: Database) -> None:
+    for start_status in ("pending", "running", "failed", "canceled"):
+        ws = await seed_workspace(
+            db,
+            workspace_name=f"ws-{start_status}",
+            owner_username=f"u-{start_status}",
+            job_status=start_status,
+        )
+        agent = ws.agent()
+        # Latest build itself: allowed whatever its job status (agents connect while provisioning).
+        assert await get_agent_by_token(db, agent.auth_token) is not None, start_status
+        await add_build(db, ws, transition="stop", job_status="running", agents=())
+        assert await get_agent_by_token(db, agent.auth_token) is None, start_status
 
 
 async def test_exception_only_for_the_directly_following_stop(db: Database) -> None:
