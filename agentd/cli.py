@@ -105,7 +105,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     _setup_logging(config.log_level)
-    trio.run(Daemon(config).run)
+    trio.run(Daemon(config, reload_config=lambda: _config_from(args)).run)
     return 0
 
 

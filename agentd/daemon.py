@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,11 +22,12 @@ import trio
 
 from agentd import __version__, systemd
 from agentd.components import Components
-from agentd.config import Config
+from agentd.config import Config, UserError
 from agentd.connection import AgentSessions, start_components
 from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
+from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.store import Database, asyncio_loop, open_database
 from agentd.store.embedded import embedded_postgres
@@ -131,6 +133,8 @@ class Daemon:
 
     config: Config
     notifier: systemd.Notifier = attrs.field(factory=systemd.Notifier.from_environ)
+    # Re-reads the configuration (file + the same flags) on SIGHUP; None: reload is not possible.
+    reload_config: Callable[[], Config] | None = None
     listener_names: list[str] = attrs.field(factory=list, init=False)
     _stop: trio.Event = attrs.field(factory=trio.Event, init=False)
     _startup: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -149,7 +153,7 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM/SIGINT (or `request_stop`); `task_status.started()` once READY."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals)
                 try:
@@ -163,8 +167,45 @@ class Daemon:
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+                continue
             log.info("received %s, shutting down", signal.Signals(signum).name)
             self.request_stop()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply what can change live (log_level), report the rest.
+
+        A broken file is reported and the running configuration kept, so a typo never stops a daemon.
+        """
+        if self.reload_config is None:
+            log.warning("received SIGHUP, but there is no configuration to reload")
+            return
+        if self._ready:
+            await self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                new = self.reload_config()
+            except UserError as e:
+                log.error("reload failed, keeping the running configuration: %s", e)
+                return
+            if new.log_level != self.config.log_level:
+                logging.getLogger().setLevel(new.log_level.upper())
+                log.info("log level is now %s", new.log_level)
+            live = ("log_level",)
+            pending = [
+                f.name
+                for f in attrs.fields(Config)
+                if f.name not in live and getattr(new, f.name) != getattr(self.config, f.name)
+            ]
+            if pending:
+                log.warning("reloaded; changes to %s take effect after a restart", ", ".join(pending))
+            else:
+                log.info("reloaded configuration")
+            self.config = attrs.evolve(self.config, log_level=new.log_level)
+        finally:
+            if self._ready:
+                await self.notifier.notify("READY=1")
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         inherited = systemd.listen_fds()
@@ -175,7 +216,12 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
-                    sessions = AgentSessions(db, Events(PubSub(db)), components=build_components())
+                    sessions = AgentSessions(
+                        db,
+                        Events(PubSub(db)),
+                        settings=Settings(**dict(self.config.banners)),
+                        components=build_components(),
+                    )
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
                     await self._serve(server, sessions, task_status)
         finally:

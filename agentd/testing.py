@@ -11,19 +11,28 @@ under pytest-trio's ``autojump_clock``.
 Example (pytest-trio; ``db`` is an open ``agentd.store.Database``, e.g. this repository's fixture)::
 
     from pathlib import Path
-    import agentd.admin, agentd.testing, trio
+    import agentd.admin, agentd.testing, pytest, trio
     from agentd.proto import agent_pb2
 
-    async def test_my_agent_connects(db, nursery, autojump_clock):
+    clock = pytest.fixture(agentd.testing.virtual_clock)  # autojump time that lets PostgreSQL answer
+
+    async def test_my_agent_connects(db, nursery, clock):
         spec = agentd.admin.load_workspace_spec(Path("examples/workspace.toml"))
         ws = await agentd.admin.create_workspace(db, spec)
         agent = await nursery.start(agentd.testing.serve_agent, db, ws.agents[0].token)
         banners = await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())
         assert list(banners.announcement_banners) == []
-        await trio.sleep(3600)  # an hour of virtual time: yamux pings keep the session alive
+        await trio.sleep(600)  # ten minutes of virtual time: yamux pings keep the session alive
         row = await db.fetchone("SELECT last_connected_at FROM workspace_agents WHERE id = %s",
                                 (agent.ident.agent_id,))
         assert row["last_connected_at"] is not None and not agent.session.closed
+
+Virtual time and a real database: pytest-trio's ``autojump_clock`` jumps as soon as every task waits
+— including while PostgreSQL is answering — and trio-asyncio runs psycopg's own timeouts (pool
+connect, getconn) on that clock, so they can fire spuriously. ``serve_agent`` itself has no timers
+that mind (its handshake is unbounded in-process), and short tests run fine under ``autojump_clock``;
+for tests that let minutes pass, use :func:`virtual_clock`, which jumps only after a short real
+idle period.
 
 Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`` turns the
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
@@ -56,7 +65,16 @@ from agentd.store.connection import authenticate_agent
 from agentd.store.pubsub import PubSub
 from agentd.websocket import UpgradeError
 
-__all__ = ["TestAgent", "UpgradeError", "serve_agent"]
+__all__ = ["TestAgent", "UpgradeError", "serve_agent", "virtual_clock"]
+
+#: Real seconds every task must have been waiting before virtual_clock jumps.
+VIRTUAL_CLOCK_THRESHOLD = 0.05
+
+
+def virtual_clock() -> trio.testing.MockClock:
+    """An autojumping MockClock that first lets real I/O (PostgreSQL) finish: use it as pytest-trio's
+    clock with ``clock = pytest.fixture(agentd.testing.virtual_clock)``."""
+    return trio.testing.MockClock(autojump_threshold=VIRTUAL_CLOCK_THRESHOLD)
 
 
 @attrs.define(eq=False)
@@ -71,7 +89,9 @@ class TestAgent:
     connection: AgentConnection
     #: The agent side's mux session (e.g. ``await agent.session.ping()``).
     session: MuxSession
-    _client_transport: trio.abc.Stream
+    #: The agent side's upgraded transport (a WebSocketByteStream with ``websocket=True``: its
+    #: ``close_code`` / ``close_reason`` say why the server dropped the agent).
+    transport: trio.abc.Stream
 
     @property
     def ident(self) -> AgentIdentity:

@@ -18,6 +18,7 @@ from agentd.admin import (
     validate_workspace_spec,
 )
 from agentd.store import Database
+from agentd.store.agents import get_agent_by_token
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "workspace.toml"
 
@@ -321,3 +322,21 @@ async def test_failure_midway_rolls_everything_back(db: Database) -> None:
     with pytest.raises(SpecError, match=r"owner\.email: 'bob@example\.com' already belongs to user 'bob'"):
         await create_workspace(db, validate_workspace_spec(raw))
     assert await db.fetchval("SELECT count(*) FROM organizations WHERE name = 'fresh-org'") == 0
+
+
+async def test_created_tokens_authenticate_through_the_token_query(db: Database) -> None:
+    """What the agent endpoint will do with a token create-workspace printed (spec §2.2)."""
+    created = await create_workspace(db, load_workspace_spec(EXAMPLE))
+    for agent in created.agents:
+        found = await get_agent_by_token(db, agent.token)
+        assert found is not None
+        assert found.agent.id == agent.id
+        assert found.agent.name == agent.name
+        assert found.workspace.id == created.workspace_id
+        assert found.build.id == created.build_id
+        assert (found.build.build_number, found.build.transition) == (1, "start")
+    main = await get_agent_by_token(db, created.agents[0].token)
+    assert main is not None
+    assert main.agent.display_apps == ("vscode", "web_terminal", "ssh_helper", "port_forwarding_helper")
+    assert main.agent.lifecycle_state == "created"
+    assert await get_agent_by_token(db, uuid.uuid4()) is None

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
+import attrs
+import pytest
 import trio
 import trio.testing
 
-from agentd.config import Config, TcpAddress, UnixAddress
+from agentd.config import Config, ConfigError, TcpAddress, UnixAddress
 from agentd.daemon import AGENT_RPC_PATH, Daemon, Health, build_router
 from agentd.http import HttpApp
 from agentd.store import asyncio_loop, open_database
@@ -102,3 +107,47 @@ async def test_open_connections_get_the_grace_period_and_a_second_stop_cuts_it(
     assert trio.current_time() - start < 5
     assert await idle.receive_some(10) == b""  # the second stop closed it without an answer
     await idle.aclose()
+
+
+async def test_sighup_reloads_log_level_and_keeps_running_on_a_bad_file(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    sock = tmp_path / "agentd.sock"
+    config = Config(data_dir=tmp_path, postgres_url=db_url, listen=(UnixAddress(sock),))
+    answers: list[Config | Exception] = [
+        attrs.evolve(config, log_level="debug", listen=(TcpAddress("127.0.0.1", 9),)),
+        ConfigError("agentd.toml: unknown field 'x'"),
+    ]
+
+    reloaded = trio.Event()
+
+    def reload_config() -> Config:
+        reloaded.set()
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    daemon = Daemon(config, reload_config=reload_config)
+    root_level = logging.getLogger().level
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            os.kill(os.getpid(), signal.SIGHUP)  # through the real signal path
+            with trio.fail_after(5):
+                await reloaded.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert daemon.config.log_level == "debug"
+            assert logging.getLogger().level == logging.DEBUG
+            assert "changes to listen take effect after a restart" in caplog.text
+            await daemon.reload()
+            assert (
+                "reload failed, keeping the running configuration: agentd.toml: unknown field 'x'"
+                in caplog.text
+            )
+            status, _ = await _get(await trio.open_unix_socket(str(sock)), "/healthz")
+            assert status == 200  # still serving
+            daemon.request_stop()
+    finally:
+        logging.getLogger().setLevel(root_level)

@@ -35,17 +35,23 @@ def docstring_example() -> str:
     return textwrap.dedent("\n".join(lines))
 
 
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return agentd.testing.virtual_clock()
+
+
 async def test_the_docstring_example_runs_as_written(
-    db: Database, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    db: Database, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
     source = docstring_example()
-    assert len([line for line in source.splitlines() if line.strip()]) <= 16
+    assert len([line for line in source.splitlines() if line.strip()]) <= 18
     namespace: dict[str, Any] = {}
     exec(compile(source, "agentd/testing.py (docstring)", "exec"), namespace)
+    assert isinstance(namespace["clock"].__wrapped__(), trio.testing.MockClock)
     cwd = os.getcwd()
     os.chdir(ROOT)  # the example names examples/workspace.toml relative to the repository
     try:
-        await namespace["test_my_agent_connects"](db, nursery, autojump_clock)
+        await namespace["test_my_agent_connects"](db, nursery, clock)
     finally:
         os.chdir(cwd)
 
@@ -74,7 +80,7 @@ async def test_both_transports(
 ) -> None:
     ws = await seed(db)
     agent: TestAgent = await nursery.start(
-        functools.partial(serve_agent, db, ws.agents[0].token, websocket=websocket)
+        functools.partial(serve_agent, db, ws.agents[0].token, websocket=websocket, services=("banners",))
     )
     for _ in range(3):
         await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())
