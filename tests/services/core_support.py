@@ -17,7 +17,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
-import pytest
 import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
@@ -43,16 +42,6 @@ class FakeNow:
     def advance(self, **kw: float) -> dt.datetime:
         self.value += dt.timedelta(**kw)
         return self.value
-
-
-@pytest.fixture
-async def pubsub(db: Database) -> AsyncIterator[PubSub]:
-    """The store's PubSub on the test database, running for the test's duration."""
-    ps = PubSub(db)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ps.run)
-        yield ps
-        nursery.cancel_scope.cancel()
 
 
 @attrs.define

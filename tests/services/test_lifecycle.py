@@ -25,13 +25,10 @@ from tests.services.core_support import (
     listen,
     make_scope,
     owner_channel,
-    pubsub,
     seed,
     token_of,
     workspace_event,
 )
-
-assert pubsub  # fixture
 
 L = agent_pb2.Lifecycle
 

@@ -27,13 +27,10 @@ from tests.services.core_support import (
     logs_channel,
     make_scope,
     owner_channel,
-    pubsub,
     seed,
     token_of,
     workspace_event,
 )
-
-assert pubsub  # fixture
 
 X = "\u274c"  # ❌
 EXTERNAL = uuid.UUID("3b579bf4-1ed8-4b99-87a8-e9a1e3410410")

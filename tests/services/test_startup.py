@@ -20,12 +20,9 @@ from tests.services.core_support import (
     listen,
     make_scope,
     owner_channel,
-    pubsub,
     seed,
     token_of,
 )
-
-assert pubsub  # fixture
 
 S = agent_pb2.Startup
 
