@@ -24,6 +24,7 @@ from agentd.components import Components
 from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.store import Database
+from agentd.store.errors import StoreError
 from agentd.store.pubsub import MISSED, PubSub, Subscription
 from agentd.testing import TestAgent, serve_agent
 
@@ -154,7 +155,7 @@ def make_scope(
     db: Database,
     ident: AgentIdentity,
     *,
-    pubsub: PubSub | None = None,
+    pubsub: Any = None,
     settings: Settings | None = None,
     components: Components | None = None,
     now: FakeNow | None = None,
@@ -178,3 +179,26 @@ async def connect(nursery: trio.Nursery, db: Database, token: uuid.UUID, **optio
 
 def token_of(seeded: Seeded, name: str = "main") -> uuid.UUID:
     return next(a.token for a in seeded.workspace.agents if a.name == name)
+
+
+async def inject_failure(db: Database, table: str, event: str, when: str = "true") -> None:
+    """Make PostgreSQL itself reject ``event`` (e.g. "INSERT", "UPDATE OF logs_overflowed") on ``table``
+    for rows matching ``when`` (over NEW): the store then raises what a real failure raises."""
+    name = f"inject_{uuid.uuid4().hex[:8]}"
+    await db.execute(
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'injected failure'; END; $$"
+    )
+    await db.execute(
+        f"CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW WHEN ({when})"
+        f" EXECUTE FUNCTION {name}()"
+    )
+
+
+@attrs.define
+class FailingPublisher:
+    """A publisher whose every publish fails the way a lost database connection does."""
+
+    async def publish(self, channel: str, payload: str | bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        raise StoreError("connection lost")

@@ -19,9 +19,11 @@ from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (
     T0,
+    FailingPublisher,
     FakeNow,
     Seeded,
     connect,
+    inject_failure,
     listen,
     make_scope,
     owner_channel,
@@ -297,3 +299,17 @@ async def template_org(db: Database, seeded: Seeded) -> tuple[str, str]:
     )
     assert row is not None
     return (row["template"], row["org"])
+
+
+async def test_write_and_publish_failures_are_reported(db: Database, seeded: Seeded) -> None:
+    await inject_failure(db, "workspace_agents", "UPDATE OF lifecycle_state", "NEW.lifecycle_state = 'off'")
+    svc = service(db, seeded)
+    with pytest.raises(RpcError, match=r"^update workspace agent lifecycle state: injected failure$"):
+        await svc.update_lifecycle(request(L.OFF))
+    assert (await agent_row(db, seeded.main.agent_id))["state"] == "created"
+
+    failing = lifecycle.build(make_scope(db, seeded.main, pubsub=FailingPublisher()))
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.update_lifecycle(request(L.STARTING))
+    # The write happened before the publish failed (as in Coder).
+    assert (await agent_row(db, seeded.main.agent_id))["state"] == "starting"

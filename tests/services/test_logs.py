@@ -20,9 +20,11 @@ from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (
     T0,
+    FailingPublisher,
     FakeNow,
     Seeded,
     connect,
+    inject_failure,
     listen,
     logs_channel,
     make_scope,
@@ -401,3 +403,48 @@ async def test_end_to_end_logs_and_the_limit(
             response = await agent.client.agent.BatchCreateLogs(batch(uuid.UUID(int=0), ("more", Log.INFO)))
             assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
     assert await counters(db, agent_id) == (1048576, True)
+
+
+async def test_database_failures(db: Database, seeded: Seeded) -> None:
+    svc = service(db, seeded)
+    agent = seeded.main.agent_id
+    source = await source_of(db, agent)
+
+    await inject_failure(db, "workspace_agent_log_sources", "INSERT")
+    with pytest.raises(RpcError, match=r"^insert external workspace agent log source: injected failure$"):
+        await svc.batch_create_logs(batch(uuid.UUID(int=0), ("x", Log.INFO)))
+
+    await inject_failure(db, "workspace_agent_logs", "INSERT", "NEW.output = 'boom'")
+    with pytest.raises(RpcError, match=r"^insert workspace agent logs: injected failure$"):
+        await svc.batch_create_logs(batch(source, ("fine", Log.INFO), ("boom", Log.INFO)))
+    # One statement: the length update went with the failed insert.
+    assert await counters(db, agent) == (0, False)
+    assert await log_rows(db, agent) == []
+
+    # Marking the overflow is only a hint: its failure still answers log_limit_exceeded.
+    await inject_failure(db, "workspace_agents", "UPDATE OF logs_overflowed")
+    await db.execute("UPDATE workspace_agents SET logs_length = 1048576 WHERE id = %s", [agent])
+    response = await svc.batch_create_logs(batch(source, ("x", Log.INFO)))
+    assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+    assert await counters(db, agent) == (1048576, False)
+
+
+async def test_publish_failures(db: Database, seeded: Seeded) -> None:
+    failing = logs.build(make_scope(db, seeded.main, pubsub=FailingPublisher(), now=FakeNow(NOW)))
+    source = await source_of(db, seeded.main.agent_id)
+    # First logs: the rows are in, the agent-logs notification failure is only logged, the
+    # workspace event failure is the call's error.
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.batch_create_logs(batch(source, ("a", Log.INFO)))
+    assert [r["output"] for r in await log_rows(db, seeded.main.agent_id)] == ["a"]
+    # Later logs publish only to agent-logs, whose failure does not fail the call.
+    assert (
+        await failing.batch_create_logs(batch(source, ("b", Log.INFO))) == agent_pb2.BatchCreateLogsResponse()
+    )
+    # Overflow: the workspace event failure is the error (the agent is still marked).
+    await db.execute(
+        "UPDATE workspace_agents SET logs_length = 1048576 WHERE id = %s", [seeded.main.agent_id]
+    )
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.batch_create_logs(batch(source, ("c", Log.INFO)))
+    assert await counters(db, seeded.main.agent_id) == (1048576, True)
