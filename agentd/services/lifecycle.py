@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import attrs
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
@@ -89,10 +90,10 @@ def is_go_semver(version: str) -> bool:
     return _GO_SEMVER.fullmatch(version) is not None
 
 
-def _enum_text(value: int, enum_type: object) -> str:
+def _enum_text(value: int, enum_type: EnumTypeWrapper) -> str:
     """How Go's ``%q`` prints a protobuf enum: its name, or the number when unknown."""
     try:
-        return str(enum_type.Name(value))  # type: ignore[attr-defined]
+        return enum_type.Name(value)
     except ValueError:
         return str(value)
 
