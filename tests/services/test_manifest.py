@@ -531,3 +531,21 @@ async def test_end_to_end_manifest_over_the_wire(db: Database, seeded: Seeded, n
     assert got.derp_map.HasField("home_params")
     assert got.agent_id == seeded.main.agent_id.bytes
     assert [s.env_name for s in got.secrets] == ["", "TOKEN", "BOTH"]
+
+
+def test_secrets_to_proto() -> None:
+    def secret(name: str, env: str = "", path: str = "", key: str | None = None) -> store.ManifestSecret:
+        return store.ManifestSecret(name=name, env_name=env, file_path=path, value="v", value_key_id=key)
+
+    assert manifest.secrets_to_proto([secret("a", env="A"), secret("b"), secret("c", path="/c")]) == [
+        agent_pb2.WorkspaceSecret(env_name="A", value=b"v"),
+        agent_pb2.WorkspaceSecret(file_path="/c", value=b"v"),
+    ]
+    # Skipped secrets are not looked at, encrypted ones that would be sent are an error.
+    assert manifest.secrets_to_proto([secret("x", key="k1")]) == []
+    with pytest.raises(RpcError) as err:
+        manifest.secrets_to_proto([secret("tok", env="TOKEN", key="k1")])
+    assert (
+        err.value.message
+        == 'getting user secrets: secret "tok" is encrypted with key "k1", which agentd cannot decrypt'
+    )
