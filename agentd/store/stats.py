@@ -53,7 +53,11 @@ _TYPES = {
     "connection_median_latency_ms": "float8",
     "usage": "bool",
 }
-_INSERT = "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays})".format(
+# ON CONFLICT: a batch re-sent after a write cancelled at shutdown may already be committed; the
+# retry must not fail on those ids and lose the rest.
+_INSERT = (
+    "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays}) ON CONFLICT (id) DO NOTHING"
+).format(
     cols=", ".join(_COLUMNS),
     arrays=", ".join(f"%s::{_TYPES.get(c, 'int8')}[]" for c in _COLUMNS),
 )
@@ -66,7 +70,8 @@ def _column(rows: Sequence[AgentStatsRow], name: str) -> list[object]:
 
 
 async def insert_agent_stats(db: Queryable, rows: Sequence[AgentStatsRow]) -> int:
-    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted."""
+    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted
+    (rows whose id is already stored are skipped, so re-sending a batch is harmless)."""
     if not rows:
         return 0
     return await db.execute(_INSERT, [_column(rows, c) for c in _COLUMNS])
