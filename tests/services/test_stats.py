@@ -15,8 +15,10 @@ import trio
 import trio.testing
 
 from agentd.batchers.last_used import LastUsedTracker
+from agentd.batchers.metadata import MetadataBatcher
 from agentd.batchers.stats import StatsBatcher
 from agentd.components import Components
+from agentd.connection import start_components
 from agentd.drpc.errors import RpcError
 from agentd.metrics import AgentMetrics
 from agentd.proto import agent_pb2
@@ -31,8 +33,10 @@ from agentd.services.stats import (
     next_autostart,
 )
 from agentd.store import Database, PubSub
+from agentd.store.metadata import metadata_rows
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope, seed
+from tests.services.test_metadata import seed_with_metadata
 
 Metric = agent_pb2.Stats.Metric
 HOUR_NS = 3600 * 10**9
@@ -433,31 +437,41 @@ def test_no_schedule_means_no_autostart() -> None:
 
 
 async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.testing.MockClock) -> None:
-    ident, token = await seed(db)
+    """Wired as the daemon wires them: components started by start_components, flushed by cancelling."""
+    [(ident, token)] = await seed_with_metadata(db, ["cpu"])
     await db.execute(
         "UPDATE workspace_builds SET deadline = now() + interval '5 minutes' WHERE id = %s", [ident.build_id]
     )
-    components = Components(
-        stats_batcher=StatsBatcher(db), last_used=LastUsedTracker(db), metrics=AgentMetrics()
-    )
+    pubsub = PubSub(db)
+    components = daemon_components(db, pubsub)
     settings = Settings(stats_report_interval=dt.timedelta(seconds=30))
     async with trio.open_nursery() as daemon:
-        await daemon.start(components.stats_batcher.run)
-        await daemon.start(components.last_used.run)
+        await start_components(components, daemon)
         async with trio.open_nursery() as nursery:
             agent = await nursery.start(
                 functools.partial(
-                    serve_agent, db, token, services=("stats",), components=components, settings=settings
+                    serve_agent,
+                    db,
+                    token,
+                    services=("stats", "metadata"),
+                    components=components,
+                    settings=settings,
+                    events=Events(pubsub),
                 )
             )
             first = await agent.client.agent.UpdateStats(agent_pb2.UpdateStatsRequest())
             assert first.report_interval.ToTimedelta() == dt.timedelta(seconds=30)
             gauge = Metric(name="agent_load", type=Metric.GAUGE, value=0.5)
             await agent.client.agent.UpdateStats(stats(2, metrics=[gauge]))
+            await agent.client.agent.BatchUpdateMetadata(
+                agent_pb2.BatchUpdateMetadataRequest(
+                    metadata=[agent_pb2.Metadata(key="cpu", result={"value": "12%"})]
+                )
+            )
             await trio.sleep(2)  # the stats batcher's 1 s flush
             assert len(await stats_rows(db)) == 1
             await agent.disconnect()
-        daemon.cancel_scope.cancel()  # shutdown flushes last_used_at
+        daemon.cancel_scope.cancel()  # shutdown flushes last_used_at and the metadata batch
     row = await db.fetchone(
         "SELECT w.last_used_at, b.deadline FROM workspaces w JOIN workspace_builds b ON b.workspace_id = w.id"
         " WHERE w.id = %s",
@@ -465,4 +479,31 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
     )
     assert row is not None and row["last_used_at"] > ZERO
     assert row["deadline"] - row["last_used_at"] > dt.timedelta(minutes=50)  # bumped by the default 1 h
-    assert f'agent_name="{ident.agent_name}"' in components.metrics.render()
+    assert (await metadata_rows(db, ident.agent_id))["cpu"].value == "12%"
+    text = components.metrics.render()
+    assert f'agent_name="{ident.agent_name}"' in text
+    assert "agentd_metadata_updates_dropped_total 0" in text.splitlines()
+
+
+def daemon_components(db: Database, pubsub: PubSub) -> Components:
+    """What the daemon's build_components adds for this API (the report quotes it)."""
+    metadata_batcher = MetadataBatcher(db, pubsub)
+    stats_batcher = StatsBatcher(db)
+    metrics = AgentMetrics(
+        extra_counters={
+            "agentd_metadata_updates_dropped_total": (
+                "Metadata updates dropped because the batcher's buffer was full.",
+                lambda: metadata_batcher.dropped,
+            ),
+            "agentd_agent_stats_dropped_total": (
+                "Agent stats rows refused because the stats buffer was full.",
+                lambda: stats_batcher.dropped,
+            ),
+        }
+    )
+    return Components(
+        metadata_batcher=metadata_batcher,
+        stats_batcher=stats_batcher,
+        last_used=LastUsedTracker(db),
+        metrics=metrics,
+    )
