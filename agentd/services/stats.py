@@ -65,7 +65,7 @@ def _field(text: str, low: int, high: int, names: Mapping[str, int] | None = Non
     def number(token: str) -> int:
         if names is not None and token.lower() in names:
             return names[token.lower()]
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise ScheduleError(f"bad value {token!r}")
         value = int(token)
         if not low <= value <= high:
@@ -77,7 +77,7 @@ def _field(text: str, low: int, high: int, names: Mapping[str, int] | None = Non
         base, _, step_text = part.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                 raise ScheduleError(f"bad step {step_text!r}")
             step = int(step_text)
         if base == "*":
@@ -111,7 +111,7 @@ class WeeklySchedule:
             name = fields.pop(0).partition("=")[2]
             try:
                 zone = zoneinfo.ZoneInfo(name)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
                 raise ScheduleError(f"unknown time zone {name!r}") from exc
         if len(fields) != 5:
             raise ScheduleError(f"expected 5 fields, got {len(fields)}")

@@ -10,6 +10,8 @@ import uuid
 from typing import Any
 
 import attrs
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
@@ -507,3 +509,42 @@ def daemon_components(db: Database, pubsub: PubSub) -> Components:
         last_used=LastUsedTracker(db),
         metrics=metrics,
     )
+
+
+_CRON_TOKENS = [
+    "*",
+    "*",
+    "*",
+    "0",
+    "7",
+    "59",
+    "23",
+    "1-5",
+    "*/2",
+    "5/3",
+    "MON",
+    "sun-sat",
+    "x",
+    "2-1",
+    "²",
+    "1,2",
+]
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(st.sampled_from(_CRON_TOKENS), min_size=5, max_size=5).map(" ".join),
+        st.lists(st.sampled_from(_CRON_TOKENS), min_size=5, max_size=5).map(
+            lambda fields: "CRON_TZ=Asia/Kolkata " + " ".join(fields)
+        ),
+    )
+)
+def test_any_schedule_text_parses_or_is_a_schedule_error(text: str) -> None:
+    try:
+        s = WeeklySchedule.parse(text)
+    except ScheduleError:
+        assert next_autostart(text, T0) is None
+        return
+    assert s.next_after(T0) > T0
