@@ -139,3 +139,18 @@ def test_extra_counters_are_rendered() -> None:
         extra_counters={"agentd_metadata_dropped_total": ("Dropped metadata updates.", lambda: 7)}
     )
     assert "agentd_metadata_dropped_total 7" in m.render().splitlines()
+
+
+async def test_handle_serves_the_exposition() -> None:
+    sent: list[tuple[int, bytes, str]] = []
+
+    class Request:
+        async def send_response(self, status: int, body: bytes, *, content_type: str = "") -> None:
+            sent.append((status, body, content_type))
+
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("x", "gauge", 1)])
+    await m.handle(Request())
+    [(status, body, content_type)] = sent
+    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert body.decode() == m.render()
