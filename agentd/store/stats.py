@@ -65,7 +65,13 @@ _INSERT = (
 
 def _column(rows: Sequence[AgentStatsRow], name: str) -> list[object]:
     if name == "connections_by_proto":
-        return [json.dumps(dict(r.connections_by_proto), separators=(",", ":")) for r in rows]
+        # jsonb refuses \u0000: one agent's NUL in a protocol name must not fail everyone's batch.
+        return [
+            json.dumps(
+                {k.replace("\x00", ""): v for k, v in r.connections_by_proto.items()}, separators=(",", ":")
+            )
+            for r in rows
+        ]
     return [getattr(r, name) for r in rows]
 
 
