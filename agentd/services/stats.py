@@ -38,7 +38,14 @@ from agentd.store.activity import activity_bump_workspace
 from agentd.store.errors import StoreError
 from agentd.store.stats import AgentStatsRow, workspace_by_agent_id
 
-__all__ = ["DEFAULT_REPORT_INTERVAL", "StatsService", "WeeklySchedule", "build", "next_autostart"]
+__all__ = [
+    "DEFAULT_REPORT_INTERVAL",
+    "StatsService",
+    "WeeklySchedule",
+    "build",
+    "bump_activity",
+    "next_autostart",
+]
 
 log = logging.getLogger("agentd.services.stats")
 
@@ -149,6 +156,19 @@ def next_autostart(schedule: str | None, now: dt.datetime) -> dt.datetime | None
         return None
 
 
+async def bump_activity(db: Database, workspace: WorkspaceIdentity, now: dt.datetime) -> None:
+    """The activity bump of spec §9.3 for ``workspace`` at ``now`` (UpdateStats; UpdateAppStatus reuses
+    it): next autostart from the workspace's schedule, 15 s timeout, failures logged and never raised."""
+    autostart = next_autostart(workspace.autostart_schedule, now)
+    with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
+        try:
+            await activity_bump_workspace(db, workspace.id, now=now, next_autostart=autostart)
+        except StoreError:
+            log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
+    if scope.cancelled_caught:
+        log.error("activity bump of workspace %s timed out", workspace.id)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -220,7 +240,7 @@ class StatsService:
             await trio.lowlevel.checkpoint()
             return
         if not workspace.is_prebuild:
-            await self._bump(now, workspace)
+            await bump_activity(self.db, workspace, now)
         if self.last_used is not None:
             self.last_used.add(workspace.id)
         if self.events is not None:
@@ -228,17 +248,6 @@ class StatsService:
                 await self.events.workspace(workspace.owner_id, STATS_UPDATE, workspace.id)
             except StoreError:
                 log.warning("publish stats_update for workspace %s", workspace.id, exc_info=True)
-
-    async def _bump(self, now: dt.datetime, workspace: WorkspaceIdentity) -> None:
-        """The activity bump with its own timeout; failures are logged, never the agent's error."""
-        autostart = next_autostart(workspace.autostart_schedule, now)
-        with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
-            try:
-                await activity_bump_workspace(self.db, workspace.id, now=now, next_autostart=autostart)
-            except StoreError:
-                log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
-        if scope.cancelled_caught:
-            log.error("activity bump of workspace %s timed out", workspace.id)
 
     def _row(self, now: dt.datetime, workspace: WorkspaceIdentity, stats: agent_pb2.Stats) -> AgentStatsRow:
         return AgentStatsRow(

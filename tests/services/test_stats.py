@@ -351,6 +351,21 @@ async def test_bump_does_not_apply(db: Database) -> None:
         assert await deadline(db, ident) == before, case.__name__
 
 
+async def test_a_failing_bump_is_logged_not_the_agents_error(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    ident, _ = await seed(db)
+    p = parts(db, ident)
+    await db.execute("ALTER TABLE workspace_builds RENAME TO wb_gone")
+    try:
+        response = await p.svc.update_stats(stats(1))
+    finally:
+        await db.execute("ALTER TABLE wb_gone RENAME TO workspace_builds")
+    assert response.report_interval.seconds == 30
+    assert p.last_used.pending == 1 and len(p.published.sent) == 1
+    assert any("activity bump of workspace" in r.getMessage() for r in caplog.records)
+
+
 async def test_bump_past_next_autostart_uses_autostart_plus_ttl(db: Database) -> None:
     ident, _ = await seed(db)  # T0 is Thursday 12:00 UTC; next autostart 12:30, within the 1 h bump
     await schedule_rules(db, ident, autostart="CRON_TZ=UTC 30 12 * * *")
