@@ -1,0 +1,245 @@
+"""Per-agent metrics reported through UpdateStats (spec §7.4), kept in memory for ``/metrics``.
+
+Each agent's ``Stats.metrics`` (counters and gauges with their own labels) are stored as series labelled
+with the agent's identity — ``username``, ``workspace_name``, ``agent_name``, ``template_name``, the
+label names coderd's agent-metrics collector uses — plus the metric's labels. The label sets are
+bounded: at most ``max_series`` series in all and ``max_series_per_agent`` per agent (new series
+beyond either are rejected and counted; stale ones are swept first), at most
+``max_metrics_per_report`` metrics per report and ``max_labels`` labels per metric; series an agent
+stopped reporting expire after ``expiry`` seconds. Invalid names, unknown types, a name reported with
+two types, and labels clashing with the identity labels are skipped and counted.
+
+``render()`` is the Prometheus text exposition format (version 0.0.4) of all live series plus the
+batchers' own counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import attrs
+
+__all__ = [
+    "CONTENT_TYPE",
+    "AgentLabels",
+    "AgentMetrics",
+    "ReportedMetric",
+    "escape_label_value",
+    "format_value",
+]
+
+#: The Prometheus text exposition format's media type.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+COUNTER = "counter"
+GAUGE = "gauge"
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+IDENTITY_LABELS = ("username", "workspace_name", "agent_name", "template_name")
+
+MAX_SERIES = 10_000
+MAX_SERIES_PER_AGENT = 500
+MAX_METRICS_PER_REPORT = 256
+MAX_LABELS = 16
+MAX_LABEL_VALUE_LEN = 1024
+EXPIRY_S = 10 * 60.0
+
+
+@attrs.frozen
+class AgentLabels:
+    """Who reported: the identity labels every series of that agent carries."""
+
+    username: str
+    workspace_name: str
+    agent_name: str
+    template_name: str
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("username", self.username),
+            ("workspace_name", self.workspace_name),
+            ("agent_name", self.agent_name),
+            ("template_name", self.template_name),
+        )
+
+
+@attrs.frozen
+class ReportedMetric:
+    """One metric of a report: ``kind`` is ``"counter"``, ``"gauge"`` or anything else (skipped)."""
+
+    name: str
+    kind: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class Responder(Protocol):
+    """The part of agentd.http.Request that ``handle`` uses."""
+
+    async def send_response(self, status: int, body: bytes, *, content_type: str = ...) -> None: ...
+
+
+@attrs.define
+class _Sample:
+    value: float
+    updated: float
+
+
+def escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+@attrs.define(eq=False)
+class AgentMetrics:
+    max_series: int = MAX_SERIES
+    max_series_per_agent: int = MAX_SERIES_PER_AGENT
+    max_metrics_per_report: int = MAX_METRICS_PER_REPORT
+    max_labels: int = MAX_LABELS
+    expiry: float = EXPIRY_S
+    clock: Callable[[], float] = time.monotonic
+    #: Sources of extra counters for the exposition (name → (help, value getter)), e.g. batcher drops.
+    extra_counters: dict[str, tuple[str, Callable[[], float]]] = attrs.field(factory=dict)
+    rejected_series: int = attrs.field(default=0, init=False)
+    invalid_metrics: int = attrs.field(default=0, init=False)
+    _series: dict[SeriesKey, _Sample] = attrs.field(factory=dict, init=False)
+    _types: dict[str, str] = attrs.field(factory=dict, init=False)
+    _per_agent: collections.Counter[tuple[tuple[str, str], ...]] = attrs.field(
+        factory=collections.Counter, init=False
+    )
+    _last_sweep: float = attrs.field(default=-math.inf, init=False)
+
+    def update(self, agent: AgentLabels, metrics: Sequence[ReportedMetric]) -> None:
+        """Record one report of ``agent``: every valid metric becomes (or updates) a series."""
+        now = self.clock()
+        if len(metrics) > self.max_metrics_per_report:
+            self.invalid_metrics += len(metrics) - self.max_metrics_per_report
+            metrics = metrics[: self.max_metrics_per_report]
+        identity = agent.pairs()
+        for metric in metrics:
+            key = self._key(metric, identity)
+            if key is None:
+                self.invalid_metrics += 1
+                continue
+            sample = self._series.get(key)
+            if sample is not None:
+                sample.value, sample.updated = metric.value, now
+                continue
+            full = (
+                len(self._series) >= self.max_series or self._per_agent[identity] >= self.max_series_per_agent
+            )
+            if full and now - self._last_sweep >= 1.0:  # a sweep is O(series): at most once a second
+                self._expire(now)
+                full = (
+                    len(self._series) >= self.max_series
+                    or self._per_agent[identity] >= self.max_series_per_agent
+                )
+            if full:
+                self.rejected_series += 1
+                continue
+            self._types.setdefault(metric.name, metric.kind)
+            self._series[key] = _Sample(metric.value, now)
+            self._per_agent[identity] += 1
+
+    def _key(self, metric: ReportedMetric, identity: tuple[tuple[str, str], ...]) -> SeriesKey | None:
+        if metric.kind not in (COUNTER, GAUGE) or not _NAME_RE.match(metric.name):
+            return None
+        if self._types.get(metric.name, metric.kind) != metric.kind:
+            return None
+        if len(metric.labels) > self.max_labels:
+            return None
+        seen = set(IDENTITY_LABELS)
+        for name, value in metric.labels:
+            if name in seen or not _LABEL_RE.match(name) or name.startswith("__"):
+                return None
+            if len(value) > MAX_LABEL_VALUE_LEN:
+                return None
+            seen.add(name)
+        return metric.name, identity + tuple(sorted(metric.labels))
+
+    def _drop(self, key: SeriesKey) -> None:
+        del self._series[key]
+        identity = key[1][: len(IDENTITY_LABELS)]
+        self._per_agent[identity] -= 1
+        if self._per_agent[identity] <= 0:
+            del self._per_agent[identity]
+
+    def _expire(self, now: float) -> None:
+        self._last_sweep = now
+        stale = [k for k, s in self._series.items() if now - s.updated > self.expiry]
+        for k in stale:
+            self._drop(k)
+        live = {name for name, _ in self._series}
+        for name in [n for n in self._types if n not in live]:
+            del self._types[name]
+
+    def forget(self, agent: AgentLabels) -> None:
+        """Drop every series of ``agent`` (e.g. its workspace was deleted)."""
+        identity = agent.pairs()
+        for k in [k for k in self._series if k[1][: len(identity)] == identity]:
+            self._drop(k)
+
+    @property
+    def series_count(self) -> int:
+        return len(self._series)
+
+    def samples(self) -> dict[SeriesKey, float]:
+        """Live series → value (tests)."""
+        self._expire(self.clock())
+        return {k: s.value for k, s in self._series.items()}
+
+    def render(self) -> str:
+        """The Prometheus text exposition of every live series and the bookkeeping counters."""
+        self._expire(self.clock())
+        lines: list[str] = []
+        by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float]]] = {}
+        for (name, labels), sample in sorted(self._series.items()):
+            by_name.setdefault(name, []).append((labels, sample.value))
+        for name, series in by_name.items():
+            lines.append(f"# HELP {name} Reported by workspace agents.")
+            lines.append(f"# TYPE {name} {self._types[name]}")
+            lines.extend(f"{name}{_labels(labels)} {format_value(value)}" for labels, value in series)
+        counters: list[tuple[str, str, float]] = [
+            (
+                "agentd_agent_metrics_rejected_series_total",
+                "Agent metric series refused because the series limit was reached.",
+                self.rejected_series,
+            ),
+            (
+                "agentd_agent_metrics_invalid_total",
+                "Agent metrics skipped: invalid name, type or labels, or over the per-report limit.",
+                self.invalid_metrics,
+            ),
+        ]
+        counters.extend((n, h, get()) for n, (h, get) in sorted(self.extra_counters.items()))
+        for name, help_text, value in counters:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} counter")
+            lines.append(f"{name} {format_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    async def handle(self, request: Responder) -> None:
+        """``GET /metrics`` on the daemon's listeners (``router.add("/metrics", metrics.handle)``)."""
+        await request.send_response(200, self.render().encode("utf-8"), content_type=CONTENT_TYPE)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{n}="{escape_label_value(v)}"' for n, v in pairs)
+    return "{" + inner + "}" if inner else ""

@@ -1,0 +1,177 @@
+"""Per-agent metrics kept in memory (issue 6): series per agent identity, bounded, Prometheus text."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from agentd.metrics import AgentLabels, AgentMetrics, ReportedMetric, escape_label_value, format_value
+
+ALICE = AgentLabels("alice", "dev", "main", "docker")
+BOB = AgentLabels("bob", "ws", "main", "docker")
+
+
+@attrs.define
+class Clock:
+    t: float = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_series_carry_identity_and_metric_labels() -> None:
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("agent_scripts_executed_total", "counter", 3, (("success", "true"),))])
+    m.update(ALICE, [ReportedMetric("agent_scripts_executed_total", "counter", 5, (("success", "true"),))])
+    key = (
+        "agent_scripts_executed_total",
+        (
+            ("username", "alice"),
+            ("workspace_name", "dev"),
+            ("agent_name", "main"),
+            ("template_name", "docker"),
+            ("success", "true"),
+        ),
+    )
+    assert m.samples() == {key: 5}
+
+
+def test_render_exposition_format() -> None:
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("agent_load", "gauge", 0.25), ReportedMetric("agent_up", "counter", 1)])
+    m.update(BOB, [ReportedMetric("agent_load", "gauge", 2)])
+    text = m.render()
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    i = lines.index("# TYPE agent_load gauge")
+    assert lines[i - 1] == "# HELP agent_load Reported by workspace agents."
+    assert lines[i + 1] == (
+        'agent_load{username="alice",workspace_name="dev",agent_name="main",template_name="docker"} 0.25'
+    )
+    assert lines[i + 2] == (
+        'agent_load{username="bob",workspace_name="ws",agent_name="main",template_name="docker"} 2'
+    )
+    assert "# TYPE agent_up counter" in lines
+    assert "agentd_agent_metrics_rejected_series_total 0" in lines
+    assert "agentd_agent_metrics_invalid_total 0" in lines
+
+
+def test_label_values_are_escaped() -> None:
+    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    m = AgentMetrics()
+    m.update(AgentLabels('we"ird', "w", "a", "t"), [ReportedMetric("x", "gauge", 1)])
+    assert 'username="we\\"ird"' in m.render()
+
+
+def test_special_values() -> None:
+    assert [format_value(v) for v in (math.nan, math.inf, -math.inf, 3.0, 1.5)] == [
+        "NaN",
+        "+Inf",
+        "-Inf",
+        "3",
+        "1.5",
+    ]
+
+
+def test_series_cap_rejects_new_series_and_counts() -> None:
+    m = AgentMetrics(max_series=2)
+    m.update(ALICE, [ReportedMetric(f"m{i}", "gauge", i) for i in range(3)])
+    assert m.series_count == 2 and m.rejected_series == 1
+    m.update(ALICE, [ReportedMetric("m0", "gauge", 9)])  # an existing series still updates
+    assert m.rejected_series == 1
+    assert "agentd_agent_metrics_rejected_series_total 1" in m.render().splitlines()
+
+
+def test_stale_series_expire_and_free_room() -> None:
+    clock = Clock()
+    m = AgentMetrics(max_series=1, expiry=60, clock=clock)
+    m.update(ALICE, [ReportedMetric("a", "gauge", 1)])
+    clock.t = 61
+    m.update(BOB, [ReportedMetric("a", "gauge", 2)])
+    assert m.rejected_series == 0
+    assert list(m.samples().values()) == [2]
+    clock.t = 200
+    assert m.samples() == {}
+    assert "# TYPE a gauge" not in m.render().splitlines()
+
+
+def test_invalid_metrics_are_skipped_and_counted() -> None:
+    m = AgentMetrics(max_labels=2)
+    m.update(
+        ALICE,
+        [
+            ReportedMetric("bad name", "gauge", 1),
+            ReportedMetric("ok", "unspecified", 1),
+            ReportedMetric("clash", "gauge", 1, (("username", "mallory"),)),
+            ReportedMetric("bad_label", "gauge", 1, (("0x", "v"),)),
+            ReportedMetric("reserved", "gauge", 1, (("__name__", "v"),)),
+            ReportedMetric("many", "gauge", 1, (("a", "1"), ("b", "2"), ("c", "3"))),
+            ReportedMetric("fine", "gauge", 1),
+        ],
+    )
+    assert m.invalid_metrics == 6 and m.series_count == 1
+
+
+def test_one_name_keeps_its_first_type() -> None:
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("x", "counter", 1)])
+    m.update(BOB, [ReportedMetric("x", "gauge", 1)])
+    assert m.series_count == 1 and m.invalid_metrics == 1
+
+
+def test_per_report_limit() -> None:
+    m = AgentMetrics(max_metrics_per_report=3)
+    m.update(ALICE, [ReportedMetric(f"m{i}", "gauge", i) for i in range(5)])
+    assert m.series_count == 3 and m.invalid_metrics == 2
+
+
+def test_forget_drops_an_agents_series() -> None:
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("a", "gauge", 1)])
+    m.update(BOB, [ReportedMetric("a", "gauge", 1)])
+    m.forget(ALICE)
+    assert [k[1][0] for k in m.samples()] == [("username", "bob")]
+
+
+def test_extra_counters_are_rendered() -> None:
+    m = AgentMetrics(
+        extra_counters={"agentd_metadata_dropped_total": ("Dropped metadata updates.", lambda: 7)}
+    )
+    assert "agentd_metadata_dropped_total 7" in m.render().splitlines()
+
+
+async def test_handle_serves_the_exposition() -> None:
+    sent: list[tuple[int, bytes, str]] = []
+
+    class Request:
+        async def send_response(self, status: int, body: bytes, *, content_type: str = "") -> None:
+            sent.append((status, body, content_type))
+
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("x", "gauge", 1)])
+    await m.handle(Request())
+    [(status, body, content_type)] = sent
+    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert body.decode() == m.render()
+
+
+def test_one_agent_cannot_take_every_series() -> None:
+    m = AgentMetrics(max_series=10, max_series_per_agent=3)
+    m.update(ALICE, [ReportedMetric("m", "gauge", i, (("i", str(i)),)) for i in range(5)])
+    m.update(BOB, [ReportedMetric("m", "gauge", 1)])
+    assert m.series_count == 4 and m.rejected_series == 2
+    m.forget(ALICE)
+    m.update(ALICE, [ReportedMetric("m", "gauge", i, (("i", str(i)),)) for i in range(3)])
+    assert m.series_count == 4 and m.rejected_series == 2
+
+
+def test_sweeps_are_rate_limited_when_full() -> None:
+    clock = Clock()
+    m = AgentMetrics(max_series=1, expiry=10, clock=clock)
+    m.update(ALICE, [ReportedMetric("a", "gauge", 1)])
+    clock.t = 0.5
+    m.update(BOB, [ReportedMetric("a", "gauge", 1)])  # full: sweeps once (nothing stale yet)
+    clock.t = 11
+    m.update(BOB, [ReportedMetric("a", "gauge", 1)])  # full, sweep allowed again: alice expired
+    assert m.rejected_series == 1 and [k[1][0][1] for k in m.samples()] == ["bob"]
