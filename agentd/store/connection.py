@@ -122,15 +122,15 @@ async def latest_build_id(db: Queryable, workspace_id: uuid.UUID) -> uuid.UUID |
     return value if isinstance(value, uuid.UUID) else None
 
 
-async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> WorkspaceIdentity | None:
-    """The cached fields of spec §4.3 for one workspace (deleted ones included, as GetWorkspaceByID)."""
-    row = await db.fetchone(
-        "SELECT id, owner_id, organization_id, template_id, name, owner_username, template_name, "
-        "autostart_schedule, task_id FROM workspaces_expanded WHERE id = %s",
-        (workspace_id,),
-    )
-    if row is None:
-        return None
+#: The columns of ``workspaces_expanded`` that make a WorkspaceIdentity (spec §4.3).
+IDENTITY_COLUMNS = (
+    "id, owner_id, organization_id, template_id, name, owner_username, template_name, "
+    "autostart_schedule, task_id"
+)
+
+
+def identity_from_row(row: dict[str, Any]) -> WorkspaceIdentity:
+    """A WorkspaceIdentity from a row selecting IDENTITY_COLUMNS."""
     return WorkspaceIdentity(
         id=row["id"],
         owner_id=row["owner_id"],
@@ -142,3 +142,11 @@ async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> Workspac
         autostart_schedule=row["autostart_schedule"],
         task_id=row["task_id"],
     )
+
+
+async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> WorkspaceIdentity | None:
+    """The cached fields of spec §4.3 for one workspace (deleted ones included, as GetWorkspaceByID)."""
+    row = await db.fetchone(
+        f"SELECT {IDENTITY_COLUMNS} FROM workspaces_expanded WHERE id = %s", (workspace_id,)
+    )
+    return None if row is None else identity_from_row(row)

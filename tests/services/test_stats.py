@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from agentd.batchers.last_used import LastUsedTracker
-from agentd.batchers.metadata import MetadataBatcher
 from agentd.batchers.stats import StatsBatcher
 from agentd.components import Components
 from agentd.connection import start_components
+from agentd.daemon import build_components
 from agentd.drpc.errors import RpcError
 from agentd.metrics import AgentMetrics
 from agentd.proto import agent_pb2
@@ -503,27 +503,8 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
 
 
 def daemon_components(db: Database, pubsub: PubSub) -> Components:
-    """What the daemon's build_components adds for this API (the report quotes it)."""
-    metadata_batcher = MetadataBatcher(db, pubsub)
-    stats_batcher = StatsBatcher(db)
-    metrics = AgentMetrics(
-        extra_counters={
-            "agentd_metadata_updates_dropped_total": (
-                "Metadata updates dropped because the batcher's buffer was full.",
-                lambda: metadata_batcher.dropped,
-            ),
-            "agentd_agent_stats_dropped_total": (
-                "Agent stats rows refused because the stats buffer was full.",
-                lambda: stats_batcher.dropped,
-            ),
-        }
-    )
-    return Components(
-        metadata_batcher=metadata_batcher,
-        stats_batcher=stats_batcher,
-        last_used=LastUsedTracker(db),
-        metrics=metrics,
-    )
+    """Exactly the components `agentd serve` runs."""
+    return build_components(db, pubsub, Settings())
 
 
 _CRON_TOKENS = [
