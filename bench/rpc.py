@@ -11,7 +11,8 @@ reads until EOF, then closes).  The client measures, in the same run:
 * ``rpc same stream``  sequential unary calls on one mux stream (DRPC stream ids 1, 2, ...)
 
 each sequentially and with 32 in flight (32 tasks; "same stream" = one stream per task), reporting
-calls/s and p50/p99 latency; the ratio compares each RPC row with its mux baseline per call.
+calls/s and p50/p99 latency; the ratio compares each RPC row with its mux baseline per call.  A
+baseline and its RPC mode alternate every 100 calls, so a noisy shared machine loads both alike.
 Median of ``--runs`` (≥ 3) runs.  ``--quick`` for a short smoke run.
 """
 
@@ -125,30 +126,44 @@ async def _mux_new_stream(session: MuxSession) -> None:
     await stream.aclose()
 
 
-async def _measure(
-    make_worker: Callable[[], Awaitable[Callable[[], Awaitable[object]]]], calls: int, concurrency: int
-) -> tuple[float, list[float]]:
-    """Run ``calls`` operations split over ``concurrency`` tasks; (calls/s, per-call latencies)."""
-    workers = [await make_worker() for _ in range(concurrency)]
-    # Warm up each worker.
-    for w in workers:
-        await w()
-    lat: list[float] = []
-    per = calls // concurrency
+Worker = Callable[[], Awaitable[object]]
 
-    async def run(w: Callable[[], Awaitable[object]]) -> None:
+#: Calls per alternation slice: baseline and RPC take turns so both see the same machine load.
+SLICE = 100
+
+
+async def _measure_pair(
+    makers: tuple[Callable[[], Awaitable[Worker]], Callable[[], Awaitable[Worker]]],
+    calls: int,
+    concurrency: int,
+) -> list[tuple[float, list[float]]]:
+    """Run ``calls`` operations of each of two modes over ``concurrency`` tasks, alternating the
+    modes every SLICE calls; return (calls/s, per-call latencies) for each mode."""
+    workers = [[await make() for _ in range(concurrency)] for make in makers]
+    for ws in workers:  # warm up
+        for w in ws:
+            await w()
+    lat: list[list[float]] = [[], []]
+    busy = [0.0, 0.0]
+    done = [0, 0]
+    per_slice = max(1, SLICE // concurrency)
+
+    async def run(w: Worker, out: list[float]) -> None:
         clock = time.perf_counter
-        for _ in range(per):
+        for _ in range(per_slice):
             t0 = clock()
             await w()
-            lat.append(clock() - t0)
+            out.append(clock() - t0)
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for w in workers:
-            nursery.start_soon(run, w)
-    elapsed = time.perf_counter() - t0
-    return per * concurrency / elapsed, lat
+    while done[0] < calls:
+        for i in (0, 1):
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for w in workers[i]:
+                    nursery.start_soon(run, w, lat[i])
+            busy[i] += time.perf_counter() - t0
+            done[i] += per_slice * concurrency
+    return [(done[i] / busy[i], lat[i]) for i in (0, 1)]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -188,22 +203,74 @@ async def bench_once(directory: str, calls: int) -> dict[tuple[str, int], tuple[
             conns.append(conn)
             return lambda: conn.unary(BANNER)
 
-        modes = [
-            ("mux new stream", mux_new),
-            ("rpc new stream", rpc_new),
-            ("mux same stream", mux_same),
-            ("rpc same stream", rpc_same),
+        pairs = [
+            (("mux new stream", mux_new), ("rpc new stream", rpc_new)),
+            (("mux same stream", mux_same), ("rpc same stream", rpc_same)),
         ]
         for concurrency in (1, 32):
-            for name, make in modes:
-                rate, lat = await _measure(make, calls, concurrency)
-                results[(name, concurrency)] = (rate, _pct(lat, 0.5), _pct(lat, 0.99))
+            for (base_name, base_make), (rpc_name, rpc_make) in pairs:
+                measured = await _measure_pair((base_make, rpc_make), calls, concurrency)
+                for name, (rate, lat) in zip((base_name, rpc_name), measured, strict=True):
+                    results[(name, concurrency)] = (rate, _pct(lat, 0.5), _pct(lat, 0.99))
         for conn in conns:
             await conn.aclose()
         for s in echo_streams:
             await s.aclose()
         nursery.cancel_scope.cancel()
     return results
+
+
+async def _cpu_once(mode: str, calls: int) -> float:
+    """CPU µs per call with client and server in this process over a memory stream pair."""
+    import trio.testing
+
+    a, b = trio.testing.memory_stream_pair()
+    cs = MuxSession(a, is_client=True)
+    ss = MuxSession(b, is_client=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cs.run)
+        await nursery.start(ss.run)
+        if mode.startswith("rpc"):
+            await nursery.start(serve_session, ss, _registry())
+        else:
+            nursery.start_soon(_echo_session, ss)
+        client = RpcClient(cs)
+        conn = RpcConn(await cs.open_stream())
+        stream = await cs.open_stream()
+
+        async def mux_same() -> None:
+            await stream.send_all(PAYLOAD)
+            got = 0
+            while got < len(PAYLOAD):
+                got += len(await stream.receive_some())
+
+        op: Worker = {
+            "mux new stream": lambda: _mux_new_stream(cs),
+            "rpc new stream": lambda: client.agent.GetServiceBanner(),
+            "mux same stream": mux_same,
+            "rpc same stream": lambda: conn.unary(BANNER),
+        }[mode]
+        for _ in range(100):
+            await op()
+        t0 = time.process_time()
+        for _ in range(calls):
+            await op()
+        cpu = (time.process_time() - t0) / calls
+        nursery.cancel_scope.cancel()
+    return cpu
+
+
+def cpu_table(runs: int, calls: int) -> None:
+    """Client + server CPU per call in one process (robust on a busy machine): min over runs."""
+    names = ("mux new stream", "rpc new stream", "mux same stream", "rpc same stream")
+    best = {n: min(trio.run(_cpu_once, n, calls) for _ in range(runs)) for n in names}
+    print()
+    print(f"in-process CPU per call (client + server, memory streams, min of {runs} runs of {calls} calls)")
+    print("| mode             | CPU us/call |  ratio |")
+    print("|-----------------:|------------:|-------:|")
+    for n in names:
+        ratio = f"{best[n] / best['mux' + n[3:]]:.2f}x" if n.startswith("rpc") else ""
+        print(f"| {n:<16} | {best[n] * 1e6:>11.0f} | {ratio:>6} |")
 
 
 def main() -> int:
@@ -242,19 +309,18 @@ def main() -> int:
                 server.kill()
                 server.wait()
     _print(all_runs, runs, calls)
+    cpu_table(runs, calls // 2)
     return 0
 
 
 def _print(all_runs: list[dict[tuple[str, int], tuple[float, float, float]]], runs: int, calls: int) -> None:
     print("agentd.drpc unary calls over agentd.mux, Unix socket, server in another process")
-    print(
-        f"median of {runs} run(s), {calls} calls per mode; latency in µs; ratio = cost per call vs mux baseline"
-    )
+    print(f"median of {runs} run(s), {calls} calls per mode; latencies in microseconds")
+    print("ratio = rpc cost / its mux baseline: by throughput (calls/s) and by median latency (p50)")
     print()
-    print(
-        f"| {'mode':<16} | {'in flight':>9} | {'calls/s':>9} | {'p50 µs':>8} | {'p99 µs':>8} | {'ratio':>6} |"
-    )
-    print(f"|{'-' * 18}|{'-' * 11}:|{'-' * 10}:|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|")
+    head = ("mode", "in flight", "calls/s", "p50 us", "p99 us", "ratio/s", "ratio p50")
+    print("| {:<16} | {:>9} | {:>9} | {:>8} | {:>8} | {:>7} | {:>9} |".format(*head))
+    print("|" + "|".join("-" * (w + 1) + ":" for w in (16, 9, 9, 8, 8, 7, 9)) + "|")
     baseline = {"rpc new stream": "mux new stream", "rpc same stream": "mux same stream"}
     for concurrency in (1, 32):
         for name in ("mux new stream", "rpc new stream", "mux same stream", "rpc same stream"):
@@ -262,13 +328,13 @@ def _print(all_runs: list[dict[tuple[str, int], tuple[float, float, float]]], ru
             rate = statistics.median(r[key][0] for r in all_runs)
             p50 = statistics.median(r[key][1] for r in all_runs)
             p99 = statistics.median(r[key][2] for r in all_runs)
-            ratio = ""
+            by_rate = by_p50 = ""
             if name in baseline:
-                base = statistics.median(r[(baseline[name], concurrency)][0] for r in all_runs)
-                ratio = f"{base / rate:.2f}x"
-            print(
-                f"| {name:<16} | {concurrency:>9} | {rate:>9.0f} | {p50 * 1e6:>8.0f} | {p99 * 1e6:>8.0f} | {ratio:>6} |"
-            )
+                base = (baseline[name], concurrency)
+                by_rate = f"{statistics.median(r[base][0] for r in all_runs) / rate:.2f}x"
+                by_p50 = f"{p50 / statistics.median(r[base][1] for r in all_runs):.2f}x"
+            row = (name, concurrency, f"{rate:.0f}", f"{p50 * 1e6:.0f}", f"{p99 * 1e6:.0f}", by_rate, by_p50)
+            print("| {:<16} | {:>9} | {:>9} | {:>8} | {:>8} | {:>7} | {:>9} |".format(*row))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class _Link:
 
 def _decode(type_: type[RespT], data: bytes, path: str) -> RespT:
     msg = type_()
+    if not data:
+        return msg
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:
@@ -175,15 +177,21 @@ class RpcConn:
     async def unary(self, path: str, request: Message | None = None) -> Message:
         method = self._table[path]
         request = _check_request(method, request)
-        async with self._lock:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # one call at a time (Go's drpcconn); no yield when free
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             self._link.events.clear()
-            try:
-                return await _unary(self._link, method, request)
-            except BaseException:
-                if self._link.conn.active:
-                    # The transport's state is unknown mid-call: it cannot carry another RPC.
-                    await trio.aclose_forcefully(self._link.transport)
-                raise
+            return await _unary(self._link, method, request)
+        except BaseException:
+            if self._link.conn.active:
+                # The transport's state is unknown mid-call: it cannot carry another RPC.
+                await trio.aclose_forcefully(self._link.transport)
+            raise
+        finally:
+            lock.release()
 
     async def aclose(self) -> None:
         await _close_quietly(self._link.transport)
@@ -369,7 +377,7 @@ def _make_method(method: RpcMethod) -> Callable[..., Any]:
     shape = method.shape
     if shape is CallShape.UNARY:
 
-        async def unary(self: _ServiceStub, request: Message | None = None) -> Message:
+        async def unary(self: _ServiceStub, request: Message | None = None) -> Any:
             return await self._client.unary(method.path, request)
 
         fn: Callable[..., Any] = unary

@@ -1,10 +1,14 @@
 """trio DRPC server: Go's ``drpcserver.ServeOne`` per transport, and an accept loop per session.
 
-Each transport (one mux stream under Coder) has one reader task — the task running
-:func:`serve_stream` — that owns the transport's receive side and a sans-I/O
-:class:`~agentd.drpc.stream.Connection`; each RPC's handler runs in a child task so that a peer's
-FIN, Close, Cancel or Error cancels it.  RPCs on one transport are served one after another until
-EOF; on EOF the transport is closed (FIN) at once, as Go clients wait for that FIN.
+Each transport (one mux stream under Coder) has a sans-I/O :class:`~agentd.drpc.stream.Connection`
+and, at any time, exactly one task reading it.  A handler runs in its own task while a reader keeps
+reading, so that the peer's FIN, Close, Cancel or Error cancels it: to keep a task switch off the
+reply's path, the reading task runs a unary/server-stream handler itself and hands the read loop to
+a new task (client-stream and bidi handlers get a task of their own, as the reader feeds them).
+All of them live in one nursery (the session's, or serve_stream's own).  RPCs on one transport are
+served one after another until EOF; on EOF the active handler is cancelled and the transport is
+closed (FIN) at once, as Go clients wait for that FIN.  A protocol error or an over-limit packet
+resets that one mux stream; a handler's exception becomes one Error packet.
 """
 
 from __future__ import annotations
@@ -123,11 +127,14 @@ class _HandlerStream:
         payload = message.SerializeToString()
         if len(payload) > self._server.max_size:
             raise RpcError(_too_large(method, len(payload)))
+        server = self._server
         try:
-            self._server.conn.send_message(payload)
+            server.conn.send_message(payload)
         except StreamClosedError:
             raise trio.BrokenResourceError("the RPC is over") from None
-        await self._server.flush()
+        await server.flush()
+        if server.broken:
+            raise trio.BrokenResourceError("the stream is gone")
 
     async def receive(self) -> Any:
         """The next request; trio.EndOfChannel after the client's CloseSend."""
@@ -154,6 +161,8 @@ def _too_large(method: RpcMethod, size: int) -> str:
 
 def _decode(method: RpcMethod, data: bytes) -> Message:
     msg = method.request_type()
+    if not data:
+        return msg  # an empty message (common: most Get* requests)
     try:
         msg.ParseFromString(data)
     except DecodeError as exc:
@@ -364,6 +373,11 @@ class _StreamServer:
                 self._queue_error(call, exc.code, exc.message)
             except StreamClosedError:
                 return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self.broken:
+                    return  # the client went away mid-call: not the handler's failure
+                log.exception("RPC %s failed", method.path)
+                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             except Exception as exc:
                 log.exception("RPC %s failed", method.path)
                 self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
@@ -391,8 +405,11 @@ class _StreamServer:
         self._writing = True
         try:
             await self.transport.send_all(data)
-        except BaseException:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The stream (or session) is gone: the reader ends this stream; nothing to report.
             self.broken = True
+        except BaseException:
+            self.broken = True  # cancelled mid-write: half a frame may be out
             raise
         finally:
             self._writing = False

@@ -231,7 +231,7 @@ class PacketParser:
     __slots__ = ("_buf", "_control", "_data", "_kind", "_max", "_mid", "_partial", "_sid")
 
     def __init__(self, max_size: int = MAX_PACKET_SIZE) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # an incomplete frame (grows in place: no quadratic copying)
         self._max = max_size
         self._sid = 1
         self._mid = 1
@@ -247,7 +247,12 @@ class PacketParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Packet]:
         """Consume transport bytes; return the packets they complete (possibly none)."""
-        buf = self._buf + data if self._buf else bytes(data)
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data if type(data) is bytes else bytes(data)
         out: list[Packet] = []
         pos = 0
         n = len(buf)
@@ -275,15 +280,18 @@ class PacketParser:
                     self._mid = mid + 1
                     kind = (cb & 0x7E) >> 1
                     if kind in _KNOWN_KINDS:
-                        out.append(Packet(kind, sid, mid, buf[body:end], bool(cb & 0x80)))
+                        out.append(Packet(kind, sid, mid, bytes(buf[body:end]), bool(cb & 0x80)))
                     elif not cb & 0x80:
                         raise ProtocolError(f"unknown packet kind {kind}")
                     continue
-                pkt = self._frame(cb, sid, mid, buf[body:end])
+                pkt = self._frame(cb, sid, mid, bytes(buf[body:end]))
                 if pkt is not None:
                     out.append(pkt)
         finally:
-            self._buf = buf[pos:] if pos < n else b""
+            if buf is self._buf:
+                del self._buf[:pos]
+            elif pos < n:
+                self._buf = bytearray(buf[pos:])
         return out
 
     def _frame(self, cb: int, sid: int, mid: int, data: bytes) -> Packet | None:

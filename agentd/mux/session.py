@@ -175,6 +175,7 @@ class Connection:
         self.outbound_pending = 0
         self._ping_id = 0
         self.closed = False
+        self.dead_streams: list[StreamState] = []
         self.error: ProtocolError | None = None
         # parser state
         self._hdr = bytearray()
@@ -308,7 +309,15 @@ class Connection:
         """The application closed both directions: FIN, drop unread data; data that still arrives
         is answered with RST (so the peer's writer learns nobody reads)."""
         st.app_closed = True
+        dropped = len(st.recv_buf)
         st.recv_buf.clear()
+        if dropped and st.state in CAN_RECEIVE and not st.forgotten and not self.closed:
+            # hand the dropped bytes' credit back so a writer blocked on our window wakes up,
+            # sends, and learns from the RST that nobody reads any more
+            delta = self.max_window - st.recv_window
+            if delta > 0:
+                st.recv_window += delta
+                self._queue(_pack(0, TYPE_WINDOW_UPDATE, 0, st.id, delta))
         self.end_stream(st)
 
     def reset_stream(self, st: StreamState) -> None:
@@ -345,6 +354,8 @@ class Connection:
         for st in self.streams.values():
             st.session_dead = True
             st.forgotten = True
+        #: the streams that were open when the session ended (so an adapter can wake their waiters)
+        self.dead_streams = list(self.streams.values())
         self.streams.clear()
 
     def _forget(self, st: StreamState) -> None:

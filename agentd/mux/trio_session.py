@@ -30,7 +30,6 @@ from agentd.mux.session import (
     DataReceived,
     GoAwayReceived,
     PingAcked,
-    SessionClosedError,
     StreamClosedError,
     StreamEnded,
     StreamEstablished,
@@ -204,7 +203,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 state = st.state
                 if state == RESET:
                     raise trio.BrokenResourceError("stream reset by peer")
-                if state == REMOTE_CLOSE or state == CLOSED:
+                if state in (REMOTE_CLOSE, CLOSED):
                     data = b""
                     break
                 if st.session_dead:
@@ -490,11 +489,12 @@ class MuxSession:
         self._closing = True
         self._close_reason = reason
         conn = self._conn
-        for st in list(conn.streams.values()):
+        conn.close()
+        for st in conn.dead_streams:
             handle = st.handle
             if isinstance(handle, MuxStream):
                 handle._wake()
-        conn.close()
+        conn.dead_streams = []
         for stream in self._accept_queue:
             stream._wake()
         for event in self._pings.values():
@@ -528,7 +528,7 @@ class MuxSession:
                 try:
                     events = conn.receive_data(data)
                 except ProtocolError as exc:
-                    self._dispatch(exc.events, accept_queue)  # type: ignore[arg-type]
+                    self._dispatch(exc.events, accept_queue)
                     self._terminate(exc)
                     return
                 if events:

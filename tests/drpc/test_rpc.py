@@ -331,3 +331,17 @@ async def test_real_agent_api_large_manifest() -> None:
         with pytest.raises(RpcError) as info:
             await client.agent.UpdateStats(agent_pb2.UpdateStatsRequest())
         assert info.value.code == 12
+
+
+async def test_client_reset_mid_stream_only_ends_that_call(pair: Any) -> None:
+    """A client resetting its mux stream while the handler is still sending: the handler stops,
+    nothing escapes into the session (no crash), other calls keep working."""
+    async with echo(pair) as (client, *_):
+        call = client.echo.ServerStream(Req(n=100_000))
+        got = [(await call.receive()).n for _ in range(3)]
+        assert got == [1, 2, 3]
+        assert call._link is not None
+        await call._link.transport.reset()  # type: ignore[attr-defined]
+        for i in range(20):
+            assert (await client.echo.Unary(Req(n=i))).n == i + 1
+        await call.aclose()

@@ -328,3 +328,59 @@ async def test_client_cancel_mid_call_just_fins(autojump_clock: Any) -> None:
         await client.agent.GetManifest()
     peer = session.peers[0]
     assert await read_all(peer) == REQ  # no Close/Cancel packet, then EOF (FIN)
+
+
+@pytest.mark.parametrize(
+    "terminal", [H("0b 01 04 00"), H("89 01 04 00"), H("07 01 04 09 00 00 00 00 00 00 00 01 78")]
+)
+async def test_close_cancel_or_error_from_client_cancels_handler(
+    terminal: bytes, autojump_clock: Any
+) -> None:
+    """Close, a soft Cancel (control bit) or an Error from the client ends the RPC: the handler is
+    cancelled, nothing is sent, and the transport stays usable for the next RPC (stream 2)."""
+    cancelled = trio.Event()
+
+    async def slow(_req: Any) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    c, s = trio.testing.memory_stream_pair()
+    rec = Recorder(s)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            serve_stream, rec, agent_registry(GetManifest=slow, GetServiceBanner=manifest_banner)
+        )
+        await c.send_all(REQ)
+        await trio.sleep(1)
+        await c.send_all(terminal)
+        await cancelled.wait()
+        name = b"/coder.agent.v2.Agent/GetServiceBanner"
+        await c.send_all(bytes([3, 2, 1, len(name)]) + name + H("05 02 02 00 0d 02 03 00"))
+        assert await _expect(c, 8) == H("05 02 01 00 0d 02 02 00")
+        await c.send_eof()
+        assert await read_all(c) == b""
+    assert rec.writes == [H("05 02 01 00 0d 02 02 00")]
+
+
+async def manifest_banner(_req: Any) -> Any:
+    return agent_pb2.ServiceBanner()
+
+
+async def test_handler_cancelled_when_session_task_is_cancelled(autojump_clock: Any) -> None:
+    cancelled = trio.Event()
+
+    async def slow(_req: Any) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    c, s = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_stream, s, agent_registry(GetManifest=slow))
+        await c.send_all(REQ)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert cancelled.is_set()

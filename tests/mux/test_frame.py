@@ -40,7 +40,11 @@ VECTORS = [
     ("Y11", "00 00 00 00 00 00 00 01 00 00 00 05 68 65 6c 6c 6f", Frame(0, TYPE_DATA, 0, 1, 5, b"hello")),
     ("Y12", "00 01 00 00 00 00 00 01 00 02 00 00", Frame(0, TYPE_WINDOW_UPDATE, 0, 1, 131072)),
     ("Y13", "00 01 00 01 00 00 00 02 00 00 00 00", Frame(0, TYPE_WINDOW_UPDATE, FLAG_SYN, 2, 0)),
-    ("Y14", "00 00 00 05 00 00 00 01 00 00 00 02 68 69", Frame(0, TYPE_DATA, FLAG_SYN | FLAG_FIN, 1, 2, b"hi")),
+    (
+        "Y14",
+        "00 00 00 05 00 00 00 01 00 00 00 02 68 69",
+        Frame(0, TYPE_DATA, FLAG_SYN | FLAG_FIN, 1, 2, b"hi"),
+    ),
 ]
 
 
@@ -83,7 +87,9 @@ def test_encode_rejects_inconsistent_frames() -> None:
 
 
 frames = st.builds(
-    lambda t, f, sid, ln, body: Frame(0, t, f, sid, len(body), body) if t == TYPE_DATA else Frame(0, t, f, sid, ln),
+    lambda t, f, sid, ln, body: (
+        Frame(0, t, f, sid, len(body), body) if t == TYPE_DATA else Frame(0, t, f, sid, ln)
+    ),
     st.sampled_from([TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY]),
     st.integers(0, 15),
     st.integers(0, 2**32 - 1),

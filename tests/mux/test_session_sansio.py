@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentd.mux import GoAwayCode, MuxError, ProtocolError
-from agentd.mux.frame import FLAG_ACK, FLAG_FIN, FLAG_RST, FLAG_SYN, TYPE_DATA, TYPE_WINDOW_UPDATE, encode_header
+from agentd.mux.frame import (
+    FLAG_ACK,
+    FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
+    TYPE_DATA,
+    TYPE_WINDOW_UPDATE,
+    encode_header,
+)
 from agentd.mux.session import (
     Connection,
     ConnectionTerminated,
@@ -74,7 +82,7 @@ def test_open_sends_y1_and_ack_establishes() -> None:
 
 
 def test_duplicate_fin_is_protocol_error() -> None:
-    srv, s = server_with_stream_1()
+    srv, _s = server_with_stream_1()
     (ev,) = srv.receive_data(Y3)
     assert isinstance(ev, StreamEnded)
     with pytest.raises(ProtocolError, match=r"unexpected FIN flag in state 5 \(RemoteClose\)") as info:
@@ -152,7 +160,9 @@ def test_remote_go_away_error_terminates() -> None:
     assert cli.closed and cli.data_to_send() == H("00 01 00 01 00 00 00 01 00 00 00 00")
 
 
-@pytest.mark.parametrize("wire", [H("01 00 00 00 00 00 00 01 00 00 00 00"), H("00 04 00 00 00 00 00 00 00 00 00 00")])
+@pytest.mark.parametrize(
+    "wire", [H("01 00 00 00 00 00 00 01 00 00 00 00"), H("00 04 00 00 00 00 00 00 00 00 00 00")]
+)
 def test_bad_version_or_type_closes_silently(wire: bytes) -> None:
     srv = Connection(is_client=False)
     with pytest.raises(ProtocolError) as info:
@@ -294,8 +304,18 @@ def test_random_bytes_only_events_or_protocol_error(data: bytes, client: bool) -
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 4]), st.integers(0, 15), st.integers(0, 12),
-                          st.integers(0, 300000), st.binary(max_size=20)), max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 3, 4]),
+            st.integers(0, 15),
+            st.integers(0, 12),
+            st.integers(0, 300000),
+            st.binary(max_size=20),
+        ),
+        max_size=12,
+    )
+)
 def test_random_frames_only_events_or_protocol_error(frames: list[tuple[int, int, int, int, bytes]]) -> None:
     wire = b""
     for ftype, flags, sid, length, body in frames:
@@ -331,8 +351,14 @@ def run_interleaving(rng: random.Random) -> None:
         op = rng.random()
         if op < 0.1 and len(pairs) < 8:
             s = a.open_stream()
-            pairs[s.id] = {"a": s, "b": None, "sent_ab": bytearray(), "got_ab": bytearray(),
-                           "sent_ba": bytearray(), "got_ba": bytearray()}
+            pairs[s.id] = {
+                "a": s,
+                "b": None,
+                "sent_ab": bytearray(),
+                "got_ab": bytearray(),
+                "sent_ba": bytearray(),
+                "got_ba": bytearray(),
+            }
         elif op < 0.45 and pairs:
             p = pairs[rng.choice(list(pairs))]
             side = rng.choice("ab")
