@@ -281,7 +281,7 @@ async def test_activity_bump_rule(db: Database, pubsub: PubSub) -> None:
     for state, bumped in expected:
         now.advance(seconds=1)
         before = len(bump.calls)
-        await svc.update_app_status(Request(slug="claude", state=state))  # type: ignore[arg-type]
+        await svc.update_app_status(Request(slug="claude", state=state))
         assert (len(bump.calls) > before) == bumped, State.Name(state)
     assert {ws for ws, _ in bump.calls} == {seeded.ident.workspace_id}
 
