@@ -351,11 +351,15 @@ async def test_app_errors_are_collected(db: Database) -> None:
                 App(slug="share", share=9),  # type: ignore[arg-type]
                 App(slug="open", open_in=4),  # type: ignore[arg-type]
                 App(slug="fine", command="true"),
+                App(slug="long", command="true", display_name="x" * 65),  # varchar(64): a database error
             ],
         )
     )
     regex = "^[a-z0-9](-?[a-z0-9])*$"
-    assert list(response.app_creation_errors) == [
+    *validation, database = response.app_creation_errors
+    assert database.index == 7 and not database.HasField("field")
+    assert database.error.startswith("insert workspace app: ") and "64" in database.error
+    assert validation == [
         AppError(index=1, field="slug", error="must not be empty"),
         AppError(index=2, field="slug", error=f'"Bad_Slug" does not match regex "{regex}"'),
         AppError(index=3, field="slug", error='"good" is already in use'),
