@@ -21,6 +21,7 @@ from agentd.services import subagents
 from agentd.services.base import AgentIdentity
 from agentd.services.subagents import clamp_sharing_level, hashed_slug
 from agentd.store import Database
+from agentd.store.agents import get_agent_by_token
 from agentd.store.connection import authenticate_agent
 from agentd.store.subagents import AppUpsert, upsert_app
 from agentd.testing import serve_agent
@@ -164,6 +165,9 @@ async def test_create_child_copies_parent_fields(db: Database) -> None:
         parent.agent_id,
         parent.workspace_id,
     )
+    by_token = await get_agent_by_token(db, token)
+    assert by_token is not None
+    assert (by_token.agent.id, by_token.agent.parent_id) == (child_id, parent.agent_id)
 
 
 async def test_create_validation_errors(db: Database) -> None:
