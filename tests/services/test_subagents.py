@@ -106,6 +106,10 @@ async def test_handler_paths(db: Database) -> None:
 
 def test_hashed_slug_and_clamping() -> None:
     assert hashed_slug("devcontainer", "code-server") == expected_slug("devcontainer", "code-server")
+    # Coder's own test vectors (sub-agent "child-agent").
+    assert hashed_slug("child-agent", "code-server") == "fdqf0lpd-code-server"
+    assert hashed_slug("child-agent", "vim") == "547knu0f-vim"
+    assert hashed_slug("child-agent", "valid-app") == "511ctirn-valid-app"
     assert hashed_slug("a", "x") != hashed_slug("b", "x")
     assert len(hashed_slug("a", "x").split("-")[0]) == 8
     assert clamp_sharing_level("public", None) == "public"  # no policy: permissive
