@@ -226,7 +226,7 @@ class SubAgentsService:
         """Pre-created child (terraform-defined dev container): refresh display apps and directory only."""
         child_id = _uuid(request.id, "id", "parse agent id")
         child = await get_agent_by_id(self.db, child_id)
-        if child is None:
+        if child is None or child.deleted:  # Coder's GetWorkspaceAgentByID skips deleted agents
             raise RpcError(f'get workspace agent by id: agent "{child_id}" not found (id)')
         if child.parent_id != parent_id:
             raise RpcError("subagent does not belong to this parent agent (id)")

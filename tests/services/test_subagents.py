@@ -478,6 +478,15 @@ async def test_precreated_child_must_belong_to_this_parent(db: Database) -> None
     with pytest.raises(RpcError) as err:
         await svc.create_sub_agent(Req(id=unknown.bytes))
     assert err.value.message == f'get workspace agent by id: agent "{unknown}" not found (id)'
+    # A deleted child cannot be revived through the pre-created path.
+    gone = await svc.create_sub_agent(Req(name="gone"))
+    await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=gone.agent.id))
+    with pytest.raises(RpcError) as err:
+        await svc.create_sub_agent(Req(id=gone.agent.id))
+    assert (
+        err.value.message
+        == f'get workspace agent by id: agent "{uuid.UUID(bytes=gone.agent.id)}" not found (id)'
+    )
     with pytest.raises(RpcError) as err:
         await svc.create_sub_agent(Req(id=b"\x00" * 4))
     assert err.value.message == "parse agent id: invalid UUID (got 4 bytes) (id)"
