@@ -146,7 +146,7 @@ class SubAgentsService:
     async def _parent(self) -> uuid.UUID:
         """AgentFn: the parent's row, read fresh."""
         parent = await get_agent_by_id(self.db, self.ident.agent_id)
-        if parent is None:
+        if parent is None or parent.deleted:
             raise RpcError(f'get parent agent: get workspace agent by id "{self.ident.agent_id}": no rows')
         return parent.id
 
