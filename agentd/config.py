@@ -106,6 +106,8 @@ class Config:
     listen: tuple[ListenAddress, ...] = ()
     log_level: str = attrs.field(default="info", validator=_validate_log_level)
     shutdown_timeout: float = 10.0
+    #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
+    banners: tuple[tuple[str, Any], ...] = ()
 
     def default_listen_addresses(self) -> tuple[ListenAddress, ...]:
         return (UnixAddress(self.data_dir / DEFAULT_SOCKET_NAME), TcpAddress("127.0.0.1", DEFAULT_TCP_PORT))
@@ -124,6 +126,7 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "listen": ((list,), "an array of strings"),
     "log_level": ((str,), "a string"),
     "shutdown_timeout": ((int, float), "a number of seconds"),
+    "banners": ((dict,), "a table"),
 }
 
 
@@ -164,6 +167,13 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
             if value < 0:
                 raise ConfigError(f"{source}: field 'shutdown_timeout' must not be negative")
             out[key] = float(value)
+        elif key == "banners":
+            from agentd.services.banners import BannerConfigError, banners_from_mapping
+
+            try:
+                out[key] = tuple(banners_from_mapping(value).items())
+            except BannerConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
         else:
             out[key] = value
     return out

@@ -27,6 +27,7 @@ from agentd.connection import AgentSessions, start_components
 from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
+from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.store import Database, asyncio_loop, open_database
 from agentd.store.embedded import embedded_postgres
@@ -215,7 +216,12 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
-                    sessions = AgentSessions(db, Events(PubSub(db)), components=build_components())
+                    sessions = AgentSessions(
+                        db,
+                        Events(PubSub(db)),
+                        settings=Settings(**dict(self.config.banners)),
+                        components=build_components(),
+                    )
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
                     await self._serve(server, sessions, task_status)
         finally:

@@ -89,7 +89,9 @@ class TestAgent:
     connection: AgentConnection
     #: The agent side's mux session (e.g. ``await agent.session.ping()``).
     session: MuxSession
-    _client_transport: trio.abc.Stream
+    #: The agent side's upgraded transport (a WebSocketByteStream with ``websocket=True``: its
+    #: ``close_code`` / ``close_reason`` say why the server dropped the agent).
+    transport: trio.abc.Stream
 
     @property
     def ident(self) -> AgentIdentity:

@@ -6,18 +6,34 @@
 * ``db_url``: a fresh database cloned from the template for this test (dropped afterwards).
 * ``empty_db_url``: a fresh, empty (unmigrated) database for migration tests.
 * ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
+* ``pubsub``: a running `agentd.store.PubSub` on ``db`` (its LISTEN task lives until teardown).
+
+These talk to a real server: waits on the database are real I/O, so do not combine them with
+``autojump_clock`` where a trio deadline is pending while a query runs (the clock would jump).
 """
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from agentd.store import Database, asyncio_loop, open_database
+from agentd.store import Database, PubSub, asyncio_loop, open_database
 from agentd.store.testing import TestServer, test_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout`, CI runners and process managers stop pytest with SIGTERM; turn it into the
+    # KeyboardInterrupt pytest handles, so fixture teardown still stops the embedded server.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +72,12 @@ def empty_db_url(pg_server: TestServer) -> Iterator[str]:
 async def db(db_url: str) -> AsyncIterator[Database]:
     async with asyncio_loop(), open_database(db_url, min_size=1, max_size=4) as database:
         yield database
+
+
+@pytest.fixture
+async def pubsub(db: Database) -> AsyncIterator[PubSub]:
+    async with trio.open_nursery() as nursery:
+        bus = PubSub(db)
+        await nursery.start(bus.run)
+        yield bus
+        nursery.cancel_scope.cancel()

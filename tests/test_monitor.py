@@ -262,3 +262,25 @@ async def test_connection_events_reach_pubsub_subscribers(db: Database) -> None:
             with trio.fail_after(10):
                 assert json.loads(await sub.__anext__()) == event  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
+
+
+async def test_websocket_agent_is_told_why_it_was_dropped(
+    db: Database, nursery: trio.Nursery, clock: trio.testing.MockClock
+) -> None:
+    """coderd closes the WebSocket with 1001 (going away) and the monitor's reason."""
+    from agentd.websocket import WebSocketByteStream
+
+    ws = await seed(db)
+    done = trio.Event()
+
+    async def run(*, task_status: Any) -> None:
+        await serve_agent(db, ws.agents[0].token, services=(), websocket=True, task_status=task_status)
+        done.set()
+
+    agent = await nursery.start(run)
+    await add_build(db, ws, transition="start", job_done=True)
+    with trio.fail_after(60):
+        await done.wait()
+    transport = agent.transport
+    assert isinstance(transport, WebSocketByteStream)
+    assert (transport.close_code, transport.close_reason) == (1001, BUILD_OUTDATED)

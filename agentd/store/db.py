@@ -228,7 +228,13 @@ class Transaction:
 
 @attrs.define(eq=False)
 class Database:
-    """A pool of PostgreSQL connections seen from trio. Create it with `open_database`."""
+    """A pool of PostgreSQL connections seen from trio. Create it with `open_database`.
+
+    Parameters use psycopg placeholders (``%s`` / ``%(name)s``; a literal ``%`` is ``%%``). With no
+    parameters the text is sent as is: no placeholder processing, and several ``;``-separated
+    statements are allowed (how `migrate` runs schema.sql). Statements outside `transaction`
+    autocommit. Rows are dicts; enum values are their labels, enum arrays lists of labels.
+    """
 
     _runner: _Runner
     _pool: Pool

@@ -15,7 +15,6 @@ marker: they may have lost messages and should re-read the state they follow.
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
@@ -87,7 +86,10 @@ class Subscription:
                 self._buffer.append(MISSED)
             self._overflowed = False
         elif len(self._buffer) >= self._capacity:
-            self._overflowed = True
+            # Dropped. A MISSED marker still queued at the tail already covers this loss: the
+            # consumer re-reads its state after taking it, which includes this message's effect.
+            if self._buffer[-1] is not MISSED:
+                self._overflowed = True
             return
         else:
             if self._overflowed:
@@ -272,7 +274,7 @@ class PubSub:
                     self._listening = set()
                 finally:
                     await self._db._close_conn(conn)
-                await trio.sleep(0 if math.isclose(delay, 0) else delay)
+                await trio.sleep(delay)
         finally:
             self._running = False
             self._stopped = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
+from pathlib import Path
 
 import attrs
 import pytest
@@ -79,3 +80,18 @@ async def test_configured_banners_reach_the_agent(db: Database, nursery: trio.Nu
     assert banner == agent_pb2.ServiceBanner(
         enabled=True, message="Maintenance at 18:00 UTC", background_color="#004852"
     )
+
+
+def test_daemon_config_file_carries_banners(tmp_path: Path) -> None:
+    from agentd.config import Config, ConfigError, read_config_file
+
+    path = tmp_path / "agentd.toml"
+    path.write_text('log_level = "info"\n' + CONFIG)
+    config = Config(**read_config_file(path))
+    settings = Settings(**dict(config.banners))
+    assert settings.service_banner == (True, "Maintenance at 18:00 UTC", "#004852")
+    assert [b[1] for b in settings.announcement_banners] == ["Welcome", "Old news"]
+
+    path.write_text("[banners.service]\nenabled = 1\n")
+    with pytest.raises(ConfigError, match=r"agentd.toml: banners.service.enabled: expected true or false"):
+        read_config_file(path)

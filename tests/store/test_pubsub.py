@@ -43,9 +43,8 @@ async def test_two_replicas_share_messages(db_url: str) -> None:
         assert [await next_item(on_b), await next_item(on_b)] == ['{"kind":"agt_lifecycle_update"}', "from-b"]
 
 
-async def test_fan_out_and_channel_isolation(db: Database) -> None:
+async def test_fan_out_and_channel_isolation(pubsub: PubSub) -> None:
     async with (
-        running(PubSub(db)) as pubsub,
         pubsub.subscribe("a") as first,
         pubsub.subscribe("a") as second,
         pubsub.subscribe("b") as other,
