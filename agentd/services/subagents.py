@@ -198,6 +198,8 @@ class SubAgentsService:
             )
         except UniqueViolation as exc:
             raise RpcError(f"insert sub agent: {exc} (name)") from exc
+        except StoreError as exc:  # e.g. a name or architecture longer than its varchar(64)
+            raise RpcError(f"insert sub agent: {exc}") from exc
         if child is None:
             raise RpcError(f'insert sub agent: parent agent "{parent_id}" not found')
 

@@ -200,6 +200,10 @@ async def test_create_validation_errors(db: Database) -> None:
         with pytest.raises(RpcError) as err:
             await svc.create_sub_agent(request)
         assert err.value.message == text
+    # Longer than the column: the database refuses it and nothing is inserted.
+    with pytest.raises(RpcError) as err:
+        await svc.create_sub_agent(Req(name="a" * 65))
+    assert err.value.message.startswith("insert sub agent: ") and "64" in err.value.message
     # Upper case is allowed by the name rule.
     response = await svc.create_sub_agent(Req(name="Dev-1"))
     assert response.agent.name == "Dev-1"
