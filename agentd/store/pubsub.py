@@ -231,7 +231,7 @@ class PubSub:
             with trio.CancelScope() as scope:
                 self._wait_scope = scope
                 try:
-                    notes = await self._db._run_on(conn, _aio_wait_notifies)
+                    notes = await self._db._wait_on(conn, _aio_wait_notifies)
                 finally:
                     self._wait_scope = None
             if scope.cancelled_caught:

@@ -53,7 +53,11 @@ _TYPES = {
     "connection_median_latency_ms": "float8",
     "usage": "bool",
 }
-_INSERT = "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays})".format(
+# ON CONFLICT: a batch re-sent after a write cancelled at shutdown may already be committed; the
+# retry must not fail on those ids and lose the rest.
+_INSERT = (
+    "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays}) ON CONFLICT (id) DO NOTHING"
+).format(
     cols=", ".join(_COLUMNS),
     arrays=", ".join(f"%s::{_TYPES.get(c, 'int8')}[]" for c in _COLUMNS),
 )
@@ -61,12 +65,19 @@ _INSERT = "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arra
 
 def _column(rows: Sequence[AgentStatsRow], name: str) -> list[object]:
     if name == "connections_by_proto":
-        return [json.dumps(dict(r.connections_by_proto), separators=(",", ":")) for r in rows]
+        # jsonb refuses \u0000: one agent's NUL in a protocol name must not fail everyone's batch.
+        return [
+            json.dumps(
+                {k.replace("\x00", ""): v for k, v in r.connections_by_proto.items()}, separators=(",", ":")
+            )
+            for r in rows
+        ]
     return [getattr(r, name) for r in rows]
 
 
 async def insert_agent_stats(db: Queryable, rows: Sequence[AgentStatsRow]) -> int:
-    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted."""
+    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted
+    (rows whose id is already stored are skipped, so re-sending a batch is harmless)."""
     if not rows:
         return 0
     return await db.execute(_INSERT, [_column(rows, c) for c in _COLUMNS])
