@@ -558,7 +558,10 @@ async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
 
 async def test_end_to_end_child_connects_with_its_own_token(db: Database, nursery: trio.Nursery) -> None:
     [parent], token = await seed_parent(db)
-    agent = await nursery.start(functools.partial(serve_agent, db, token, services=("subagents",), role=None))
+    agent = await nursery.start(
+        functools.partial(serve_agent, db, token, services=("subagents", "manifest"), role=None)
+    )
+    assert not (await agent.client.agent.GetManifest(agent_pb2.GetManifestRequest())).HasField("parent_id")
     created = await agent.client.agent.CreateSubAgent(
         Req(
             name="devcontainer",
@@ -576,12 +579,23 @@ async def test_end_to_end_child_connects_with_its_own_token(db: Database, nurser
 
     child = await nursery.start(
         functools.partial(
-            serve_agent, db, uuid.UUID(bytes=created.agent.auth_token), services=("subagents",), role=None
+            serve_agent,
+            db,
+            uuid.UUID(bytes=created.agent.auth_token),
+            services=("subagents", "manifest"),
+            role=None,
         )
     )
     assert child.ident.agent_id == uuid.UUID(bytes=created.agent.id)
     assert child.ident.parent_id == parent.agent_id
     assert child.ident.workspace_id == parent.workspace_id
+    # The child's manifest names it and its parent.
+    manifest = await child.client.agent.GetManifest(agent_pb2.GetManifestRequest())
+    assert manifest.agent_id == created.agent.id
+    assert manifest.agent_name == "devcontainer"
+    assert manifest.HasField("parent_id") and manifest.parent_id == parent.agent_id.bytes
+    assert manifest.directory == "/workspaces/x"
+    assert manifest.workspace_id == parent.workspace_id.bytes
     # The child cannot delete itself through its own connection (it is not its own child) ...
     await child.client.agent.DeleteSubAgent(agent_pb2.DeleteSubAgentRequest(id=created.agent.id))
     assert (await agent_row(db, child.ident.agent_id))["deleted"] is False
