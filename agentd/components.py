@@ -22,3 +22,4 @@ class Components:
     coordinator: Any = None  # agentd.tailnet.trio_coordinator.Coordinator (spec §8.4)
     derp_map: Any = None  # agentd.tailnet.derpmap.DerpMapSource (spec §8.2)
     metrics: Any = None  # agentd.metrics.AgentMetrics (issue 6)
+    build_durations: Any = None  # agentd.services.lifecycle.BuildDurationHistogram (spec §7.5)

@@ -77,24 +77,17 @@ class CompositionError(Exception):
 
 
 def load_service_builders(modules: Iterable[str] = SERVICE_MODULES) -> dict[str, ServiceBuilder]:
-    """``name -> build`` for each module of ``agentd.services`` that exists and has ``build``.
+    """``name -> build`` for each named module of ``agentd.services``.
 
-    A module that does not exist yet is skipped (its RPCs answer code 12); an import error *inside*
-    an existing module is a bug and propagates.
+    Every module must exist and have ``build``: a missing one is a packaging or wiring bug, and
+    silently answering its RPCs with code 12 would hide it from everyone but the agent.
     """
     builders: dict[str, ServiceBuilder] = {}
     for name in modules:
-        qualified = f"agentd.services.{name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ModuleNotFoundError as exc:
-            if exc.name == qualified:
-                continue
-            raise
+        module = importlib.import_module(f"agentd.services.{name}")
         build = getattr(module, "build", None)
         if build is None:
-            log.warning("%s has no build(scope); its RPCs answer Unimplemented", qualified)
-            continue
+            raise CompositionError(f"agentd.services.{name} has no build(scope)")
         builders[name] = build
     return builders
 

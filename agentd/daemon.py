@@ -27,6 +27,7 @@ from agentd.connection import AgentSessions, start_components
 from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import Server, bind_all
+from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.store import Database, asyncio_loop, open_database
@@ -112,11 +113,60 @@ class AgentRpcRoute:
             request.responded = True  # Rejected (answered) or Closed
 
 
-def build_components() -> Components:
-    """The process-wide components that exist (DESIGN task tree); started before agents are accepted."""
+def build_components(db: Database, pubsub: PubSub, settings: Settings) -> Components:
+    """The process-wide components of DESIGN's task tree, started before agents are accepted and
+    flushed after the last agent session ended."""
+    from agentd.batchers.boundary_usage import BoundaryUsageTracker
+    from agentd.batchers.connection_log import ConnectionLogBatcher
+    from agentd.batchers.last_used import LastUsedTracker
+    from agentd.batchers.metadata import MetadataBatcher
+    from agentd.batchers.stats import StatsBatcher
+    from agentd.metrics import AgentMetrics
+    from agentd.services.lifecycle import BuildDurationHistogram
     from agentd.tailnet import Coordinator, DERPMapSource
 
-    return Components(coordinator=Coordinator(), derp_map=DERPMapSource.from_config())
+    metadata_batcher = MetadataBatcher(db, pubsub)
+    stats_batcher = StatsBatcher(db)
+    metrics = AgentMetrics(
+        extra_counters={
+            "agentd_metadata_updates_dropped_total": (
+                "Metadata updates dropped because the batcher's buffer was full.",
+                lambda: metadata_batcher.dropped,
+            ),
+            "agentd_agent_stats_dropped_total": (
+                "Agent stats rows refused because the stats buffer was full.",
+                lambda: stats_batcher.dropped,
+            ),
+        }
+    )
+    return Components(
+        coordinator=Coordinator(),
+        derp_map=DERPMapSource.from_config(
+            disable_direct_connections=settings.disable_direct_connections,
+            derp_force_websockets=settings.derp_force_websockets,
+        ),
+        metadata_batcher=metadata_batcher,
+        stats_batcher=stats_batcher,
+        last_used=LastUsedTracker(db),
+        connection_logs=ConnectionLogBatcher(db=db),
+        boundary_usage=BoundaryUsageTracker(db=db, replica_id=settings.replica_id),
+        metrics=metrics,
+        build_durations=BuildDurationHistogram(),
+    )
+
+
+@attrs.define(eq=False)
+class MetricsRoute:
+    """``GET /metrics``: agent-reported series, batcher drop counters and the build-duration histogram."""
+
+    components: Components
+
+    async def handle(self, request: Request) -> None:
+        parts = [self.components.metrics.render()]
+        if self.components.build_durations is not None:
+            parts.append(self.components.build_durations.render())
+        body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
+        await request.send_response(200, body.encode("utf-8"), content_type=METRICS_CONTENT_TYPE)
 
 
 def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
@@ -124,6 +174,8 @@ def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
     router.add("/healthz", Health(db).handle)
     if sessions is not None:
         router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
+        if sessions.components.metrics is not None:
+            router.add("/metrics", MetricsRoute(sessions.components).handle)
     return router
 
 
@@ -216,11 +268,13 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
+                    settings = Settings(**dict(self.config.banners))
+                    pubsub = PubSub(db)
                     sessions = AgentSessions(
                         db,
-                        Events(PubSub(db)),
-                        settings=Settings(**dict(self.config.banners)),
-                        components=build_components(),
+                        Events(pubsub),
+                        settings=settings,
+                        components=build_components(db, pubsub, settings),
                     )
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
                     await self._serve(server, sessions, task_status)

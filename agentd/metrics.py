@@ -3,7 +3,8 @@
 Each agent's ``Stats.metrics`` (counters and gauges with their own labels) are stored as series labelled
 with the agent's identity — ``username``, ``workspace_name``, ``agent_name``, ``template_name``, the
 label names coderd's agent-metrics collector uses — plus the metric's labels. The label sets are
-bounded: at most ``max_series`` series (new series beyond it are rejected and counted), at most
+bounded: at most ``max_series`` series in all and ``max_series_per_agent`` per agent (new series
+beyond either are rejected and counted; stale ones are swept first), at most
 ``max_metrics_per_report`` metrics per report and ``max_labels`` labels per metric; series an agent
 stopped reporting expire after ``expiry`` seconds. Invalid names, unknown types, a name reported with
 two types, and labels clashing with the identity labels are skipped and counted.
@@ -14,14 +15,26 @@ batchers' own counters.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import attrs
 
-__all__ = ["AgentLabels", "AgentMetrics", "ReportedMetric", "escape_label_value", "format_value"]
+__all__ = [
+    "CONTENT_TYPE",
+    "AgentLabels",
+    "AgentMetrics",
+    "ReportedMetric",
+    "escape_label_value",
+    "format_value",
+]
+
+#: The Prometheus text exposition format's media type.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 COUNTER = "counter"
 GAUGE = "gauge"
@@ -30,6 +43,7 @@ _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 IDENTITY_LABELS = ("username", "workspace_name", "agent_name", "template_name")
 
 MAX_SERIES = 10_000
+MAX_SERIES_PER_AGENT = 500
 MAX_METRICS_PER_REPORT = 256
 MAX_LABELS = 16
 MAX_LABEL_VALUE_LEN = 1024
@@ -67,6 +81,12 @@ class ReportedMetric:
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
+class Responder(Protocol):
+    """The part of agentd.http.Request that ``handle`` uses."""
+
+    async def send_response(self, status: int, body: bytes, *, content_type: str = ...) -> None: ...
+
+
 @attrs.define
 class _Sample:
     value: float
@@ -90,6 +110,7 @@ def format_value(value: float) -> str:
 @attrs.define(eq=False)
 class AgentMetrics:
     max_series: int = MAX_SERIES
+    max_series_per_agent: int = MAX_SERIES_PER_AGENT
     max_metrics_per_report: int = MAX_METRICS_PER_REPORT
     max_labels: int = MAX_LABELS
     expiry: float = EXPIRY_S
@@ -100,6 +121,10 @@ class AgentMetrics:
     invalid_metrics: int = attrs.field(default=0, init=False)
     _series: dict[SeriesKey, _Sample] = attrs.field(factory=dict, init=False)
     _types: dict[str, str] = attrs.field(factory=dict, init=False)
+    _per_agent: collections.Counter[tuple[tuple[str, str], ...]] = attrs.field(
+        factory=collections.Counter, init=False
+    )
+    _last_sweep: float = attrs.field(default=-math.inf, init=False)
 
     def update(self, agent: AgentLabels, metrics: Sequence[ReportedMetric]) -> None:
         """Record one report of ``agent``: every valid metric becomes (or updates) a series."""
@@ -117,13 +142,21 @@ class AgentMetrics:
             if sample is not None:
                 sample.value, sample.updated = metric.value, now
                 continue
-            if len(self._series) >= self.max_series:
+            full = (
+                len(self._series) >= self.max_series or self._per_agent[identity] >= self.max_series_per_agent
+            )
+            if full and now - self._last_sweep >= 1.0:  # a sweep is O(series): at most once a second
                 self._expire(now)
-            if len(self._series) >= self.max_series:
+                full = (
+                    len(self._series) >= self.max_series
+                    or self._per_agent[identity] >= self.max_series_per_agent
+                )
+            if full:
                 self.rejected_series += 1
                 continue
             self._types.setdefault(metric.name, metric.kind)
             self._series[key] = _Sample(metric.value, now)
+            self._per_agent[identity] += 1
 
     def _key(self, metric: ReportedMetric, identity: tuple[tuple[str, str], ...]) -> SeriesKey | None:
         if metric.kind not in (COUNTER, GAUGE) or not _NAME_RE.match(metric.name):
@@ -141,10 +174,18 @@ class AgentMetrics:
             seen.add(name)
         return metric.name, identity + tuple(sorted(metric.labels))
 
+    def _drop(self, key: SeriesKey) -> None:
+        del self._series[key]
+        identity = key[1][: len(IDENTITY_LABELS)]
+        self._per_agent[identity] -= 1
+        if self._per_agent[identity] <= 0:
+            del self._per_agent[identity]
+
     def _expire(self, now: float) -> None:
+        self._last_sweep = now
         stale = [k for k, s in self._series.items() if now - s.updated > self.expiry]
         for k in stale:
-            del self._series[k]
+            self._drop(k)
         live = {name for name, _ in self._series}
         for name in [n for n in self._types if n not in live]:
             del self._types[name]
@@ -153,7 +194,7 @@ class AgentMetrics:
         """Drop every series of ``agent`` (e.g. its workspace was deleted)."""
         identity = agent.pairs()
         for k in [k for k in self._series if k[1][: len(identity)] == identity]:
-            del self._series[k]
+            self._drop(k)
 
     @property
     def series_count(self) -> int:
@@ -193,6 +234,10 @@ class AgentMetrics:
             lines.append(f"# TYPE {name} counter")
             lines.append(f"{name} {format_value(value)}")
         return "\n".join(lines) + "\n"
+
+    async def handle(self, request: Responder) -> None:
+        """``GET /metrics`` on the daemon's listeners (``router.add("/metrics", metrics.handle)``)."""
+        await request.send_response(200, self.render().encode("utf-8"), content_type=CONTENT_TYPE)
 
 
 def _labels(pairs: Iterable[tuple[str, str]]) -> str:

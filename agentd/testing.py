@@ -36,8 +36,9 @@ idle period.
 
 Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`` turns the
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
-``settings`` / ``components`` / ``events`` for the daemon-wide parts (defaults: ``Settings()``, no
-components, events published through ``agentd.store.pubsub.PubSub(db)``), ``services`` to serve a subset of
+``settings`` / ``components`` / ``events`` for the daemon-wide parts (defaults: ``Settings()``, a
+coordinator and the default DERP map of this connection's own and no batchers, events published
+through ``agentd.store.pubsub.PubSub(db)``), ``services`` to serve a subset of
 ``agentd.services`` modules by name, ``builders`` (name → ``build(scope)``) to compose your own
 service objects instead (e.g. a fake of a service your code depends on).
 """
@@ -62,7 +63,10 @@ from agentd.services.base import AgentIdentity, Settings
 from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.connection import authenticate_agent
+from agentd.store.db import set_busy_watcher
 from agentd.store.pubsub import PubSub
+from agentd.tailnet.derpmap import DERPMapSource
+from agentd.tailnet.trio_coordinator import Coordinator
 from agentd.websocket import UpgradeError
 
 __all__ = ["TestAgent", "UpgradeError", "serve_agent", "virtual_clock"]
@@ -71,10 +75,22 @@ __all__ = ["TestAgent", "UpgradeError", "serve_agent", "virtual_clock"]
 VIRTUAL_CLOCK_THRESHOLD = 0.05
 
 
-def virtual_clock() -> trio.testing.MockClock:
-    """An autojumping MockClock that first lets real I/O (PostgreSQL) finish: use it as pytest-trio's
-    clock with ``clock = pytest.fixture(agentd.testing.virtual_clock)``."""
-    return trio.testing.MockClock(autojump_threshold=VIRTUAL_CLOCK_THRESHOLD)
+def virtual_clock(threshold: float = VIRTUAL_CLOCK_THRESHOLD) -> trio.testing.MockClock:
+    """An autojumping MockClock that first lets PostgreSQL answer: use it as pytest-trio's clock with
+    ``clock = pytest.fixture(agentd.testing.virtual_clock)``.
+
+    The clock never jumps while a store query is in flight (trio-asyncio's socket waits look idle to
+    trio, so a plain autojump clock would fire deadlines mid-query); the small ``threshold`` covers
+    the moments between queries, e.g. a NOTIFY on its way to a listener. The most recently created
+    virtual clock is the one the store informs.
+    """
+    clock = trio.testing.MockClock(autojump_threshold=threshold)
+
+    def hold_while_querying(busy: bool) -> None:
+        clock.autojump_threshold = math.inf if busy else threshold
+
+    set_busy_watcher(hold_while_querying)
+    return clock
 
 
 @attrs.define(eq=False)
@@ -161,17 +177,28 @@ async def serve_agent(
             raise UpgradeError(error.status, error.message, detail=error.detail)
         raise UpgradeError(0, f"the server closed the connection: {upgraded!r}")
 
+    own_coordinator: Coordinator | None = None
+    if components is None:
+        # A working Tailnet by default: a coordinator of this connection's own and the default DERP map.
+        own_coordinator = Coordinator()
+        components = Components(coordinator=own_coordinator, derp_map=DERPMapSource.from_config())
+
     connection = AgentConnection.from_upgraded(
         upgraded,
         db=db,
         events=events if events is not None else Events(PubSub(db)),
         settings=settings if settings is not None else Settings(),
-        components=components if components is not None else Components(),
+        components=components,
         builders=builders if builders is not None else load_service_builders(services),
     )
     session = MuxSession(transport, is_client=True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(connection.run)
-        await nursery.start(session.run)
-        task_status.started(TestAgent(RpcClient(session), connection, session, transport))
-        # The session ends when either side closes; the connection's end closes the transport.
+    async with trio.open_nursery() as components_nursery:
+        # The default coordinator lives exactly as long as this one connection.
+        if own_coordinator is not None:
+            await components_nursery.start(own_coordinator.run)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(connection.run)
+            await nursery.start(session.run)
+            task_status.started(TestAgent(RpcClient(session), connection, session, transport))
+            # The session ends when either side closes; the connection's end closes the transport.
+        components_nursery.cancel_scope.cancel()

@@ -8,21 +8,39 @@
 * ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
 * ``pubsub``: a running `agentd.store.PubSub` on ``db`` (its LISTEN task lives until teardown).
 
-These talk to a real server: waits on the database are real I/O, so do not combine them with
-``autojump_clock`` where a trio deadline is pending while a query runs (the clock would jump).
+These talk to a real server: waits on the database are real I/O that looks idle to trio. The
+``autojump_clock`` fixture here therefore overrides pytest-trio's with `agentd.testing.virtual_clock`
+(threshold 0), which holds still while a store query is in flight.
+
+Also loads the Go peer fixtures (``go_peer``) for the interop tests.
 """
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+import agentd.testing
 from agentd.store import Database, PubSub, asyncio_loop, open_database
 from agentd.store.testing import TestServer, test_server
+
+pytest_plugins = ["tests.gopeer"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout`, CI runners and process managers stop pytest with SIGTERM; turn it into the
+    # KeyboardInterrupt pytest handles, so fixture teardown still stops the embedded server.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +88,9 @@ async def pubsub(db: Database) -> AsyncIterator[PubSub]:
         await nursery.start(bus.run)
         yield bus
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's autojump clock, except that it never jumps while PostgreSQL is answering."""
+    return agentd.testing.virtual_clock(threshold=0)

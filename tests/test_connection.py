@@ -393,3 +393,46 @@ async def test_tailnet_paths_are_all_covered() -> None:
     for path in method_table():
         assert registry.lookup(path) is not None
     assert registry.lookup(TAILNET + "RefreshResumeToken") is not None
+
+
+def test_every_agent_rpc_is_served_and_only_client_tailnet_rpcs_are_unimplemented() -> None:
+    """With every service module composed, no Agent RPC answers code 12 (issue 6 'done when')."""
+    import uuid
+
+    from agentd.components import Components
+    from agentd.connection import load_service_builders
+    from agentd.drpc.registry import method_table
+    from agentd.services import SERVICE_MODULES
+    from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
+
+    ident = AgentIdentity(
+        agent_id=uuid.uuid4(),
+        agent_name="main",
+        parent_id=None,
+        resource_id=uuid.uuid4(),
+        build_id=uuid.uuid4(),
+        workspace_id=uuid.uuid4(),
+        workspace_name="dev",
+        owner_id=uuid.uuid4(),
+        owner_username="alice",
+        organization_id=uuid.uuid4(),
+        template_id=uuid.uuid4(),
+        template_version_id=uuid.uuid4(),
+    )
+    # build(scope) does no I/O, so a scope without a database is enough to collect the handlers.
+    scope = ConnectionScope(
+        ident=ident,
+        db=None,
+        events=None,
+        cache=WorkspaceCache(),
+        settings=Settings(),
+        components=Components(),
+    )
+    handled: set[str] = set()
+    for build in load_service_builders(SERVICE_MODULES).values():
+        paths = set(build(scope).handlers())
+        assert not paths & handled, "two services claim one RPC"
+        handled |= paths
+    unserved = set(method_table()) - handled
+    assert not {path for path in unserved if path.startswith("/coder.agent.v2.Agent/")}
+    assert len([p for p in handled if p.startswith("/coder.agent.v2.Agent/")]) == 19

@@ -52,7 +52,7 @@ async def test_daemon_answers_healthz_on_unix_and_tcp_then_stops_cleanly(db_url:
         status, body = await _get(await trio.open_unix_socket(str(sock)), "/elsewhere")
         assert status == 404
         status, body = await _get(await trio.open_tcp_stream("127.0.0.1", port), AGENT_RPC_PATH)
-        assert status == 501
+        assert status == 401
 
         daemon.request_stop()
     assert not sock.exists()

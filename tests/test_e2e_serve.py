@@ -16,7 +16,7 @@ from agentd.client import UNIMPLEMENTED, RpcClient, RpcError
 from agentd.connection import load_service_builders
 from agentd.handshake import upgrade_client
 from agentd.mux import MuxSession
-from agentd.proto import agent_pb2
+from agentd.proto import agent_pb2, tailnet_pb2
 from agentd.store import Database
 from tests.test_cli import EXAMPLE, Serving, _agentd, _serve
 
@@ -52,8 +52,9 @@ async def exercise_agent(stream: trio.abc.Stream, token: str, *, websocket: bool
             with pytest.raises(RpcError) as info:
                 await client.agent.GetManifest(agent_pb2.GetManifestRequest())
             assert info.value.code == UNIMPLEMENTED
+        # Always code 12 on an agent connection, whichever services are composed.
         with pytest.raises(RpcError) as info:
-            await client.agent.PushContextState(agent_pb2.PushContextStateRequest())
+            await client.tailnet.RefreshResumeToken(tailnet_pb2.RefreshResumeTokenRequest())
         assert info.value.code == UNIMPLEMENTED
         assert await session.ping() >= 0
         await session.aclose()

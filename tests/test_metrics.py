@@ -139,3 +139,39 @@ def test_extra_counters_are_rendered() -> None:
         extra_counters={"agentd_metadata_dropped_total": ("Dropped metadata updates.", lambda: 7)}
     )
     assert "agentd_metadata_dropped_total 7" in m.render().splitlines()
+
+
+async def test_handle_serves_the_exposition() -> None:
+    sent: list[tuple[int, bytes, str]] = []
+
+    class Request:
+        async def send_response(self, status: int, body: bytes, *, content_type: str = "") -> None:
+            sent.append((status, body, content_type))
+
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("x", "gauge", 1)])
+    await m.handle(Request())
+    [(status, body, content_type)] = sent
+    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert body.decode() == m.render()
+
+
+def test_one_agent_cannot_take_every_series() -> None:
+    m = AgentMetrics(max_series=10, max_series_per_agent=3)
+    m.update(ALICE, [ReportedMetric("m", "gauge", i, (("i", str(i)),)) for i in range(5)])
+    m.update(BOB, [ReportedMetric("m", "gauge", 1)])
+    assert m.series_count == 4 and m.rejected_series == 2
+    m.forget(ALICE)
+    m.update(ALICE, [ReportedMetric("m", "gauge", i, (("i", str(i)),)) for i in range(3)])
+    assert m.series_count == 4 and m.rejected_series == 2
+
+
+def test_sweeps_are_rate_limited_when_full() -> None:
+    clock = Clock()
+    m = AgentMetrics(max_series=1, expiry=10, clock=clock)
+    m.update(ALICE, [ReportedMetric("a", "gauge", 1)])
+    clock.t = 0.5
+    m.update(BOB, [ReportedMetric("a", "gauge", 1)])  # full: sweeps once (nothing stale yet)
+    clock.t = 11
+    m.update(BOB, [ReportedMetric("a", "gauge", 1)])  # full, sweep allowed again: alice expired
+    assert m.rejected_series == 1 and [k[1][0][1] for k in m.samples()] == ["bob"]

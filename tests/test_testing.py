@@ -80,7 +80,7 @@ async def test_both_transports(
 ) -> None:
     ws = await seed(db)
     agent: TestAgent = await nursery.start(
-        functools.partial(serve_agent, db, ws.agents[0].token, websocket=websocket)
+        functools.partial(serve_agent, db, ws.agents[0].token, websocket=websocket, services=("banners",))
     )
     for _ in range(3):
         await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())

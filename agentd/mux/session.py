@@ -220,6 +220,7 @@ class Connection:
         self._next_id = sid + 2
         st = StreamState(sid, SYN_SENT)
         st.syn_pending = True
+        st.recv_window = self.max_window  # the SYN's delta grants the peer the extra credit
         self.outbound_pending += 1
         self.streams[sid] = st
         self._queue(_pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, self.max_window - INITIAL_WINDOW))
@@ -398,8 +399,14 @@ class Connection:
                 left -= take
                 self._body_left = left
                 if st is not None and not st.forgotten:
-                    st.recv_buf += mv[pos : pos + take]
-                    events.append(DataReceived(st.id, st, take))
+                    if st.app_closed:
+                        # closed by the application while this body was in flight: nobody reads it
+                        self.reset_stream(st)
+                        events.append(StreamReset(st.id, st))
+                        self._body_stream = st = None
+                    else:
+                        st.recv_buf += mv[pos : pos + take]
+                        events.append(DataReceived(st.id, st, take))
                 pos += take
                 if not left:
                     self._body_stream = None

@@ -17,8 +17,8 @@ and Tailnet services that no composed module handles answer code 12 (Unimplement
 
 from __future__ import annotations
 
-#: Service modules in DESIGN's task-tree order. A module not yet written is skipped; its RPCs answer
-#: code 12 until it lands.
+#: Service modules in DESIGN's task-tree order; together they handle every Agent RPC of API 2.10 and
+#: the Tailnet RPCs an agent uses (RefreshResumeToken / WorkspaceUpdates answer code 12 by design).
 SERVICE_MODULES: tuple[str, ...] = (
     "manifest",
     "stats",

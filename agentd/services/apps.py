@@ -7,6 +7,11 @@ AI-agent status row for one app (message sanitised for the UI, at most 160 bytes
 workspace task's app, and bumps the workspace deadline while work is going on (§9.3). Its errors read
 like Coder's codersdk HTTP errors (``unexpected status code <n>: <message>``, then detail and
 validations), as the agent SDK prints them.
+
+The activity bump is the shared query of ``agentd.store.activity`` (built on branch svc-stats, merged
+here), called with no autostart information as Coder does for app activity; the service takes it as
+the narrow ``ActivityBump`` callable so tests can observe when it fires. Task notifications are rows
+in ``notification_messages`` through ``agentd.store.notifications`` (spec §9.6).
 """
 
 from __future__ import annotations
@@ -241,6 +246,7 @@ def ui_sanitize(message: str) -> str:
 
 
 async def _bump_with_query(db: Database, workspace_id: uuid.UUID, now: dt.datetime) -> bool:
+    """§9.3 for app activity: the template's plain activity_bump (no next-autostart adjustment)."""
     return await activity_bump_workspace(db, workspace_id, now=now, next_autostart=None)
 
 

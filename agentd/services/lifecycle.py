@@ -3,19 +3,25 @@
 UpdateLifecycle records a state change with the started_at / ready_at rules and publishes
 ``agt_lifecycle_update``; there is no transition validation (any state may follow any other).
 UpdateStartup records the agent's version (Go semver with a leading ``v``), expanded directory,
-subsystems and the API version negotiated at the upgrade. Not implemented: Coder's Prometheus
-build-duration histogram (``coderd_template_workspace_build_duration_seconds``), which observes nothing
-the agent or the database can see.
+subsystems and the API version negotiated at the upgrade.
+
+The first time per connection a top-level agent reaches a terminal startup state (ready, start_timeout,
+start_error), and once every agent of its build has, the end-to-end build duration (last ready_at -
+build creation) is observed in ``coderd_template_workspace_build_duration_seconds`` — a process-wide
+`BuildDurationHistogram` the daemon puts in ``components.build_durations`` and renders on /metrics.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 import re
 from collections.abc import Mapping
 
 import attrs
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
@@ -26,14 +32,19 @@ from agentd.store import lifecycle as store
 from agentd.store.errors import StoreError
 
 __all__ = [
+    "BUILD_DURATION_BUCKETS",
+    "BUILD_DURATION_METRIC",
     "LIFECYCLE_STATES",
     "SUBSYSTEMS",
+    "BuildDurationHistogram",
     "LifecycleService",
     "build",
     "is_go_semver",
     "lifecycle_rules",
     "subsystem_names",
 ]
+
+log = logging.getLogger("agentd.services.lifecycle")
 
 UPDATE_LIFECYCLE = AGENT + "UpdateLifecycle"
 UPDATE_STARTUP = AGENT + "UpdateStartup"
@@ -79,10 +90,10 @@ def is_go_semver(version: str) -> bool:
     return _GO_SEMVER.fullmatch(version) is not None
 
 
-def _enum_text(value: int, enum_type: object) -> str:
+def _enum_text(value: int, enum_type: EnumTypeWrapper) -> str:
     """How Go's ``%q`` prints a protobuf enum: its name, or the number when unknown."""
     try:
-        return str(enum_type.Name(value))  # type: ignore[attr-defined]
+        return enum_type.Name(value)
     except ValueError:
         return str(value)
 
@@ -114,14 +125,116 @@ def _changed_at(ts: timestamp_pb2.Timestamp) -> dt.datetime:
     return ts.ToDatetime(tzinfo=dt.UTC)
 
 
+BUILD_DURATION_METRIC = "coderd_template_workspace_build_duration_seconds"
+BUILD_DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0)
+_BUILD_DURATION_LABELS = ("template_name", "organization_name", "transition", "status", "is_prebuild")
+
+
+def _prom_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _prom_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@attrs.define(eq=False)
+class _Series:
+    counts: list[int]
+    total: float = 0.0
+    count: int = 0
+
+
+@attrs.define(eq=False)
+class BuildDurationHistogram:
+    """Coder's ``coderd_template_workspace_build_duration_seconds`` (classic buckets), process-wide.
+
+    Labelled by template_name, organization_name, transition, status (worst startup state of the
+    build's agents) and is_prebuild. ``render()`` gives the Prometheus text exposition.
+    """
+
+    buckets: tuple[float, ...] = BUILD_DURATION_BUCKETS
+    _series: dict[tuple[str, ...], _Series] = attrs.field(factory=dict, init=False)
+
+    def observe(
+        self,
+        seconds: float,
+        *,
+        template_name: str,
+        organization_name: str,
+        transition: str,
+        status: str,
+        is_prebuild: bool,
+    ) -> None:
+        key = (template_name, organization_name, transition, status, "true" if is_prebuild else "false")
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(counts=[0] * len(self.buckets))
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                series.counts[i] += 1
+        series.total += seconds
+        series.count += 1
+
+    def samples(self) -> dict[tuple[str, ...], tuple[int, float]]:
+        """(count, sum) per label tuple, for tests and callers that export elsewhere."""
+        return {key: (s.count, s.total) for key, s in self._series.items()}
+
+    def render(self) -> str:
+        name = BUILD_DURATION_METRIC
+        lines = [
+            f"# HELP {name} Duration from workspace build creation to agent ready, by template.",
+            f"# TYPE {name} histogram",
+        ]
+        for key in sorted(self._series):
+            series = self._series[key]
+            labels = ",".join(
+                f'{label}="{_prom_label(value)}"'
+                for label, value in zip(_BUILD_DURATION_LABELS, key, strict=True)
+            )
+            for bound, count in zip(self.buckets, series.counts, strict=True):
+                lines.append(f'{name}_bucket{{{labels},le="{_prom_value(bound)}"}} {count}')
+            lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {series.count}')
+            lines.append(f"{name}_sum{{{labels}}} {_prom_value(series.total)}")
+            lines.append(f"{name}_count{{{labels}}} {series.count}")
+        return "\n".join(lines) + "\n"
+
+
 @attrs.define(eq=False)
 class LifecycleService:
     """UpdateLifecycle and UpdateStartup for one agent connection."""
 
     scope: ConnectionScope
+    #: The build-duration check runs at most once per connection (spec §7.5).
+    build_duration_checked: bool = False
 
     def handlers(self) -> dict[str, Handler]:
         return {UPDATE_LIFECYCLE: self.update_lifecycle, UPDATE_STARTUP: self.update_startup}
+
+    async def _observe_build_duration(self) -> None:
+        histogram = getattr(self.scope.components, "build_durations", None)
+        if histogram is None or self.build_duration_checked:
+            return
+        self.build_duration_checked = True
+        try:
+            info = await store.get_build_metrics(self.scope.db, self.scope.ident.resource_id)
+        except StoreError:
+            log.warning("reading build metrics of agent %s failed", self.scope.ident.agent_id, exc_info=True)
+            return
+        if info is None or not info.all_agents_ready or info.last_agent_ready_at is None:
+            return
+        histogram.observe(
+            (info.last_agent_ready_at - info.created_at).total_seconds(),
+            template_name=info.template_name,
+            organization_name=info.organization_name,
+            transition=info.transition,
+            status=info.worst_status,
+            is_prebuild=info.is_prebuild,
+        )
 
     def _agent_missing(self) -> RpcError:
         return RpcError(
@@ -165,6 +278,9 @@ class LifecycleService:
             )
         except StoreError as exc:
             raise RpcError(f"publish workspace update: {exc}") from exc
+
+        if state in _TERMINAL_START and ident.parent_id is None:
+            await self._observe_build_duration()
         return lifecycle
 
     async def update_startup(self, request: agent_pb2.UpdateStartupRequest) -> agent_pb2.Startup:

@@ -164,18 +164,23 @@ def app_to_proto(
 
 
 def environment_variables(raw: Any) -> dict[str, str]:
-    """The agent row's ``environment_variables`` jsonb as a string map (NULL → empty; else must be an
-    object of strings, like Go's ``json.Unmarshal`` into ``map[string]string``)."""
+    """The agent row's ``environment_variables`` jsonb as a string map, the way Go's ``json.Unmarshal``
+    into ``map[string]string`` reads it: NULL / JSON null → empty, a null value → "", anything but an
+    object of strings → error."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise RpcError(
             f"unmarshal environment variables: expected a JSON object of strings, got {type(raw).__name__}"
         )
+    envs: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(value, str):
+        if value is None:
+            value = ""
+        elif not isinstance(value, str):
             raise RpcError(f"unmarshal environment variables: value of {go_quote(key)} is not a string")
-    return dict(raw)
+        envs[key] = value
+    return envs
 
 
 def script_to_proto(script: store.ManifestScript) -> agent_pb2.WorkspaceAgentScript:
@@ -214,6 +219,29 @@ def devcontainer_to_proto(item: store.ManifestDevcontainer) -> agent_pb2.Workspa
     if item.subagent_id is not None:
         message.subagent_id = item.subagent_id.bytes
     return message
+
+
+def secrets_to_proto(secrets: Iterable[store.ManifestSecret]) -> list[agent_pb2.WorkspaceSecret]:
+    """The owner's secrets that are an env var or a file (others skipped), values as bytes.
+
+    A value encrypted at rest (a ``value_key_id`` from Coder's dbcrypt) cannot be decrypted here; like
+    coderd without the key, that is an error rather than ciphertext handed to the agent.
+    """
+    out: list[agent_pb2.WorkspaceSecret] = []
+    for secret in secrets:
+        if not (secret.env_name or secret.file_path):
+            continue
+        if secret.value_key_id:
+            raise RpcError(
+                f"getting user secrets: secret {go_quote(secret.name)} is encrypted with key"
+                f" {go_quote(secret.value_key_id)}, which agentd cannot decrypt"
+            )
+        out.append(
+            agent_pb2.WorkspaceSecret(
+                env_name=secret.env_name, file_path=secret.file_path, value=secret.value.encode("utf-8")
+            )
+        )
+    return out
 
 
 def fallback_derp_map(settings: Settings) -> tailnet_pb2.DERPMap:
@@ -279,13 +307,7 @@ class ManifestService:
             apps=apps,
             metadata=[metadata_to_proto(m) for m in data.metadata],
             devcontainers=[devcontainer_to_proto(d) for d in data.devcontainers],
-            secrets=[
-                agent_pb2.WorkspaceSecret(
-                    env_name=s.env_name, file_path=s.file_path, value=s.value.encode("utf-8")
-                )
-                for s in data.secrets
-                if s.env_name or s.file_path
-            ],
+            secrets=secrets_to_proto(data.secrets),
         )
         if agent.parent_id is not None:
             manifest.parent_id = agent.parent_id.bytes

@@ -38,7 +38,14 @@ from agentd.store.activity import activity_bump_workspace
 from agentd.store.errors import StoreError
 from agentd.store.stats import AgentStatsRow, workspace_by_agent_id
 
-__all__ = ["DEFAULT_REPORT_INTERVAL", "StatsService", "WeeklySchedule", "build", "next_autostart"]
+__all__ = [
+    "DEFAULT_REPORT_INTERVAL",
+    "StatsService",
+    "WeeklySchedule",
+    "build",
+    "bump_activity",
+    "next_autostart",
+]
 
 log = logging.getLogger("agentd.services.stats")
 
@@ -65,7 +72,7 @@ def _field(text: str, low: int, high: int, names: Mapping[str, int] | None = Non
     def number(token: str) -> int:
         if names is not None and token.lower() in names:
             return names[token.lower()]
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise ScheduleError(f"bad value {token!r}")
         value = int(token)
         if not low <= value <= high:
@@ -77,7 +84,7 @@ def _field(text: str, low: int, high: int, names: Mapping[str, int] | None = Non
         base, _, step_text = part.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
                 raise ScheduleError(f"bad step {step_text!r}")
             step = int(step_text)
         if base == "*":
@@ -111,7 +118,7 @@ class WeeklySchedule:
             name = fields.pop(0).partition("=")[2]
             try:
                 zone = zoneinfo.ZoneInfo(name)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
                 raise ScheduleError(f"unknown time zone {name!r}") from exc
         if len(fields) != 5:
             raise ScheduleError(f"expected 5 fields, got {len(fields)}")
@@ -147,6 +154,19 @@ def next_autostart(schedule: str | None, now: dt.datetime) -> dt.datetime | None
     except ScheduleError as exc:
         log.warning("autostart schedule %r not understood (%s); bumping without it", schedule, exc)
         return None
+
+
+async def bump_activity(db: Database, workspace: WorkspaceIdentity, now: dt.datetime) -> None:
+    """The activity bump of spec §9.3 for ``workspace`` at ``now`` (UpdateStats; UpdateAppStatus reuses
+    it): next autostart from the workspace's schedule, 15 s timeout, failures logged and never raised."""
+    autostart = next_autostart(workspace.autostart_schedule, now)
+    with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
+        try:
+            await activity_bump_workspace(db, workspace.id, now=now, next_autostart=autostart)
+        except StoreError:
+            log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
+    if scope.cancelled_caught:
+        log.error("activity bump of workspace %s timed out", workspace.id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +240,7 @@ class StatsService:
             await trio.lowlevel.checkpoint()
             return
         if not workspace.is_prebuild:
-            await self._bump(now, workspace)
+            await bump_activity(self.db, workspace, now)
         if self.last_used is not None:
             self.last_used.add(workspace.id)
         if self.events is not None:
@@ -228,17 +248,6 @@ class StatsService:
                 await self.events.workspace(workspace.owner_id, STATS_UPDATE, workspace.id)
             except StoreError:
                 log.warning("publish stats_update for workspace %s", workspace.id, exc_info=True)
-
-    async def _bump(self, now: dt.datetime, workspace: WorkspaceIdentity) -> None:
-        """The activity bump with its own timeout; failures are logged, never the agent's error."""
-        autostart = next_autostart(workspace.autostart_schedule, now)
-        with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
-            try:
-                await activity_bump_workspace(self.db, workspace.id, now=now, next_autostart=autostart)
-            except StoreError:
-                log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
-        if scope.cancelled_caught:
-            log.error("activity bump of workspace %s timed out", workspace.id)
 
     def _row(self, now: dt.datetime, workspace: WorkspaceIdentity, stats: agent_pb2.Stats) -> AgentStatsRow:
         return AgentStatsRow(

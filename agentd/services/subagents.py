@@ -146,7 +146,7 @@ class SubAgentsService:
     async def _parent(self) -> uuid.UUID:
         """AgentFn: the parent's row, read fresh."""
         parent = await get_agent_by_id(self.db, self.ident.agent_id)
-        if parent is None:
+        if parent is None or parent.deleted:
             raise RpcError(f'get parent agent: get workspace agent by id "{self.ident.agent_id}": no rows')
         return parent.id
 
@@ -198,6 +198,8 @@ class SubAgentsService:
             )
         except UniqueViolation as exc:
             raise RpcError(f"insert sub agent: {exc} (name)") from exc
+        except StoreError as exc:  # e.g. a name or architecture longer than its varchar(64)
+            raise RpcError(f"insert sub agent: {exc}") from exc
         if child is None:
             raise RpcError(f'insert sub agent: parent agent "{parent_id}" not found')
 
@@ -226,7 +228,7 @@ class SubAgentsService:
         """Pre-created child (terraform-defined dev container): refresh display apps and directory only."""
         child_id = _uuid(request.id, "id", "parse agent id")
         child = await get_agent_by_id(self.db, child_id)
-        if child is None:
+        if child is None or child.deleted:  # Coder's GetWorkspaceAgentByID skips deleted agents
             raise RpcError(f'get workspace agent by id: agent "{child_id}" not found (id)')
         if child.parent_id != parent_id:
             raise RpcError("subagent does not belong to this parent agent (id)")

@@ -120,3 +120,13 @@ class TailnetService:
     async def workspace_updates(self, request: tailnet_pb2.WorkspaceUpdatesRequest, stream: Any) -> NoReturn:
         await trio.lowlevel.checkpoint()
         raise RpcError(UNIMPLEMENTED_TEXT, UNIMPLEMENTED)
+
+
+def build(scope: Any) -> TailnetService:
+    """The connection's Tailnet service on the daemon-wide coordinator and DERP map source."""
+    return TailnetService(
+        coordinator=scope.components.coordinator,
+        derp_maps=scope.components.derp_map,
+        agent_id=scope.ident.agent_id,
+        peer_name=scope.ident.peer_name,
+    )

@@ -125,15 +125,17 @@ class AuthenticatedAgent:
     build: WorkspaceBuild
     workspace: Workspace
     task_id: uuid.UUID | None
+    owner_username: str = ""
 
 
 _AGENT_BY_TOKEN = pgsql.SQL(
     """
-SELECT {agent}, {build}, {workspace}, tasks.id AS task_id
+SELECT {agent}, {build}, {workspace}, tasks.id AS task_id, owner.username AS owner_username
 FROM workspace_agents a
 JOIN workspace_resources r ON r.id = a.resource_id
 JOIN workspace_build_with_user b ON b.job_id = r.job_id
 JOIN workspaces w ON w.id = b.workspace_id
+JOIN users owner ON owner.id = w.owner_id
 LEFT JOIN tasks ON tasks.workspace_id = w.id
 WHERE a.auth_token = %(token)s
   AND w.deleted = false
@@ -184,6 +186,7 @@ async def get_agent_by_token(db: Database | Transaction, token: uuid.UUID) -> Au
         build=from_row(WorkspaceBuild, row, "build__"),
         workspace=from_row(Workspace, row, "workspace__"),
         task_id=row["task_id"],
+        owner_username=row["owner_username"],
     )
 
 

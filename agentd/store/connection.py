@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import attrs
 
 from agentd.services.base import AgentIdentity, WorkspaceIdentity
+from agentd.store.agents import get_agent_by_token
+from agentd.store.db import Database, Transaction
 
 __all__ = [
     "ConnectionTimes",
@@ -37,62 +39,28 @@ class Queryable(Protocol):
     async def fetchval(self, sql: str, params: Any = ()) -> Any: ...
 
 
-_AUTHENTICATE = """
-SELECT a.id AS agent_id, a.name AS agent_name, a.parent_id, a.resource_id,
-       b.id AS build_id, b.workspace_id, b.template_version_id,
-       w.name AS workspace_name, w.owner_id, u.username AS owner_username,
-       w.organization_id, w.template_id
-FROM workspace_agents a
-JOIN workspace_resources r ON r.id = a.resource_id
-JOIN workspace_builds b ON b.job_id = r.job_id
-JOIN provisioner_jobs j ON j.id = b.job_id
-JOIN workspaces w ON w.id = b.workspace_id
-JOIN users u ON u.id = w.owner_id
-CROSS JOIN LATERAL (
-    SELECT lb.id, lb.build_number, lb.transition, lj.job_status
-    FROM workspace_builds lb JOIN provisioner_jobs lj ON lj.id = lb.job_id
-    WHERE lb.workspace_id = w.id
-    ORDER BY lb.build_number DESC LIMIT 1
-) latest
-WHERE a.auth_token = %(token)s
-  AND a.deleted = false
-  AND w.deleted = false
-  AND (
-    latest.id = b.id
-    OR (
-      -- The shutdown exception: a stop build right after this successful start build is still
-      -- running, so the agent may keep talking while its stop scripts run.
-      b.transition = 'start' AND j.job_status = 'succeeded'
-      AND latest.build_number = b.build_number + 1
-      AND latest.transition = 'stop'
-      AND latest.job_status IN ('pending', 'running')
-    )
-  )
-LIMIT 1
-"""
-
-
 async def authenticate_agent(
-    db: Queryable, token: uuid.UUID, *, api_version: tuple[int, int] = (2, 10)
+    db: Database | Transaction, token: uuid.UUID, *, api_version: tuple[int, int] = (2, 10)
 ) -> AgentIdentity | None:
     """The agent a token authenticates, or None: spec §2.2 (latest build or the stop-build exception;
     deleted workspaces and deleted agents refused)."""
-    row = await db.fetchone(_AUTHENTICATE, {"token": token})
-    if row is None:
+    auth = await get_agent_by_token(db, token)
+    if auth is None:
         return None
+    agent, build, workspace = auth.agent, auth.build, auth.workspace
     return AgentIdentity(
-        agent_id=row["agent_id"],
-        agent_name=row["agent_name"],
-        parent_id=row["parent_id"],
-        resource_id=row["resource_id"],
-        build_id=row["build_id"],
-        workspace_id=row["workspace_id"],
-        workspace_name=row["workspace_name"],
-        owner_id=row["owner_id"],
-        owner_username=row["owner_username"],
-        organization_id=row["organization_id"],
-        template_id=row["template_id"],
-        template_version_id=row["template_version_id"],
+        agent_id=agent.id,
+        agent_name=agent.name,
+        parent_id=agent.parent_id,
+        resource_id=agent.resource_id,
+        build_id=build.id,
+        workspace_id=workspace.id,
+        workspace_name=workspace.name,
+        owner_id=workspace.owner_id,
+        owner_username=auth.owner_username,
+        organization_id=workspace.organization_id,
+        template_id=workspace.template_id,
+        template_version_id=build.template_version_id,
         api_version=api_version,
     )
 
@@ -154,15 +122,15 @@ async def latest_build_id(db: Queryable, workspace_id: uuid.UUID) -> uuid.UUID |
     return value if isinstance(value, uuid.UUID) else None
 
 
-async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> WorkspaceIdentity | None:
-    """The cached fields of spec §4.3 for one workspace (deleted ones included, as GetWorkspaceByID)."""
-    row = await db.fetchone(
-        "SELECT id, owner_id, organization_id, template_id, name, owner_username, template_name, "
-        "autostart_schedule, task_id FROM workspaces_expanded WHERE id = %s",
-        (workspace_id,),
-    )
-    if row is None:
-        return None
+#: The columns of ``workspaces_expanded`` that make a WorkspaceIdentity (spec §4.3).
+IDENTITY_COLUMNS = (
+    "id, owner_id, organization_id, template_id, name, owner_username, template_name, "
+    "autostart_schedule, task_id"
+)
+
+
+def identity_from_row(row: dict[str, Any]) -> WorkspaceIdentity:
+    """A WorkspaceIdentity from a row selecting IDENTITY_COLUMNS."""
     return WorkspaceIdentity(
         id=row["id"],
         owner_id=row["owner_id"],
@@ -174,3 +142,11 @@ async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> Workspac
         autostart_schedule=row["autostart_schedule"],
         task_id=row["task_id"],
     )
+
+
+async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> WorkspaceIdentity | None:
+    """The cached fields of spec §4.3 for one workspace (deleted ones included, as GetWorkspaceByID)."""
+    row = await db.fetchone(
+        f"SELECT {IDENTITY_COLUMNS} FROM workspaces_expanded WHERE id = %s", (workspace_id,)
+    )
+    return None if row is None else identity_from_row(row)

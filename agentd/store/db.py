@@ -184,6 +184,24 @@ async def _rollback_or_close(conn: Conn) -> None:
         await conn.close()
 
 
+_in_flight = 0
+_busy_watcher: Callable[[bool], None] | None = None
+
+
+def set_busy_watcher(watcher: Callable[[bool], None] | None) -> None:
+    """Call ``watcher(True)`` when the first store call starts waiting on PostgreSQL and
+    ``watcher(False)`` when the last one ends (LISTEN waits excluded); None removes it.
+
+    Why: trio-asyncio's socket waits look idle to trio, so an autojumping test clock would skip
+    virtual time (and fire deadlines) while a query is merely in flight; agentd.testing's clock uses
+    this to hold still until PostgreSQL has answered.
+    """
+    global _busy_watcher
+    _busy_watcher = watcher
+    if watcher is not None and _in_flight:
+        watcher(True)
+
+
 @attrs.define(eq=False)
 class _Runner:
     """Runs asyncio coroutines on the trio-asyncio loop and translates their errors."""
@@ -191,6 +209,19 @@ class _Runner:
     loop: Any
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        global _in_flight
+        _in_flight += 1
+        if _in_flight == 1 and _busy_watcher is not None:
+            _busy_watcher(True)
+        try:
+            return await self.run_uncounted(fn, *args)
+        finally:
+            _in_flight -= 1
+            if _in_flight == 0 and _busy_watcher is not None:
+                _busy_watcher(False)
+
+    async def run_uncounted(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Like run, for waits that may last forever by design (LISTEN for notifications)."""
         try:
             return cast(T, await self.loop.run_aio_coroutine(fn(*args)))
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
@@ -313,6 +344,10 @@ class Database:
 
     async def _run_on(self, conn: Conn, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return await self._runner.run(fn, conn, *args)
+
+    async def _wait_on(self, conn: Conn, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """_run_on for an open-ended wait (not counted as a query in flight)."""
+        return await self._runner.run_uncounted(fn, conn, *args)
 
 
 async def _configure(conn: Conn, statement_timeout_ms: int) -> None:

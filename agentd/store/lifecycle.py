@@ -1,4 +1,4 @@
-"""Writes behind UpdateLifecycle and UpdateStartup (spec §7.5, §7.6, §10.3).
+"""Queries behind UpdateLifecycle and UpdateStartup (spec §7.5, §7.6, §10.3).
 
 Each is one UPDATE of the agent's own row that also serves as the fresh agent read (AgentFn): a
 missing or deleted agent updates nothing and the caller reports it. The started_at / ready_at rules
@@ -17,7 +17,14 @@ import attrs
 
 from agentd.store.db import Database, Transaction
 
-__all__ = ["LifecycleTimes", "TimeRule", "update_lifecycle_state", "update_startup"]
+__all__ = [
+    "BuildMetrics",
+    "LifecycleTimes",
+    "TimeRule",
+    "get_build_metrics",
+    "update_lifecycle_state",
+    "update_startup",
+]
 
 
 class TimeRule(enum.Enum):
@@ -100,3 +107,62 @@ async def update_startup(
         [version, expanded_directory, list(subsystems), api_version, agent_id],
     )
     return count > 0
+
+
+@attrs.frozen
+class BuildMetrics:
+    """The build of an agent's resource, seen for the build-duration metric (spec §7.5)."""
+
+    created_at: dt.datetime
+    transition: str
+    template_name: str
+    organization_name: str
+    is_prebuild: bool
+    #: Every agent of the build has ``ready_at`` set (a terminal startup state).
+    all_agents_ready: bool
+    last_agent_ready_at: dt.datetime | None
+    #: "error" if any agent is start_error, else "timeout" if any is start_timeout, else "success".
+    worst_status: str
+
+
+_BUILD_METRICS_SQL = """
+SELECT
+    wb.created_at,
+    wb.transition::text AS transition,
+    t.name AS template_name,
+    o.name AS organization_name,
+    (w.owner_id = 'c42fdf75-3097-471c-8c33-fb52454d81c0'::uuid) AS is_prebuild,
+    count(*) FILTER (WHERE wa.ready_at IS NULL) = 0 AS all_agents_ready,
+    max(wa.ready_at) AS last_agent_ready_at,
+    CASE
+        WHEN bool_or(wa.lifecycle_state = 'start_error') THEN 'error'
+        WHEN bool_or(wa.lifecycle_state = 'start_timeout') THEN 'timeout'
+        ELSE 'success'
+    END AS worst_status
+FROM workspace_resources r
+JOIN workspace_builds wb ON wb.job_id = r.job_id
+JOIN workspaces w ON w.id = wb.workspace_id
+JOIN templates t ON t.id = w.template_id
+JOIN organizations o ON o.id = t.organization_id
+JOIN workspace_resources build_resources ON build_resources.job_id = wb.job_id
+JOIN workspace_agents wa ON wa.resource_id = build_resources.id
+WHERE r.id = %s
+GROUP BY wb.created_at, wb.transition, t.name, o.name, w.owner_id
+"""
+
+
+async def get_build_metrics(db: Database | Transaction, resource_id: uuid.UUID) -> BuildMetrics | None:
+    """The build behind ``resource_id`` with the startup state of all its agents; None if unknown."""
+    row = await db.fetchone(_BUILD_METRICS_SQL, [resource_id])
+    if row is None:
+        return None
+    return BuildMetrics(
+        created_at=row["created_at"],
+        transition=row["transition"],
+        template_name=row["template_name"],
+        organization_name=row["organization_name"],
+        is_prebuild=row["is_prebuild"],
+        all_agents_ready=row["all_agents_ready"],
+        last_agent_ready_at=row["last_agent_ready_at"],
+        worst_status=row["worst_status"],
+    )

@@ -118,6 +118,8 @@ class ManifestSecret:
     env_name: str
     file_path: str
     value: str
+    #: Set when ``value`` is encrypted at rest (Coder's dbcrypt); agentd itself stores plaintext.
+    value_key_id: str | None = None
 
 
 @attrs.frozen
@@ -186,7 +188,8 @@ SELECT
     ) AS devcontainers,
     (
         SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'name', u.name, 'env_name', u.env_name, 'file_path', u.file_path, 'value', u.value
+            'name', u.name, 'env_name', u.env_name, 'file_path', u.file_path, 'value', u.value,
+            'value_key_id', u.value_key_id
         ) ORDER BY u.name), '[]'::jsonb)
         FROM user_secrets u
         WHERE u.user_id = (SELECT w.owner_id FROM workspaces w WHERE w.id = %(workspace_id)s)
@@ -280,7 +283,11 @@ def _devcontainer(obj: Mapping[str, Any]) -> ManifestDevcontainer:
 
 def _secret(obj: Mapping[str, Any]) -> ManifestSecret:
     return ManifestSecret(
-        name=obj["name"], env_name=obj["env_name"], file_path=obj["file_path"], value=obj["value"]
+        name=obj["name"],
+        env_name=obj["env_name"],
+        file_path=obj["file_path"],
+        value=obj["value"],
+        value_key_id=obj["value_key_id"],
     )
 
 

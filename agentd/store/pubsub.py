@@ -15,7 +15,6 @@ marker: they may have lost messages and should re-read the state they follow.
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
@@ -232,7 +231,7 @@ class PubSub:
             with trio.CancelScope() as scope:
                 self._wait_scope = scope
                 try:
-                    notes = await self._db._run_on(conn, _aio_wait_notifies)
+                    notes = await self._db._wait_on(conn, _aio_wait_notifies)
                 finally:
                     self._wait_scope = None
             if scope.cancelled_caught:
@@ -275,7 +274,7 @@ class PubSub:
                     self._listening = set()
                 finally:
                     await self._db._close_conn(conn)
-                await trio.sleep(0 if math.isclose(delay, 0) else delay)
+                await trio.sleep(delay)
         finally:
             self._running = False
             self._stopped = True

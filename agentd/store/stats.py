@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from agentd.services.base import WorkspaceIdentity
+from agentd.store.connection import IDENTITY_COLUMNS, identity_from_row
 from agentd.store.db import Database, Transaction
 
 __all__ = ["AgentStatsRow", "insert_agent_stats", "workspace_by_agent_id"]
@@ -53,7 +54,11 @@ _TYPES = {
     "connection_median_latency_ms": "float8",
     "usage": "bool",
 }
-_INSERT = "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays})".format(
+# ON CONFLICT: a batch re-sent after a write cancelled at shutdown may already be committed; the
+# retry must not fail on those ids and lose the rest.
+_INSERT = (
+    "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arrays}) ON CONFLICT (id) DO NOTHING"
+).format(
     cols=", ".join(_COLUMNS),
     arrays=", ".join(f"%s::{_TYPES.get(c, 'int8')}[]" for c in _COLUMNS),
 )
@@ -61,20 +66,26 @@ _INSERT = "INSERT INTO workspace_agent_stats ({cols}) SELECT * FROM unnest({arra
 
 def _column(rows: Sequence[AgentStatsRow], name: str) -> list[object]:
     if name == "connections_by_proto":
-        return [json.dumps(dict(r.connections_by_proto), separators=(",", ":")) for r in rows]
+        # jsonb refuses \u0000: one agent's NUL in a protocol name must not fail everyone's batch.
+        return [
+            json.dumps(
+                {k.replace("\x00", ""): v for k, v in r.connections_by_proto.items()}, separators=(",", ":")
+            )
+            for r in rows
+        ]
     return [getattr(r, name) for r in rows]
 
 
 async def insert_agent_stats(db: Queryable, rows: Sequence[AgentStatsRow]) -> int:
-    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted."""
+    """All rows in one multi-row ``INSERT … SELECT * FROM unnest(...)``; returns the rows inserted
+    (rows whose id is already stored are skipped, so re-sending a batch is harmless)."""
     if not rows:
         return 0
     return await db.execute(_INSERT, [_column(rows, c) for c in _COLUMNS])
 
 
-_WORKSPACE_BY_AGENT = """
-SELECT w.id, w.owner_id, w.organization_id, w.template_id, w.name, w.owner_username, w.template_name,
-       w.autostart_schedule, w.task_id
+_WORKSPACE_BY_AGENT = f"""
+SELECT {", ".join("w." + c.strip() for c in IDENTITY_COLUMNS.split(","))}
 FROM workspace_agents a
 JOIN workspace_resources r ON r.id = a.resource_id
 JOIN workspace_builds b ON b.job_id = r.job_id
@@ -86,16 +97,4 @@ WHERE a.id = %s
 async def workspace_by_agent_id(db: Queryable, agent_id: uuid.UUID) -> WorkspaceIdentity | None:
     """``GetWorkspaceByAgentID``: the identity of the workspace whose build runs the agent."""
     row = await db.fetchone(_WORKSPACE_BY_AGENT, [agent_id])
-    if row is None:
-        return None
-    return WorkspaceIdentity(
-        id=row["id"],
-        owner_id=row["owner_id"],
-        organization_id=row["organization_id"],
-        template_id=row["template_id"],
-        name=row["name"],
-        owner_username=row["owner_username"],
-        template_name=row["template_name"],
-        autostart_schedule=row["autostart_schedule"],
-        task_id=row["task_id"],
-    )
+    return None if row is None else identity_from_row(row)

@@ -202,9 +202,7 @@ async def test_a_failed_write_is_logged_and_not_retried(
     b = MetadataBatcher(db, rec, interval=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(b.run)
-        b.add(
-            MetadataUpdate(uuid.uuid4(), "k", "v", "", dt.datetime(1, 1, 1, tzinfo=dt.UTC))
-        )
+        b.add(MetadataUpdate(uuid.uuid4(), "k", "v", "", dt.datetime(1, 1, 1, tzinfo=dt.UTC)))
         await db.execute("ALTER TABLE workspace_agent_metadata RENAME TO wam_gone")
         await trio.sleep(2)
         await db.execute("ALTER TABLE wam_gone RENAME TO workspace_agent_metadata")

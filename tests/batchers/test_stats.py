@@ -84,6 +84,21 @@ async def test_insert_writes_every_column(db: Database) -> None:
     assert json.dumps(got["connections_by_proto"])  # a JSON object per row
 
 
+async def test_nul_in_a_protocol_name_does_not_fail_the_batch(db: Database) -> None:
+    assert await insert_agent_stats(db, [row(1, connections_by_proto={"s\x00sh": 1}), row(2)]) == 2
+    assert await db.fetchval(
+        "SELECT connections_by_proto FROM workspace_agent_stats WHERE connection_count = 1"
+    ) == {"ssh": 1}
+
+
+async def test_resending_a_batch_is_harmless(db: Database) -> None:
+    """A write cancelled at shutdown may have committed; the final flush re-sends it with new rows."""
+    first = [row(1), row(2)]
+    assert await insert_agent_stats(db, first) == 2
+    assert await insert_agent_stats(db, [*first, row(3)]) == 1
+    assert await count(db) == 3
+
+
 async def test_interval_flush_every_second(db: Database, clock: trio.testing.MockClock) -> None:
     b = StatsBatcher(db)
     async with trio.open_nursery() as nursery:

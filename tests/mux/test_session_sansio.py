@@ -334,9 +334,10 @@ def test_random_frames_only_events_or_protocol_error(frames: list[tuple[int, int
         conn.read(s, 1 << 20)
 
 
-def test_random_interleavings_deliver_in_order() -> None:
-    for seed in range(30):
-        run_interleaving(random.Random(seed))
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_random_interleavings_deliver_in_order(seed: int) -> None:
+    run_interleaving(random.Random(seed))
 
 
 def run_interleaving(rng: random.Random) -> None:
@@ -417,3 +418,31 @@ def run_interleaving(rng: random.Random) -> None:
             assert p["sent_ab"].startswith(p["got_ab"]) and p["sent_ba"].startswith(p["got_ba"])
         else:
             assert p["got_ab"] == p["sent_ab"] and p["got_ba"] == p["sent_ba"]
+
+
+def test_body_in_flight_when_app_closes_gets_rst() -> None:
+    srv, s = server_with_stream_1()
+    frame = data_frame(1, b"x" * 1000)
+    srv.receive_data(frame[:500])
+    srv.read(s, 10_000)
+    srv.close_stream(s)
+    assert srv.data_to_send() == Y3
+    events = srv.receive_data(frame[500:])
+    assert [type(e) for e in events] == [StreamReset]
+    assert srv.data_to_send() == Y4 and not srv.streams and not s.recv_buf
+
+
+def test_bigger_window_is_granted_on_syn_and_ack() -> None:
+    big = 1 << 20
+    cli = Connection(is_client=True, max_stream_window=big)
+    s = cli.open_stream()
+    assert cli.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, big - 262144)
+    cli.receive_data(data_frame(1, b"x" * big, FLAG_ACK))  # the whole granted window at once
+    assert len(s.recv_buf) == big
+    srv = Connection(is_client=False, max_stream_window=big)
+    (ev,) = srv.receive_data(Y1)
+    srv.accept_stream(ev.stream)
+    assert srv.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK, 1, big - 262144)
+    srv.receive_data(data_frame(1, b"y" * big))
+    with pytest.raises(ProtocolError):
+        srv.receive_data(data_frame(1, b"z"))

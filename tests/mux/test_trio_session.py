@@ -408,3 +408,58 @@ def test_random_concurrent_streams_deliver_in_order(ops: list[tuple[int, int]]) 
             await srv.aclose()
 
     trio.run(main)
+
+
+async def test_stuck_transport_ends_session_and_releases_writers(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # the peer never reads: a lockstep transport blocks every send until the other side receives
+    a, _b = trio.testing.lockstep_stream_pair()
+    session = MuxSession(a, is_client=True, config=MuxConfig(keepalive_interval=30))
+    await nursery.start(session.run)
+    stream = await session.open_stream()
+    start = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError):
+        with trio.move_on_after(5):  # cancelling the blocked, shielded write does not tear a frame...
+            await stream.send_all(b"x" * 1000)
+        await stream.send_all(b"x")  # ...the write finishes or the session ends
+    assert session.closed and "keepalive timeout" in repr(session.close_reason)
+    assert 40 <= trio.current_time() - start <= 42  # 30 s to the ping + 10 s write timeout (+ flush grace)
+
+
+async def test_outbound_backlog_waits_and_reset_frees_a_slot(nursery: trio.Nursery) -> None:
+    session, _to_mux, _from_mux = await raw_server_peer(
+        nursery, MuxConfig(accept_backlog=2, enable_keepalive=False)
+    )
+    first = await session.open_stream()
+    await session.open_stream()
+    opened: list[MuxStream] = []
+
+    async def open_one() -> None:
+        opened.append(await session.open_stream())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(open_one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened  # two un-ACKed streams: the third open waits
+        await first.reset()
+    assert len(opened) == 1 and opened[0].stream_id == 5
+
+
+async def test_fin_without_ack_frees_an_outbound_slot(nursery: trio.Nursery) -> None:
+    session, to_mux, _from_mux = await raw_server_peer(
+        nursery, MuxConfig(accept_backlog=1, enable_keepalive=False)
+    )
+    first = await session.open_stream()
+    await first.aclose()  # FIN before the peer accepted
+    opened: list[MuxStream] = []
+
+    async def open_one() -> None:
+        opened.append(await session.open_stream())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(open_one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened
+        await to_mux.send_all(H("00 01 00 04 00 00 00 01 00 00 00 00"))  # Go's FIN, never an ACK
+    assert len(opened) == 1 and session.num_streams == 1

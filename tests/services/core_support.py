@@ -9,6 +9,7 @@ published on every channel and everything received before it is what the call pu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
-import pytest
 import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
@@ -24,7 +24,9 @@ from agentd.components import Components
 from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.store import Database
+from agentd.store.errors import StoreError
 from agentd.store.pubsub import MISSED, PubSub, Subscription
+from agentd.testing import TestAgent, serve_agent
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -41,16 +43,6 @@ class FakeNow:
     def advance(self, **kw: float) -> dt.datetime:
         self.value += dt.timedelta(**kw)
         return self.value
-
-
-@pytest.fixture
-async def pubsub(db: Database) -> AsyncIterator[PubSub]:
-    """The store's PubSub on the test database, running for the test's duration."""
-    ps = PubSub(db)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ps.run)
-        yield ps
-        nursery.cancel_scope.cancel()
 
 
 @attrs.define
@@ -163,7 +155,7 @@ def make_scope(
     db: Database,
     ident: AgentIdentity,
     *,
-    pubsub: PubSub | None = None,
+    pubsub: Any = None,
     settings: Settings | None = None,
     components: Components | None = None,
     now: FakeNow | None = None,
@@ -177,3 +169,36 @@ def make_scope(
         components=components if components is not None else Components(),
         now=now if now is not None else FakeNow(),
     )
+
+
+async def connect(nursery: trio.Nursery, db: Database, token: uuid.UUID, **options: Any) -> TestAgent:
+    """Serve one agent connection in-process through agentd.testing (all composed services)."""
+    agent: TestAgent = await nursery.start(functools.partial(serve_agent, db, token, **options))
+    return agent
+
+
+def token_of(seeded: Seeded, name: str = "main") -> uuid.UUID:
+    return next(a.token for a in seeded.workspace.agents if a.name == name)
+
+
+async def inject_failure(db: Database, table: str, event: str, when: str = "true") -> None:
+    """Make PostgreSQL itself reject ``event`` (e.g. "INSERT", "UPDATE OF logs_overflowed") on ``table``
+    for rows matching ``when`` (over NEW): the store then raises what a real failure raises."""
+    name = f"inject_{uuid.uuid4().hex[:8]}"
+    await db.execute(
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'injected failure'; END; $$"
+    )
+    await db.execute(
+        f"CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW WHEN ({when})"
+        f" EXECUTE FUNCTION {name}()"
+    )
+
+
+@attrs.define
+class FailingPublisher:
+    """A publisher whose every publish fails the way a lost database connection does."""
+
+    async def publish(self, channel: str, payload: str | bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        raise StoreError("connection lost")

@@ -3,30 +3,34 @@
 from __future__ import annotations
 
 import datetime as dt
+import types
 from typing import Any
 
 import pytest
+import trio
 from google.protobuf import timestamp_pb2
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services import lifecycle
 from agentd.services.base import AGENT, ZERO_TIME
+from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (
     T0,
+    FailingPublisher,
     FakeNow,
     Seeded,
+    connect,
+    inject_failure,
     listen,
     make_scope,
     owner_channel,
-    pubsub,
     seed,
+    token_of,
     workspace_event,
 )
-
-assert pubsub  # fixture
 
 L = agent_pb2.Lifecycle
 
@@ -209,3 +213,103 @@ async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded, pubsub: P
     assert err.value.message == (
         f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
+
+
+async def test_end_to_end_through_agentd_testing(
+    db: Database, seeded: Seeded, pubsub: PubSub, nursery: trio.Nursery
+) -> None:
+    agent = await connect(nursery, db, token_of(seeded), events=Events(pubsub))
+    channel = owner_channel(seeded.main)
+    async with listen(pubsub, channel) as events:
+        for state in (L.STARTING, L.READY):
+            response = await agent.client.agent.UpdateLifecycle(request(state, ZERO_TIME))
+            assert response.state == state
+            # The server filled in its own time for Go's zero time, and said so on the wire.
+            assert response.changed_at.ToDatetime(tzinfo=dt.UTC).year == dt.datetime.now(dt.UTC).year
+        with pytest.raises(RpcError) as err:
+            await agent.client.agent.UpdateLifecycle(request(L.STATE_UNSPECIFIED))
+        assert (err.value.code, err.value.message) == (
+            0,
+            'invalid lifecycle.state: unknown lifecycle state "STATE_UNSPECIFIED"',
+        )
+        kinds = [e["kind"] for e in (await events.drain()).get(channel, [])]
+    # (the connection monitor's agt_connection_update shares the channel)
+    assert [k for k in kinds if k != "agt_connection_update"] == ["agt_lifecycle_update"] * 2
+    row = await agent_row(db, seeded.main.agent_id)
+    assert row["state"] == "ready"
+    assert row["started_at"] is not None and row["ready_at"] is not None
+    assert row["started_at"] <= row["ready_at"]
+
+
+def test_build_duration_histogram_renders_prometheus_text() -> None:
+    hist = lifecycle.BuildDurationHistogram()
+    labels = {
+        "template_name": 'd"ev',
+        "organization_name": "acme",
+        "transition": "start",
+        "is_prebuild": False,
+    }
+    hist.observe(42.5, status="success", **labels)  # type: ignore[arg-type]
+    hist.observe(5, status="success", **labels)  # type: ignore[arg-type]
+    name = "coderd_template_workspace_build_duration_seconds"
+    lbl = 'template_name="d\\"ev",organization_name="acme",transition="start"'
+    lbl += ',status="success",is_prebuild="false"'
+    counts = {"1": 0, "10": 1, "30": 1, "60": 2, "300": 2, "600": 2, "1800": 2, "3600": 2, "+Inf": 2}
+    assert hist.render().splitlines() == [
+        f"# HELP {name} Duration from workspace build creation to agent ready, by template.",
+        f"# TYPE {name} histogram",
+        *[f'{name}_bucket{{{lbl},le="{le}"}} {n}' for le, n in counts.items()],
+        f"{name}_sum{{{lbl}}} 47.5",
+        f"{name}_count{{{lbl}}} 2",
+    ]
+
+
+async def test_build_duration_is_observed_once_all_agents_are_ready(db: Database, seeded: Seeded) -> None:
+    hist = lifecycle.BuildDurationHistogram()
+    components = types.SimpleNamespace(build_durations=hist, derp_map=None)
+    created = T0 - dt.timedelta(seconds=100)
+    await db.execute(
+        "UPDATE workspace_builds SET created_at = %s WHERE id = %s", [created, seeded.main.build_id]
+    )
+    main = lifecycle.build(make_scope(db, seeded.main, components=components))  # type: ignore[arg-type]
+    other = lifecycle.build(make_scope(db, seeded.other, components=components))  # type: ignore[arg-type]
+
+    # "other" is not ready yet: nothing to observe, and main's connection does not look again.
+    await main.update_lifecycle(request(L.READY, T0))
+    assert hist.samples() == {}
+    # The last agent reaches a terminal state: duration = last ready_at - build creation, worst status.
+    await other.update_lifecycle(request(L.START_ERROR, T0 + dt.timedelta(seconds=20)))
+    names = await template_org(db, seeded)
+    assert hist.samples() == {(*names, "start", "error", "false"): (1, 120.0)}
+    # At most once per connection.
+    await other.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=30)))
+    await main.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=40)))
+    assert hist.samples() == {(*names, "start", "error", "false"): (1, 120.0)}
+    # A new connection of the agent checks again (now every agent is "ready": status success).
+    again = lifecycle.build(make_scope(db, seeded.main, components=components))  # type: ignore[arg-type]
+    await again.update_lifecycle(request(L.READY, T0 + dt.timedelta(seconds=50)))
+    assert hist.samples()[(*names, "start", "success", "false")] == (1, 150.0)
+
+
+async def template_org(db: Database, seeded: Seeded) -> tuple[str, str]:
+    row = await db.fetchone(
+        "SELECT t.name AS template, o.name AS org FROM templates t"
+        " JOIN organizations o ON o.id = t.organization_id WHERE t.id = %s",
+        [seeded.main.template_id],
+    )
+    assert row is not None
+    return (row["template"], row["org"])
+
+
+async def test_write_and_publish_failures_are_reported(db: Database, seeded: Seeded) -> None:
+    await inject_failure(db, "workspace_agents", "UPDATE OF lifecycle_state", "NEW.lifecycle_state = 'off'")
+    svc = service(db, seeded)
+    with pytest.raises(RpcError, match=r"^update workspace agent lifecycle state: injected failure$"):
+        await svc.update_lifecycle(request(L.OFF))
+    assert (await agent_row(db, seeded.main.agent_id))["state"] == "created"
+
+    failing = lifecycle.build(make_scope(db, seeded.main, pubsub=FailingPublisher()))
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.update_lifecycle(request(L.STARTING))
+    # The write happened before the publish failed (as in Coder).
+    assert (await agent_row(db, seeded.main.agent_id))["state"] == "starting"

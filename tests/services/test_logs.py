@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,22 +15,24 @@ from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services import logs
 from agentd.services.base import AGENT
+from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (
     T0,
+    FailingPublisher,
     FakeNow,
     Seeded,
+    connect,
+    inject_failure,
     listen,
     logs_channel,
     make_scope,
     owner_channel,
-    pubsub,
     seed,
+    token_of,
     workspace_event,
 )
-
-assert pubsub  # fixture
 
 X = "\u274c"  # ❌
 EXTERNAL = uuid.UUID("3b579bf4-1ed8-4b99-87a8-e9a1e3410410")
@@ -208,30 +211,31 @@ async def test_logs_are_stored_with_server_time_and_events(
     agent = seeded.main.agent_id
     source = await source_of(db, agent)
 
+    # One subscription for the whole test (see the report: re-subscribing a channel right after
+    # leaving it can race the PubSub's UNLISTEN).
     async with both_channels(pubsub, seeded) as events:
         response = await svc.batch_create_logs(
             batch(source, ("installing", Log.INFO), ("done\x00", Log.WARN))
         )
         first_events = await events.drain()
-    assert response == agent_pb2.BatchCreateLogsResponse()
-    rows = await log_rows(db, agent)
-    assert [(r["output"], r["level"], r["created_at"], r["log_source_id"]) for r in rows] == [
-        ("installing", "info", NOW, source),
-        (f"done{X}", "warn", NOW, source),
-    ]
-    assert await counters(db, agent) == (len("installing") + len(f"done{X}".encode()), False)
-    first = rows[0]["id"]
-    assert first_events == {
-        logs_channel(seeded.main): [{"created_after": first - 1}],
-        owner_channel(seeded.main): [workspace_event(seeded.main, "agt_first_logs")],
-    }
+        assert response == agent_pb2.BatchCreateLogsResponse()
+        rows = await log_rows(db, agent)
+        assert [(r["output"], r["level"], r["created_at"], r["log_source_id"]) for r in rows] == [
+            ("installing", "info", NOW, source),
+            (f"done{X}", "warn", NOW, source),
+        ]
+        assert await counters(db, agent) == (len("installing") + len(f"done{X}".encode()), False)
+        first = rows[0]["id"]
+        assert first_events == {
+            logs_channel(seeded.main): [{"created_after": first - 1}],
+            owner_channel(seeded.main): [workspace_event(seeded.main, "agt_first_logs")],
+        }
 
-    # Later batches: only the agent-logs notification, from the new lowest id.
-    async with both_channels(pubsub, seeded) as events:
+        # Later batches: only the agent-logs notification, from the new lowest id.
         await svc.batch_create_logs(batch(source, ("more", Log.DEBUG)))
         later_events = await events.drain()
-    rows = await log_rows(db, agent)
-    assert later_events == {logs_channel(seeded.main): [{"created_after": rows[2]["id"] - 1}]}
+        rows = await log_rows(db, agent)
+        assert later_events == {logs_channel(seeded.main): [{"created_after": rows[2]["id"] - 1}]}
     assert await log_rows(db, seeded.other.agent_id) == []
 
 
@@ -366,3 +370,81 @@ async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded) -> None:
     assert (
         err.value.message == f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
+
+
+async def test_end_to_end_logs_and_the_limit(
+    db: Database, seeded: Seeded, pubsub: PubSub, nursery: trio.Nursery
+) -> None:
+    agent = await connect(nursery, db, token_of(seeded), events=Events(pubsub))
+    agent_id = seeded.main.agent_id
+    async with both_channels(pubsub, seeded) as events:
+        response = await agent.client.agent.BatchCreateLogs(batch(uuid.UUID(int=0), ("a\x00b", Log.ERROR)))
+        assert response == agent_pb2.BatchCreateLogsResponse()
+        rows = await log_rows(db, agent_id)
+        assert [(r["output"], r["level"], r["log_source_id"]) for r in rows] == [
+            (f"a{X}b", "error", EXTERNAL)
+        ]
+        received = await events.drain()
+        assert received[logs_channel(seeded.main)] == [{"created_after": rows[0]["id"] - 1}]
+        kinds = [
+            e["kind"] for e in received[owner_channel(seeded.main)] if e["kind"] != "agt_connection_update"
+        ]
+        assert kinds == ["agt_first_logs"]
+
+        with pytest.raises(RpcError) as err:
+            await agent.client.agent.BatchCreateLogs(batch(b"\x00", ("x", Log.INFO)))
+        assert (err.value.code, err.value.message) == (
+            0,
+            'parse log source ID "\\x00": invalid UUID (got 1 bytes)',
+        )
+
+        await db.execute("UPDATE workspace_agents SET logs_length = 1048576 WHERE id = %s", [agent_id])
+        for _ in range(2):  # once by the check constraint, then at once from logs_overflowed
+            response = await agent.client.agent.BatchCreateLogs(batch(uuid.UUID(int=0), ("more", Log.INFO)))
+            assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+    assert await counters(db, agent_id) == (1048576, True)
+
+
+async def test_database_failures(db: Database, seeded: Seeded) -> None:
+    svc = service(db, seeded)
+    agent = seeded.main.agent_id
+    source = await source_of(db, agent)
+
+    await inject_failure(db, "workspace_agent_log_sources", "INSERT")
+    with pytest.raises(RpcError, match=r"^insert external workspace agent log source: injected failure$"):
+        await svc.batch_create_logs(batch(uuid.UUID(int=0), ("x", Log.INFO)))
+
+    await inject_failure(db, "workspace_agent_logs", "INSERT", "NEW.output = 'boom'")
+    with pytest.raises(RpcError, match=r"^insert workspace agent logs: injected failure$"):
+        await svc.batch_create_logs(batch(source, ("fine", Log.INFO), ("boom", Log.INFO)))
+    # One statement: the length update went with the failed insert.
+    assert await counters(db, agent) == (0, False)
+    assert await log_rows(db, agent) == []
+
+    # Marking the overflow is only a hint: its failure still answers log_limit_exceeded.
+    await inject_failure(db, "workspace_agents", "UPDATE OF logs_overflowed")
+    await db.execute("UPDATE workspace_agents SET logs_length = 1048576 WHERE id = %s", [agent])
+    response = await svc.batch_create_logs(batch(source, ("x", Log.INFO)))
+    assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+    assert await counters(db, agent) == (1048576, False)
+
+
+async def test_publish_failures(db: Database, seeded: Seeded) -> None:
+    failing = logs.build(make_scope(db, seeded.main, pubsub=FailingPublisher(), now=FakeNow(NOW)))
+    source = await source_of(db, seeded.main.agent_id)
+    # First logs: the rows are in, the agent-logs notification failure is only logged, the
+    # workspace event failure is the call's error.
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.batch_create_logs(batch(source, ("a", Log.INFO)))
+    assert [r["output"] for r in await log_rows(db, seeded.main.agent_id)] == ["a"]
+    # Later logs publish only to agent-logs, whose failure does not fail the call.
+    assert (
+        await failing.batch_create_logs(batch(source, ("b", Log.INFO))) == agent_pb2.BatchCreateLogsResponse()
+    )
+    # Overflow: the workspace event failure is the error (the agent is still marked).
+    await db.execute(
+        "UPDATE workspace_agents SET logs_length = 1048576 WHERE id = %s", [seeded.main.agent_id]
+    )
+    with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
+        await failing.batch_create_logs(batch(source, ("c", Log.INFO)))
+    assert await counters(db, seeded.main.agent_id) == (1048576, True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 from google.protobuf import duration_pb2
 
 from agentd.components import Components
@@ -19,7 +20,7 @@ from agentd.services.base import AGENT, Settings
 from agentd.store import Database
 from agentd.store import manifest as store
 from agentd.tailnet.derpmap import DERPMapSource, default_derp_map
-from tests.services.core_support import Seeded, identity, make_scope, seed, workspace_spec
+from tests.services.core_support import Seeded, connect, identity, make_scope, seed, token_of, workspace_spec
 
 App = agent_pb2.WorkspaceApp
 D = duration_pb2.Duration
@@ -126,6 +127,8 @@ def test_durations() -> None:
 def test_environment_variables() -> None:
     assert manifest.environment_variables(None) == {}
     assert manifest.environment_variables({"A": "1"}) == {"A": "1"}
+    # Go leaves a string untouched for a JSON null: the key is there with "".
+    assert manifest.environment_variables({"A": None, "B": "x"}) == {"A": "", "B": "x"}
     with pytest.raises(RpcError, match=r"^unmarshal environment variables: .*list"):
         manifest.environment_variables(["A"])
     with pytest.raises(RpcError, match=r'^unmarshal environment variables: value of "N" is not a string$'):
@@ -512,3 +515,37 @@ async def test_store_joins_each_script_with_its_latest_timing(db: Database, seed
     )
     assert (install.timing_exit_code, install.timing_stage, install.timing_status) == (0, "start", "ok")
     assert by_name["Backup"].timing_started_at is None
+
+
+async def test_end_to_end_manifest_over_the_wire(db: Database, seeded: Seeded, nursery: trio.Nursery) -> None:
+    await add_secrets(db, seeded.main.owner_id)
+    derp = DERPMapSource.from_config(access_url="https://relay.example.com")
+    components = Components(derp_map=derp)
+    agent = await connect(nursery, db, token_of(seeded), settings=SETTINGS, components=components)
+    got = await agent.client.agent.GetManifest(agent_pb2.GetManifestRequest())
+    # What crossed the wire is exactly what the service builds, home_params included.
+    direct = await manifest.build(
+        make_scope(db, seeded.main, settings=SETTINGS, components=components)
+    ).get_manifest(agent_pb2.GetManifestRequest())
+    assert got == direct
+    assert got.derp_map.HasField("home_params")
+    assert got.agent_id == seeded.main.agent_id.bytes
+    assert [s.env_name for s in got.secrets] == ["", "TOKEN", "BOTH"]
+
+
+def test_secrets_to_proto() -> None:
+    def secret(name: str, env: str = "", path: str = "", key: str | None = None) -> store.ManifestSecret:
+        return store.ManifestSecret(name=name, env_name=env, file_path=path, value="v", value_key_id=key)
+
+    assert manifest.secrets_to_proto([secret("a", env="A"), secret("b"), secret("c", path="/c")]) == [
+        agent_pb2.WorkspaceSecret(env_name="A", value=b"v"),
+        agent_pb2.WorkspaceSecret(file_path="/c", value=b"v"),
+    ]
+    # Skipped secrets are not looked at, encrypted ones that would be sent are an error.
+    assert manifest.secrets_to_proto([secret("x", key="k1")]) == []
+    with pytest.raises(RpcError) as err:
+        manifest.secrets_to_proto([secret("tok", env="TOKEN", key="k1")])
+    assert (
+        err.value.message
+        == 'getting user secrets: secret "tok" is encrypted with key "k1", which agentd cannot decrypt'
+    )

@@ -9,6 +9,8 @@ import functools
 import uuid
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
@@ -233,3 +235,26 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
     got = await rows(db, ident)
     assert (got["cpu"].value, got["disk"].error) == ("7%", "df failed")
     assert got["cpu"].collected_at.year > 2001  # the server's clock, not the agent's timestamp
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    st.lists(st.tuples(st.text(max_size=300), st.text(max_size=2100), st.text(max_size=2100)), max_size=40)
+)
+def test_accept_never_exceeds_the_limits(entries: list[tuple[str, str, str]]) -> None:
+    """Any request: stored values and errors fit their limits, keys stop at the 6144-byte budget."""
+    svc = MetadataService(agent_id=uuid.UUID(int=7), batcher=None, db=None, publisher=None, now=FakeNow())  # type: ignore[arg-type]
+    accepted, total = svc.accept(request(*(md(k, v, e) for k, v, e in entries)))
+    running, processed = 0, 0
+    for k, _, _ in entries:
+        running += len(k.encode())
+        if running > 6144:
+            break
+        processed += 1
+    assert total == running
+    assert [u.key for u in accepted] == [k for k, _, _ in entries[:processed] if "\x00" not in k]
+    assert sum(len(u.key.encode()) for u in accepted) <= 6144
+    for u in accepted:
+        assert len(u.value.encode()) <= 2048 and len(u.error.encode()) <= 2048
+        assert "\x00" not in u.value + u.error + u.key
+        assert u.agent_id == uuid.UUID(int=7) and u.collected_at == T0

@@ -6,6 +6,9 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
@@ -13,9 +16,15 @@ from agentd.services import lifecycle
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
-from tests.services.core_support import Seeded, listen, make_scope, owner_channel, pubsub, seed
-
-assert pubsub  # fixture
+from tests.services.core_support import (
+    Seeded,
+    connect,
+    listen,
+    make_scope,
+    owner_channel,
+    seed,
+    token_of,
+)
 
 S = agent_pb2.Startup
 
@@ -162,3 +171,70 @@ async def test_deleted_agent_is_an_error(db: Database, seeded: Seeded) -> None:
     assert (
         err.value.message == f'get workspace agent by id "{seeded.main.agent_id}": sql: no rows in result set'
     )
+
+
+async def test_end_to_end_records_the_negotiated_api_version(
+    db: Database, seeded: Seeded, nursery: trio.Nursery
+) -> None:
+    # The agent dials with ?version=2.3: that is what UpdateStartup stores, not the server's newest.
+    agent = await connect(nursery, db, token_of(seeded), version="2.3")
+    req = request("v2.25.1", "/home/coder", [S.ENVBUILDER, S.ENVBOX])
+    assert await agent.client.agent.UpdateStartup(req) == req.startup
+    assert await startup_row(db, seeded.main.agent_id) == {
+        "version": "v2.25.1",
+        "expanded_directory": "/home/coder",
+        "subsystems": ["envbox", "envbuilder"],
+        "api_version": "2.3",
+    }
+    with pytest.raises(RpcError) as err:
+        await agent.client.agent.UpdateStartup(request("2.25.1"))
+    assert (err.value.code, err.value.message) == (0, 'invalid agent semver version "2.25.1"')
+
+
+def _semver_oracle(v: str) -> bool:
+    """golang.org/x/mod/semver's parse, step by step (independent of the service's regex)."""
+
+    def number(s: str) -> tuple[str, str] | None:
+        i = 0
+        while i < len(s) and s[i] in "0123456789":
+            i += 1
+        if i == 0 or (s[0] == "0" and i > 1):
+            return None
+        return s[:i], s[i:]
+
+    def ident_ok(ident: str, *, numeric_leading_zero_bad: bool) -> bool:
+        if not ident or any(c not in ALNUM_HYPHEN for c in ident):
+            return False
+        return not (numeric_leading_zero_bad and ident.isdigit() and len(ident) > 1 and ident[0] == "0")
+
+    if not v.startswith("v"):
+        return False
+    rest = v[1:]
+    for i in range(3):
+        parsed = number(rest)
+        if parsed is None:
+            return False
+        rest = parsed[1]
+        if rest == "" and i < 2:
+            return True  # v1 and v1.2 shorthands
+        if i < 2:
+            if rest[0] != ".":
+                return False
+            rest = rest[1:]
+    if rest.startswith("-"):
+        pre, plus, rest = rest[1:].partition("+")
+        if not all(ident_ok(p, numeric_leading_zero_bad=True) for p in pre.split(".")):
+            return False
+        rest = plus + rest
+    if rest.startswith("+"):
+        return all(ident_ok(b, numeric_leading_zero_bad=False) for b in rest[1:].split("."))
+    return rest == ""
+
+
+ALNUM_HYPHEN = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="v012.-+a_", max_size=14))
+def test_go_semver_matches_a_step_by_step_parser(version: str) -> None:
+    assert lifecycle.is_go_semver(version) == _semver_oracle(version)

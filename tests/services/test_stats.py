@@ -10,6 +10,8 @@ import uuid
 from typing import Any
 
 import attrs
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
@@ -17,6 +19,8 @@ import trio.testing
 from agentd.batchers.last_used import LastUsedTracker
 from agentd.batchers.stats import StatsBatcher
 from agentd.components import Components
+from agentd.connection import start_components
+from agentd.daemon import build_components
 from agentd.drpc.errors import RpcError
 from agentd.metrics import AgentMetrics
 from agentd.proto import agent_pb2
@@ -31,8 +35,10 @@ from agentd.services.stats import (
     next_autostart,
 )
 from agentd.store import Database, PubSub
+from agentd.store.metadata import metadata_rows
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope, seed
+from tests.services.test_metadata import seed_with_metadata
 
 Metric = agent_pb2.Stats.Metric
 HOUR_NS = 3600 * 10**9
@@ -345,6 +351,21 @@ async def test_bump_does_not_apply(db: Database) -> None:
         assert await deadline(db, ident) == before, case.__name__
 
 
+async def test_a_failing_bump_is_logged_not_the_agents_error(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    ident, _ = await seed(db)
+    p = parts(db, ident)
+    await db.execute("ALTER TABLE workspace_builds RENAME TO wb_gone")
+    try:
+        response = await p.svc.update_stats(stats(1))
+    finally:
+        await db.execute("ALTER TABLE wb_gone RENAME TO workspace_builds")
+    assert response.report_interval.seconds == 30
+    assert p.last_used.pending == 1 and len(p.published.sent) == 1
+    assert any("activity bump of workspace" in r.getMessage() for r in caplog.records)
+
+
 async def test_bump_past_next_autostart_uses_autostart_plus_ttl(db: Database) -> None:
     ident, _ = await seed(db)  # T0 is Thursday 12:00 UTC; next autostart 12:30, within the 1 h bump
     await schedule_rules(db, ident, autostart="CRON_TZ=UTC 30 12 * * *")
@@ -433,31 +454,41 @@ def test_no_schedule_means_no_autostart() -> None:
 
 
 async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.testing.MockClock) -> None:
-    ident, token = await seed(db)
+    """Wired as the daemon wires them: components started by start_components, flushed by cancelling."""
+    [(ident, token)] = await seed_with_metadata(db, ["cpu"])
     await db.execute(
         "UPDATE workspace_builds SET deadline = now() + interval '5 minutes' WHERE id = %s", [ident.build_id]
     )
-    components = Components(
-        stats_batcher=StatsBatcher(db), last_used=LastUsedTracker(db), metrics=AgentMetrics()
-    )
+    pubsub = PubSub(db)
+    components = daemon_components(db, pubsub)
     settings = Settings(stats_report_interval=dt.timedelta(seconds=30))
     async with trio.open_nursery() as daemon:
-        await daemon.start(components.stats_batcher.run)
-        await daemon.start(components.last_used.run)
+        await start_components(components, daemon)
         async with trio.open_nursery() as nursery:
             agent = await nursery.start(
                 functools.partial(
-                    serve_agent, db, token, services=("stats",), components=components, settings=settings
+                    serve_agent,
+                    db,
+                    token,
+                    services=("stats", "metadata"),
+                    components=components,
+                    settings=settings,
+                    events=Events(pubsub),
                 )
             )
             first = await agent.client.agent.UpdateStats(agent_pb2.UpdateStatsRequest())
             assert first.report_interval.ToTimedelta() == dt.timedelta(seconds=30)
             gauge = Metric(name="agent_load", type=Metric.GAUGE, value=0.5)
             await agent.client.agent.UpdateStats(stats(2, metrics=[gauge]))
+            await agent.client.agent.BatchUpdateMetadata(
+                agent_pb2.BatchUpdateMetadataRequest(
+                    metadata=[agent_pb2.Metadata(key="cpu", result={"value": "12%"})]
+                )
+            )
             await trio.sleep(2)  # the stats batcher's 1 s flush
             assert len(await stats_rows(db)) == 1
             await agent.disconnect()
-        daemon.cancel_scope.cancel()  # shutdown flushes last_used_at
+        daemon.cancel_scope.cancel()  # shutdown flushes last_used_at and the metadata batch
     row = await db.fetchone(
         "SELECT w.last_used_at, b.deadline FROM workspaces w JOIN workspace_builds b ON b.workspace_id = w.id"
         " WHERE w.id = %s",
@@ -465,4 +496,51 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
     )
     assert row is not None and row["last_used_at"] > ZERO
     assert row["deadline"] - row["last_used_at"] > dt.timedelta(minutes=50)  # bumped by the default 1 h
-    assert f'agent_name="{ident.agent_name}"' in components.metrics.render()
+    assert (await metadata_rows(db, ident.agent_id))["cpu"].value == "12%"
+    text = components.metrics.render()
+    assert f'agent_name="{ident.agent_name}"' in text
+    assert "agentd_metadata_updates_dropped_total 0" in text.splitlines()
+
+
+def daemon_components(db: Database, pubsub: PubSub) -> Components:
+    """Exactly the components `agentd serve` runs."""
+    return build_components(db, pubsub, Settings())
+
+
+_CRON_TOKENS = [
+    "*",
+    "*",
+    "*",
+    "0",
+    "7",
+    "59",
+    "23",
+    "1-5",
+    "*/2",
+    "5/3",
+    "MON",
+    "sun-sat",
+    "x",
+    "2-1",
+    "²",
+    "1,2",
+]
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(st.sampled_from(_CRON_TOKENS), min_size=5, max_size=5).map(" ".join),
+        st.lists(st.sampled_from(_CRON_TOKENS), min_size=5, max_size=5).map(
+            lambda fields: "CRON_TZ=Asia/Kolkata " + " ".join(fields)
+        ),
+    )
+)
+def test_any_schedule_text_parses_or_is_a_schedule_error(text: str) -> None:
+    try:
+        s = WeeklySchedule.parse(text)
+    except ScheduleError:
+        assert next_autostart(text, T0) is None
+        return
+    assert s.next_after(T0) > T0
