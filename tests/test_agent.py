@@ -18,17 +18,14 @@ import trio.testing
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.agent import AGENT_VERSION, Agent
 from agentd.agent.lifecycle import TERMINAL_STARTUP
-from agentd.batchers.stats import StatsBatcher
-from agentd.components import Components
-from agentd.connection import AgentSessions, ServiceBuilder, load_service_builders, start_components
+from agentd.connection import AgentSessions, load_service_builders, start_components
+from agentd.daemon import build_components
 from agentd.drpc.errors import RpcError
 from agentd.handshake import Upgraded, accept_agent
 from agentd.proto import agent_pb2
 from agentd.services.base import ConnectionScope, Settings
 from agentd.services.events import Events
-from agentd.services.tailnet import TailnetService
 from agentd.store import Database, PubSub
-from agentd.tailnet import Coordinator, DERPMapSource
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "workspace.toml"
 S = agent_pb2.Lifecycle
@@ -61,11 +58,6 @@ def workspace_spec(**agent_overrides: Any) -> dict[str, Any]:
     main.update(agent_overrides)
     raw["agents"] = [main]
     return validate_workspace_spec(raw)
-
-
-def tailnet_builder(scope: ConnectionScope) -> TailnetService:
-    c = scope.components
-    return TailnetService(c.coordinator, c.derp_map, scope.ident.agent_id, scope.ident.peer_name)
 
 
 @attrs.define(eq=False)
@@ -118,23 +110,14 @@ class Lines:
                 await self._changed.wait()
 
 
-async def serve_components(db: Database, nursery: trio.Nursery) -> Components:
-    components = Components(
-        coordinator=Coordinator(), derp_map=DERPMapSource.from_config(), stats_batcher=StatsBatcher(db)
-    )
-    await start_components(components, nursery)
-    return components
-
-
 @pytest.fixture
-async def server(db: Database) -> AsyncIterator[Server]:
-    builders: dict[str, ServiceBuilder] = dict(load_service_builders())
-    builders.setdefault("tailnet", tailnet_builder)  # until agentd.services.tailnet has build()
+async def server(db: Database, pubsub: PubSub) -> AsyncIterator[Server]:
+    """The daemon's own composition: every service, the process-wide batchers and coordinator."""
+    settings = Settings()
     async with trio.open_nursery() as nursery:
-        components = await serve_components(db, nursery)
-        sessions = AgentSessions(
-            db=db, events=Events(PubSub(db)), settings=Settings(), components=components, builders=builders
-        )
+        components = build_components(db, pubsub, settings)
+        await start_components(components, nursery)
+        sessions = AgentSessions(db=db, events=Events(pubsub), settings=settings, components=components)
         yield Server(sessions, nursery)
         nursery.cancel_scope.cancel()
 
@@ -213,10 +196,12 @@ async def test_agent_reaches_ready_with_logs_timings_metadata_and_stats(
             ("setup", "start", "ok", 0, True),
         ]
 
-        metadata = await db.fetchall(
+        metadata = await poll(  # the metadata batcher writes them (5 s flushes)
+            db,
             "SELECT key, value, error FROM workspace_agent_metadata "
-            "WHERE workspace_agent_id = %s ORDER BY key",
+            "WHERE workspace_agent_id = %s AND collected_at > '2000-01-01' ORDER BY key",
             (agent_id,),
+            2,
         )
         assert [tuple(m.values()) for m in metadata] == [
             ("broken", "nope", "exit status 4"),
