@@ -375,3 +375,34 @@ async def test_exit_after_ready(db: Database, server: Server, clock: trio.testin
     await agent.run()
     assert agent.exit_status == 0 and lines.lines[-1] == "exiting after startup (ready)"
     assert (await agent_row(db, ws.agents[0].id))["state"] == "ready"
+
+
+async def test_boundary_logs_land_under_one_session(
+    db: Database, server: Server, clock: trio.testing.MockClock
+) -> None:
+    ws = await seed(db, metadata=[])
+    lines = Lines()
+    agent = make_agent(server, ws, lines, boundary_logs=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await lines.wait_for("boundary: 5 logs reported", 2)
+        nursery.cancel_scope.cancel()
+    session = await db.fetchone(
+        "SELECT workspace_agent_id, confined_process_name FROM boundary_sessions WHERE id = %s",
+        (agent.boundary_session,),
+    )
+    assert session == {"workspace_agent_id": ws.agents[0].id, "confined_process_name": "claude"}
+    rows = await db.fetchall(
+        "SELECT sequence_number, method, detail, matched_rule FROM boundary_logs "
+        "WHERE session_id = %s ORDER BY sequence_number",
+        (agent.boundary_session,),
+    )
+    assert [r["sequence_number"] for r in rows] == list(range(10))
+    denied = [r for r in rows if "evil.example.net" in r["detail"]]
+    assert denied and all(r["matched_rule"] is None for r in denied)
+    assert rows[1] == {
+        "sequence_number": 1,
+        "method": "GET",
+        "detail": "https://github.com/v1/item/1",
+        "matched_rule": "domain=github.com",
+    }
