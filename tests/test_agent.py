@@ -362,7 +362,7 @@ async def test_a_rejected_token_is_retried_with_growing_backoff(
         await lines.wait_for("reconnecting in", 6)
         nursery.cancel_scope.cancel()
     assert lines.lines[0].startswith(
-        "connection lost: UpgradeError: HTTP 401: Workspace agent not authorized."
+        "could not connect: UpgradeError: HTTP 401: Workspace agent not authorized."
     )
     delays = [float(line.split()[-1].rstrip("s")) for line in lines.lines if line.startswith("reconnecting")]
     assert delays[-1] > delays[0] and all(d <= 10 for d in delays)

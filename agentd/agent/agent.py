@@ -245,10 +245,12 @@ class Agent:
     async def _redial_loop(self) -> None:
         while True:
             started = trio.current_time()
+            before = self.connections
             try:
                 await self._serve_connection()
             except* Exception as group:  # a Cancelled (Ctrl-C) beside the error still propagates
-                self.say(f"connection lost: {describe_error(group)}")
+                what = "connection lost" if self.connections > before else "could not connect"
+                self.say(f"{what}: {describe_error(group)}")
             if trio.current_time() - started >= self.stable_after:
                 self.backoff.reset()  # it worked for a while: start again at the floor
             delay = self.backoff.next()
@@ -441,13 +443,16 @@ class Agent:
             raise RpcError("UpdateStats returned a non-positive report_interval")
         self.say(f"stats interval {format_seconds(interval)}")
         c = conn.counters
+        last = (0, 0, 0, 0)
         while True:
             await trio.sleep(interval)
-            stats = agent_pb2.Stats(
-                rx_bytes=c.rx_bytes, tx_bytes=c.tx_bytes, rx_packets=c.rx_packets, tx_packets=c.tx_packets
-            )
+            now = (c.rx_bytes, c.tx_bytes, c.rx_packets, c.tx_packets)
+            rx, tx, rx_packets, tx_packets = (a - b for a, b in zip(now, last, strict=True))
+            # Like Coder's agent: traffic of this period, not totals.
+            stats = agent_pb2.Stats(rx_bytes=rx, tx_bytes=tx, rx_packets=rx_packets, tx_packets=tx_packets)
             await conn.client.agent.UpdateStats(agent_pb2.UpdateStatsRequest(stats=stats))
-            self.say(f"stats sent (rx {c.rx_bytes} B, tx {c.tx_bytes} B)")
+            last = now
+            self.say(f"stats sent (rx {rx} B, tx {tx} B in {format_seconds(interval)})")
 
     async def _subscribe_derp_maps(self, conn: _Connection) -> None:
         await conn.wait_manifest()
