@@ -406,3 +406,30 @@ async def test_boundary_logs_land_under_one_session(
         "detail": "https://github.com/v1/item/1",
         "matched_rule": "domain=github.com",
     }
+
+
+async def test_log_limit_exceeded_stops_log_sending_but_not_the_agent(
+    db: Database, server: Server, clock: trio.testing.MockClock
+) -> None:
+    # 1100 lines of 1000 bytes: more than the agent's 1 MiB logs_length budget (spec §7.9).
+    flood = "head -c 1100000 /dev/zero | tr '\\0' x | fold -w 1000; echo after"
+    ws = await seed(
+        db, scripts=[{"display_name": "flood", "script": flood, "run_on_start": True}], metadata=[]
+    )
+    lines = Lines()
+    agent = make_agent(server, ws, lines)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        assert await agent.lifecycle.wait_reported(TERMINAL_STARTUP) == S.READY
+        await agent.logs.wait_drained()
+        await lines.wait_for("log limit exceeded: no more script output is sent")
+        assert agent.logs.limit_exceeded and agent.logs.dropped > 0 and agent.connections == 1
+        nursery.cancel_scope.cancel()
+    row = await db.fetchone(
+        "SELECT logs_overflowed, logs_length FROM workspace_agents WHERE id = %s", (ws.agents[0].id,)
+    )
+    assert row is not None and row["logs_overflowed"] and row["logs_length"] <= 1 << 20
+    stored = await db.fetchval(
+        "SELECT count(*) FROM workspace_agent_logs WHERE agent_id = %s", (ws.agents[0].id,)
+    )
+    assert 0 < stored < 1100
