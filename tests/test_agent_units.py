@@ -130,6 +130,7 @@ def test_expand_directory() -> None:
     assert expand_directory("", env) == "/home/alice"
     assert expand_directory("~/src/$PROJ", env) == "/home/alice/src/web"
     assert expand_directory("/srv", env) == "/srv"
+    assert expand_directory("/w/${PROJ}/$UNSET/x", env) == "/w/web//x"
 
 
 def test_describe_error_unwraps_groups() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import re
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -141,21 +142,18 @@ class CountingStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+_ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
 def expand_directory(directory: str, env: Mapping[str, str]) -> str:
-    """Like Coder's agent: ``$VARS`` and ``~`` expanded; empty means the home directory."""
+    """Like Coder's agent: ``~`` and ``$VAR`` / ``${VAR}`` expanded (unset → empty, as Go's
+    os.ExpandEnv); an empty directory means the home directory."""
     home = env.get("HOME") or os.path.expanduser("~")
     if not directory:
         return home
     if directory == "~" or directory.startswith("~/"):
         directory = home + directory[1:]
-    saved = os.environ.copy()
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return os.path.expandvars(directory)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return _ENV_REF.sub(lambda m: env.get(m.group(1) or m.group(2), ""), directory)
 
 
 @attrs.define(eq=False)
