@@ -18,9 +18,11 @@ typecheck:
     mypy agentd
     mypy --strict agentd/mux agentd/drpc agentd/store
 
-# Regenerate agentd/proto/*_pb2.py and .pyi from the .proto sources (grpcio-tools, pinned in setup.cfg).
+# Regenerate agentd/proto/*_pb2.py and .pyi from the .proto sources (grpcio-tools, pinned in setup.cfg),
+# then the typed client stubs derived from them.
 proto:
     python scripts/gen_proto.py
+    python -m agentd.client.gen_stubs
 
 bench: bench-mux bench-rpc
 

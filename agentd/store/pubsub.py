@@ -150,7 +150,10 @@ class PubSub:
     reconnect_delay: float = attrs.field(default=0.25, kw_only=True)
     max_reconnect_delay: float = attrs.field(default=5.0, kw_only=True)
     _subs: dict[str, set[Subscription]] = attrs.field(factory=dict, init=False)
+    # Channels LISTENed on the current connection, as applied (updated only after a round's SQL
+    # has run); `_unlistening` holds the channels whose UNLISTEN is in flight right now.
     _listening: set[str] = attrs.field(factory=set, init=False)
+    _unlistening: frozenset[str] = attrs.field(default=frozenset(), init=False)
     _dirty: bool = attrs.field(default=False, init=False)
     _wait_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
     _running: bool = attrs.field(default=False, init=False)
@@ -181,9 +184,11 @@ class PubSub:
         sub = Subscription(channel, self.buffer_size if buffer_size is None else buffer_size)
         self._subs.setdefault(channel, set()).add(sub)
         try:
-            if channel in self._listening:
+            if channel in self._listening and channel not in self._unlistening:
                 sub._listening.set()
             else:
+                # Not listened yet, or its UNLISTEN is in flight: the listener re-checks the wanted
+                # set after that round and LISTENs again before this body may start.
                 self._poke()
             await sub._listening.wait()
             if self._stopped:
@@ -208,22 +213,42 @@ class PubSub:
             sub._deliver(item)
 
     async def _sync_listens(self, conn: Conn) -> None:
-        self._dirty = False
-        wanted = set(self._subs)
-        listen = sorted(wanted - self._listening)
-        unlisten = sorted(self._listening - wanted)
-        if listen or unlisten:
-            await self._db._run_on(conn, _aio_listen, listen, unlisten)
-        self._listening = wanted
-        for channel in wanted:
-            for sub in self._subs.get(channel, ()):
-                sub._listening.set()
+        """Apply LISTEN/UNLISTEN rounds until the applied set equals the current wanted set.
+
+        Subscriptions can come and go while a round's SQL is in flight, so the wanted set is
+        re-read after every round rather than trusted from before it; ``_listening`` only ever
+        records what the server has actually applied. After each round, subscribers of channels
+        now applied are released (their LISTEN is active), so churn elsewhere cannot starve them.
+        """
+        while True:
+            self._dirty = False
+            wanted = set(self._subs)
+            listen = sorted(wanted - self._listening)
+            unlisten = sorted(self._listening - wanted)
+            if listen or unlisten:
+                self._unlistening = frozenset(unlisten)
+                try:
+                    await self._db._run_on(conn, _aio_listen, listen, unlisten)
+                finally:
+                    self._unlistening = frozenset()
+                self._listening.update(listen)
+                self._listening.difference_update(unlisten)
+            for channel, subs in self._subs.items():
+                if channel in self._listening:
+                    for sub in subs:
+                        sub._listening.set()
+            if not listen and not unlisten:
+                return
 
     async def _serve(self, conn: Conn, *, reconnected: bool) -> None:
+        # Only subscribers live before the loss may have missed messages; those that arrived
+        # while reconnecting have not started their body yet and get LISTEN before it starts.
+        live = [sub for subs in self._subs.values() for sub in subs if sub._listening.is_set()]
         await self._sync_listens(conn)
         if reconnected:
-            for channel in list(self._subs):
-                self._dispatch(channel, MISSED)
+            for sub in live:
+                if sub._closed is None:
+                    sub._deliver(MISSED)
         while True:
             if self._dirty:
                 await self._sync_listens(conn)

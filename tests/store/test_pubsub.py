@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 
 from agentd.store import Database, open_database
+from agentd.store import pubsub as pubsub_module
 from agentd.store.errors import PayloadTooLarge
 from agentd.store.pubsub import MAX_PAYLOAD_BYTES, MISSED, Missed, PubSub, Subscription
 
@@ -159,3 +161,109 @@ async def test_subscription_breaks_when_pubsub_stops(db: Database) -> None:
                 await sub.__anext__()
     with pytest.raises(trio.BrokenResourceError):
         await sub.__anext__()
+
+
+class ListenRoundGate:
+    """Pauses the listener's next LISTEN/UNLISTEN round that matches, *before* its SQL is sent.
+
+    A pass-through around `Database._run_on` (the real statements still run on the real server);
+    it only lets a test hold the listener inside the window between deciding a round and applying
+    it, which is where a concurrent subscribe used to be lost.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, listen: str = "", unlisten: str = "") -> None:
+        self.paused = trio.Event()
+        self.release = trio.Event()
+        self.applied = trio.Event()
+        original = Database._run_on
+
+        async def run_on(db: Database, conn: Any, fn: Any, *args: Any) -> Any:
+            if fn is pubsub_module._aio_listen and not self.paused.is_set():
+                listening, unlistening = args
+                if listen in listening or unlisten in unlistening:
+                    self.paused.set()
+                    await self.release.wait()
+                    try:
+                        return await original(db, conn, fn, *args)
+                    finally:
+                        self.applied.set()
+            return await original(db, conn, fn, *args)
+
+        monkeypatch.setattr(Database, "_run_on", run_on)
+
+
+async def test_resubscribe_while_unlisten_in_flight(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = ListenRoundGate(monkeypatch, unlisten="chan")
+    async with running(PubSub(db)) as pubsub:
+        async with pubsub.subscribe("chan") as first:
+            await pubsub.publish("chan", "a")
+            assert await next_item(first) == "a"
+        with trio.fail_after(WAIT):
+            await gate.paused.wait()  # the listener has decided to UNLISTEN "chan" and is about to
+
+        async def resubscribe() -> None:
+            async with pubsub.subscribe("chan") as again:
+                # The body may only start once LISTEN is active, and it must stay active: the
+                # in-flight UNLISTEN (which this subscription raced) has to be undone.
+                with trio.fail_after(WAIT):
+                    await gate.applied.wait()
+                await pubsub.publish("chan", "b")
+                assert await next_item(again) == "b"
+                assert again.pending() == 0
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resubscribe)
+            while pubsub.subscriber_count("chan") == 0:
+                await trio.lowlevel.checkpoint()
+            gate.release.set()
+
+
+async def test_churn_during_listen_rounds_converges(db: Database) -> None:
+    """Any interleaving of leave/re-enter against the listener's rounds ends LISTENing."""
+    async with running(PubSub(db)) as pubsub:
+        for i in range(30):
+            async with pubsub.subscribe("churn") as sub:
+                await pubsub.publish("churn", f"a{i}")
+                assert await next_item(sub) == f"a{i}"
+            for _ in range(i % 6):
+                await trio.lowlevel.checkpoint()
+            async with pubsub.subscribe("churn") as sub:
+                await pubsub.publish("churn", f"b{i}")
+                assert await next_item(sub) == f"b{i}"
+
+
+async def terminate_listener(db: Database) -> None:
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+    )
+    assert killed == 1
+
+
+async def test_subscribe_during_reconnect_round(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subscribers racing the re-LISTEN after a reconnect start LISTENing; only those that were
+    live across the loss get MISSED."""
+    async with (
+        running(PubSub(db, reconnect_delay=0.05)) as pubsub,
+        pubsub.subscribe("r") as survivor,
+    ):
+        async with pubsub.subscribe("gone"):  # live across the loss, then leaves
+            await terminate_listener(db)
+            gate = ListenRoundGate(monkeypatch, listen="r")
+            with trio.fail_after(WAIT):
+                await gate.paused.wait()  # new connection, about to re-LISTEN "r" and "gone"
+
+        async def late(channel: str) -> None:
+            async with pubsub.subscribe(channel) as sub:
+                await pubsub.publish(channel, "fresh")
+                assert await next_item(sub) == "fresh"  # no spurious MISSED: it missed nothing
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late, "r")
+            nursery.start_soon(late, "gone")
+            while pubsub.subscriber_count("gone") == 0 or pubsub.subscriber_count("r") < 2:
+                await trio.lowlevel.checkpoint()
+            gate.release.set()
+        assert await next_item(survivor) is MISSED
+        assert await next_item(survivor) == "fresh"
+        assert pubsub.reconnects == 1
