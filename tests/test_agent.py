@@ -433,3 +433,18 @@ async def test_log_limit_exceeded_stops_log_sending_but_not_the_agent(
         "SELECT count(*) FROM workspace_agent_logs WHERE agent_id = %s", (ws.agents[0].id,)
     )
     assert 0 < stored < 1100
+
+
+async def test_stop_before_any_connection_exits_at_once(
+    server: Server, clock: trio.testing.MockClock
+) -> None:
+    server.refuse = True
+    lines = Lines()
+    agent = Agent(token=str(uuid.uuid4()), dial=server.dial, where="memory", say=lines)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await lines.wait_for("could not connect: OSError: connection refused")
+        agent.stop()
+    assert trio.current_time() - start < 1
+    assert lines.lines[-1] == "stopping (Ctrl-C again to exit now)"

@@ -266,6 +266,9 @@ class Agent:
 
     async def _graceful_stop(self) -> None:
         self.say("stopping (Ctrl-C again to exit now)")
+        if self.manifest is None:  # never got a manifest: nothing started, nothing to report
+            self.kill()
+            return
         if self._startup_scope is not None:
             self._startup_scope.cancel()
         if self.lifecycle.enter(S.SHUTTING_DOWN):
