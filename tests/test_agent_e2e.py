@@ -24,26 +24,6 @@ from tests.test_cli import EXAMPLE, _agentd, _env, _serve
 
 pytestmark = pytest.mark.slow
 
-#: The example's scripts need the network and `coder`; these run anywhere.
-INSTALL = (
-    'script = "curl -fsSL https://code-server.dev/install.sh | sh && code-server --auth none --port 13337 &"'
-)
-RUNNABLE = {
-    INSTALL: 'script = "echo installing; for i in 1 2 3; do echo step $i; done"',
-    'script = "tar czf /tmp/home.tgz /home/coder"': 'script = "echo backing up"',
-    'script = "coder stat cpu"': 'script = "echo 42%"',
-    'script = "coder stat disk --path /home/coder"': 'script = "echo 1G"',
-}
-
-
-def runnable_workspace(path: Path) -> Path:
-    text = EXAMPLE.read_text()
-    for old, new in RUNNABLE.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path.write_text(text)
-    return path
-
 
 @attrs.define(eq=False)
 class AgentProcess:
@@ -100,7 +80,13 @@ async def check_rows(db: Database, agent_id: uuid.UUID, state: str) -> None:
     logs = await wait_rows(  # sent within ~1 s of the output
         db, "SELECT output FROM workspace_agent_logs WHERE agent_id = %s ORDER BY id", (agent_id,)
     )
-    assert [log["output"] for log in logs][:4] == ["installing", "step 1", "step 2", "step 3"]
+    assert [log["output"] for log in logs][:5] == [
+        "installing code-server",
+        "step 1",
+        "step 2",
+        "step 3",
+        "done",
+    ]
     timings = await wait_rows(
         db,
         "SELECT t.stage::text, t.status::text FROM workspace_agent_script_timings t "
@@ -123,7 +109,7 @@ async def test_agent_process_reaches_ready_over_unix_yamux_and_tcp_websocket(
     db_url: str, db: Database, tmp_path: Path
 ) -> None:
     sock = tmp_path / "agentd.sock"
-    workspace = runnable_workspace(tmp_path / "workspace.toml")
+    workspace = EXAMPLE  # its scripts run anywhere: the README demo and this test are the same run
     args = ["--postgres-url", db_url, "--data-dir", str(tmp_path), "--listen", f"unix:{sock}"]
     async with _serve([*args, "--listen", "tcp://127.0.0.1:0"]) as serving:
         created = await _agentd(
@@ -146,7 +132,8 @@ async def test_agent_process_reaches_ready_over_unix_yamux_and_tcp_websocket(
                 "AND value <> '' ORDER BY key",
                 (main_id,),
             )
-            assert {"key": "cpu", "value": "42%"} in metadata
+            [cpu] = [m for m in metadata if m["key"] == "cpu"]
+            float(cpu["value"])  # the 1-minute load average from /proc/loadavg
 
             # Meanwhile over TCP + WebSocket, the second agent (no scripts) with --exit-after-ready.
             port = serving.port()
@@ -179,7 +166,7 @@ async def test_agent_process_reaches_ready_over_unix_yamux_and_tcp_websocket(
             with trio.fail_after(30):
                 assert await agent.process.wait() == 0, agent.output.decode()
             assert "agent: lifecycle off" in agent.lines
-            assert 'agent: script "echo backing up" exited 0 (1 line logged)' in agent.lines
+            assert 'agent: script "echo backing up home" exited 0 (1 line logged)' in agent.lines
             assert agent.lines[-1] == "agent: exited"
         row = await db.fetchone(
             "SELECT lifecycle_state::text AS state FROM workspace_agents WHERE id = %s", (main_id,)

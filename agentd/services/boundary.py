@@ -31,6 +31,19 @@ from agentd.store import boundary as store
 
 log = logging.getLogger("agentd.boundary")
 
+
+def logfmt(fields: Mapping[str, object]) -> str:
+    """``key=value`` pairs, values quoted when they hold spaces, quotes or ``=`` (an audit line a person
+    and a log shipper can both read)."""
+    parts = []
+    for key, value in fields.items():
+        text = str(value)
+        if not text or any(c in text for c in ' "=\t\n'):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
 MAX_BATCH = 1000
 
 
@@ -166,7 +179,8 @@ class BoundaryLogsService:
             }
             if entry.allowed:
                 fields["matched_rule"] = http.matched_rule
-            log.info("boundary_request", extra=fields)
+            # The fields ride on the record for structured handlers and in the text for plain ones.
+            log.info("boundary_request %s", logfmt(fields), extra=fields)
             if session_id is None:
                 continue
             if entry.sequence_number < 0:
