@@ -16,11 +16,19 @@ from __future__ import annotations
 import collections
 import math
 import operator
+import os
 from typing import Any
 
 import attrs
 import trio
-from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+from trio.lowlevel import (
+    ParkingLot,
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    wait_readable,
+    wait_writable,
+)
 
 from agentd.mux.errors import MuxError, ProtocolError
 from agentd.mux.frame import INITIAL_WINDOW, GoAwayCode
@@ -48,6 +56,8 @@ HIGH_WATER = 1024 * 1024
 BIG_CHUNK = 32 * 1024
 #: how long a dying session keeps flushing queued frames (e.g. the GoAway of a protocol error)
 FLUSH_GRACE = 1.0
+#: most buffers one writev takes (Linux IOV_MAX)
+IOV_MAX = 1024
 
 
 @attrs.frozen
@@ -71,6 +81,73 @@ class MuxConfig:
     def _check_window(self, _attr: object, value: int) -> None:
         if value < INITIAL_WINDOW:
             raise ValueError("max_stream_window must be at least 256 KiB")
+
+
+class _SocketIO:
+    """Direct syscalls on a `trio.SocketStream`'s descriptor (the transport fast path).
+
+    `SocketStream.receive_some` tries a read first (one EAGAIN per frame on a request/response
+    pattern), allocates a fresh buffer per call and yields after every success; `send_all` needs one
+    joined buffer per write and yields after it too. Here the reader waits for readability after a
+    short read and reads into one reused buffer, and the writer hands every queued frame to one
+    `writev` (no joining copy) without a scheduler pass unless the socket is full. The socket is
+    still owned (and closed) by the stream; trio's `notify_closing` wakes our waits if it closes.
+    """
+
+    __slots__ = ("_sock", "fd")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._sock = stream.socket
+        self.fd = stream.socket.fileno()
+
+    def _check_open(self) -> None:
+        if self._sock.fileno() != self.fd:
+            raise trio.ClosedResourceError("transport closed")
+
+    async def recv_into(self, buf: memoryview, wait: bool) -> int:
+        """Read into `buf`; with `wait`, wait for readability first (the last read was short, so the
+        socket is most likely empty). Never returns without data or EOF."""
+        fd = self.fd
+        while True:
+            if wait:
+                await wait_readable(fd)
+            self._check_open()
+            try:
+                return os.readv(fd, [buf])
+            except BlockingIOError:
+                wait = True
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport read failed: {exc}") from exc
+
+    async def send_chunks(self, chunks: list[bytes | memoryview]) -> bool:
+        """Write every chunk, in order, with as few writev calls as the socket allows; True if it
+        had to wait (that was a checkpoint)."""
+        fd = self.fd
+        waited = False
+        idx = 0
+        count = len(chunks)
+        while idx < count:
+            batch = chunks if idx == 0 and count <= IOV_MAX else chunks[idx : idx + IOV_MAX]
+            self._check_open()
+            try:
+                n = os.writev(fd, batch)
+            except BlockingIOError:
+                waited = True
+                await wait_writable(fd)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport write failed: {exc}") from exc
+            while n:
+                size = len(chunks[idx])
+                if n >= size:
+                    n -= size
+                    idx += 1
+                else:
+                    chunks[idx] = memoryview(chunks[idx])[n:]
+                    n = 0
+            while idx < count and not len(chunks[idx]):
+                idx += 1
+        return waited
 
 
 def _check_max_bytes(max_bytes: int | None) -> int:
@@ -254,6 +331,8 @@ class MuxSession:
         self, transport: trio.abc.Stream, *, is_client: bool, config: MuxConfig | None = None
     ) -> None:
         self._transport = transport
+        #: the fast path when the transport is a plain socket stream
+        self._sockio = _SocketIO(transport) if type(transport) is trio.SocketStream else None
         self.config = config if config is not None else MuxConfig()
         self.is_client = is_client
         self._conn = Connection(
@@ -436,7 +515,7 @@ class MuxSession:
     async def _flush_inline(self) -> bool:
         """Write the queued frames from the calling task when the writer is idle (saves a task
         switch and a wake-up per request). Shielded, so a cancelled caller never leaves half a
-        frame. True if it wrote (that was a checkpoint)."""
+        frame. True if that was a checkpoint (the socket fast path writes without one)."""
         conn = self._conn
         if self._writing or self._closing or not conn.out_len:
             return False
@@ -444,12 +523,13 @@ class MuxSession:
         try:
             total = conn.out_len
             chunks = conn.take_output()
+            yielded = True
             # no deadline here (a deadline scope per write costs ~20 us): a transport that stops
             # draining fails the keepalive ping, and ending the session closes the transport, which
             # releases this write
             with trio.CancelScope(shield=True):
                 try:
-                    await self._send_chunks(chunks, total)
+                    yielded = await self._send_chunks(chunks, total)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._terminate(exc)
         finally:
@@ -460,11 +540,15 @@ class MuxSession:
             self._drain_lot.unpark_all()
         if self._spin_lot:
             self._spin_lot.unpark()
-        return True
+        return yielded
 
-    async def _send_chunks(self, chunks: list[bytes | memoryview], total: int) -> None:
-        """One send_all for small batches; big Data bodies go out on their own instead of being
-        copied into a joined buffer (an extra syscall is cheaper than a 256 KiB copy)."""
+    async def _send_chunks(self, chunks: list[bytes | memoryview], total: int) -> bool:
+        """Socket fast path: one writev. Otherwise one send_all for small batches; big Data bodies
+        go out on their own instead of being copied into a joined buffer (an extra syscall is
+        cheaper than a 256 KiB copy). True if it was a checkpoint."""
+        sockio = self._sockio
+        if sockio is not None:
+            return await sockio.send_chunks(chunks)
         send_all = self._transport.send_all
         if len(chunks) == 1:
             await send_all(chunks[0])
@@ -482,6 +566,7 @@ class MuxSession:
                     small.append(chunk)
             if small:
                 await send_all(b"".join(small))
+        return True
 
     async def _wait_drained(self) -> None:
         while self._conn.out_len > HIGH_WATER and not self._closing:
@@ -546,14 +631,26 @@ class MuxSession:
     async def _reader(self) -> None:
         conn = self._conn
         receive_some = self._transport.receive_some
+        sockio = self._sockio
+        view = memoryview(bytearray(RECV_SIZE if sockio is not None else 0))
+        short = True
         accept_queue = self._accept_queue
         with trio.CancelScope() as scope:
             self._reader_scope = scope
             if self._closing:
                 return
             while True:
+                data: bytes | memoryview
                 try:
-                    data = await receive_some(RECV_SIZE)
+                    if sockio is not None:
+                        if not short:
+                            # the last read filled the buffer: read on, but let others run first
+                            await cancel_shielded_checkpoint()
+                        got = await sockio.recv_into(view, short)
+                        short = got < RECV_SIZE
+                        data = view[:got]
+                    else:
+                        data = await receive_some(RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._terminate(exc)
                     return
