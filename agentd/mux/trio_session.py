@@ -259,9 +259,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
         await checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
+        session = self._session
         self._conn.end_stream(self._st)
-        self._session._after_local_close(self._st)
-        if not await self._session._flush_inline():
+        session._after_local_close(self._st, wake_writer=False)
+        if not await session._flush_inline():
+            if self._conn.out_len:
+                session._wake_writer()
             await cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -300,10 +303,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     async def aclose(self) -> None:
+        session = self._session
         if not self._closed:
             self._closed = True
             self._conn.close_stream(self._st)
-            self._session._after_local_close(self._st)
+            # the FIN goes out with the writer task after a yield, so it usually shares a packet
+            # with what the application writes next (e.g. the next request's SYN and data)
+            session._after_local_close(self._st)
             self._wake()
         await checkpoint()
 
@@ -596,10 +602,11 @@ class MuxSession:
             self._open_lot.unpark_all()
         self._wake_writer()
 
-    def _after_local_close(self, st: StreamState) -> None:
+    def _after_local_close(self, st: StreamState, wake_writer: bool = True) -> None:
         if st.state == LOCAL_CLOSE and not st.forgotten and self.config.stream_close_timeout > 0:
             self._push_deadline(self._close_deadlines, self.config.stream_close_timeout, st)
-        self._wake_writer()
+        if wake_writer:
+            self._wake_writer()
 
     def _terminate(self, reason: BaseException | None) -> None:
         """End the session: wake every waiter, stop the reader and helpers; the writer flushes what is
@@ -640,7 +647,7 @@ class MuxSession:
             if self._closing:
                 return
             while True:
-                data: bytes | memoryview
+                data: bytes | bytearray | memoryview
                 try:
                     if sockio is not None:
                         if not short:
