@@ -202,6 +202,12 @@ class Connection:
         self.out_len = 0
         return out
 
+    def unsend(self, chunks: list[bytes | memoryview]) -> None:
+        """Put back what a writer took but could not write yet, ahead of anything queued since."""
+        if chunks:
+            self._out[:0] = chunks
+            self.out_len += sum(len(c) for c in chunks)
+
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self.out_len += len(data)

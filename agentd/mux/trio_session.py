@@ -119,6 +119,29 @@ class _SocketIO:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"transport read failed: {exc}") from exc
 
+    def send_nowait(self, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """One writev attempt that never waits; returns what it could not write."""
+        if len(chunks) > IOV_MAX:
+            return chunks
+        self._check_open()
+        try:
+            n = os.writev(self.fd, chunks)
+        except BlockingIOError:
+            return chunks
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"transport write failed: {exc}") from exc
+        idx = 0
+        count = len(chunks)
+        while idx < count and n >= len(chunks[idx]):
+            n -= len(chunks[idx])
+            idx += 1
+        if idx == count:
+            return []
+        rest = chunks[idx:]
+        if n:
+            rest[0] = memoryview(rest[0])[n:]
+        return rest
+
     async def send_chunks(self, chunks: list[bytes | memoryview]) -> bool:
         """Write every chunk, in order, with as few writev calls as the socket allows; True if it
         had to wait (that was a checkpoint)."""
@@ -283,8 +306,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     conn = self._conn
                     data = conn.read(st, n)
                     if conn.out_len:
-                        # a window update: the writer task sends it (a read never blocks on writing)
-                        self._session._wake_writer()
+                        # a window update: sent now if the socket takes it at once, else by the
+                        # writer task (a read never blocks on writing)
+                        self._session._flush_nowait()
                     break
                 state = st.state
                 if state == RESET:
@@ -547,6 +571,21 @@ class MuxSession:
         if self._spin_lot:
             self._spin_lot.unpark()
         return yielded
+
+    def _flush_nowait(self) -> None:
+        """Socket fast path: write the queue now if the writer is idle and the socket takes it
+        without waiting; whatever remains goes to the writer task."""
+        conn = self._conn
+        sockio = self._sockio
+        if sockio is not None and not self._writing and not self._closing:
+            try:
+                rest = sockio.send_nowait(conn.take_output())
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._terminate(exc)
+                return
+            conn.unsend(rest)
+        if conn.out_len:
+            self._wake_writer()
 
     async def _send_chunks(self, chunks: list[bytes | memoryview], total: int) -> bool:
         """Socket fast path: one writev. Otherwise one send_all for small batches; big Data bodies
