@@ -304,11 +304,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream closed")
                 if st.recv_buf:
                     conn = self._conn
+                    queued = conn.out_len
                     data = conn.read(st, n)
-                    if conn.out_len:
+                    if conn.out_len != queued:
                         # a window update: sent now if the socket takes it at once, else by the
-                        # writer task (a read never blocks on writing)
+                        # writer task (a read never blocks on writing). Other queued frames (an
+                        # accept's ACK) are left to the writer: they leave with the next reply.
                         self._session._flush_nowait()
+                    elif queued:
+                        self._session._wake_writer()
                     break
                 state = st.state
                 if state == RESET:
