@@ -388,6 +388,8 @@ class MuxSession:
         self._close_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
         self._started = False
         self._writing = False
+        #: scheduler passes the writer lets go by after a wake-up before writing (see _writer)
+        self._writer_yields = 1
         self._closing = False
         self._closed_locally = False
         self._close_reason: BaseException | None = None
@@ -471,6 +473,9 @@ class MuxSession:
             await self._accept_lot.park()
         stream = queue.popleft()
         self._conn.accept_stream(stream._st)
+        # the ACK waits two scheduler passes: a handler started now gets to write its first reply
+        # (inline, carrying the ACK) after its own first receive, so both leave in one packet
+        self._writer_yields = 2
         self._wake_writer()
         if not parked:
             await cancel_shielded_checkpoint()
@@ -778,9 +783,14 @@ class MuxSession:
                 if self._closing and not self._writing:
                     return
                 await lot.park()
-                # let the tasks woken with us run first: an accepted stream's ACK then leaves with
-                # the handler's first reply (often written inline), not as a packet of its own
-                await cancel_shielded_checkpoint()
+                # let the tasks woken with us run first: an accepted stream's ACK or a closed
+                # stream's FIN then leaves with the next reply (often written inline), not as a
+                # packet of its own
+                for _ in range(self._writer_yields):
+                    await cancel_shielded_checkpoint()
+                    if not conn.out_len:
+                        break
+                self._writer_yields = 1
                 continue
             total = conn.out_len
             chunks = conn.take_output()
