@@ -22,11 +22,16 @@ from typing import Any
 import attrs
 import trio
 from trio.lowlevel import (
+    Abort,
     ParkingLot,
+    Task,
     cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
+    current_task,
+    reschedule,
     wait_readable,
+    wait_task_rescheduled,
     wait_writable,
 )
 
@@ -189,14 +194,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
     """One yamux stream. `send_eof` half-closes (FIN), `aclose` closes both ways (FIN; data the
     peer still sends is answered with RST), `reset` aborts (RST, unread data dropped)."""
 
-    __slots__ = ("_closed", "_conn", "_read_lot", "_receiving", "_sending", "_session", "_st", "_write_lot")
+    __slots__ = ("_closed", "_conn", "_read_task", "_receiving", "_sending", "_session", "_st", "_write_task")
 
     def __init__(self, session: MuxSession, st: StreamState) -> None:
         self._session = session
         self._conn = session._conn
         self._st = st
-        self._read_lot = ParkingLot()
-        self._write_lot = ParkingLot()
+        # at most one task waits per direction (the conflict detectors see to it), so a task slot
+        # replaces a ParkingLot: cheaper to create per stream and to park/wake per request
+        self._read_task: Task | None = None
+        self._write_task: Task | None = None
         self._receiving = False
         self._sending = False
         self._closed = False
@@ -245,7 +252,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if not n:
                     session._wake_writer()
                     parked = True
-                    await self._write_lot.park()
+                    await self._park_write()
                     if self._closed:
                         raise trio.ClosedResourceError("stream closed")
             if conn.out_len > HIGH_WATER:
@@ -273,7 +280,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if st.send_window > 0 or st.forgotten or st.state in (RESET, LOCAL_CLOSE, CLOSED):
                     break
                 parked = True
-                await self._write_lot.park()
+                await self._park_write()
             if not parked:
                 await cancel_shielded_checkpoint()
         finally:
@@ -326,7 +333,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if st.session_dead:
                     raise self._session._broken_error()
                 parked = True
-                await self._read_lot.park()
+                await self._park_read()
             if not parked:
                 await cancel_shielded_checkpoint()
             return data
@@ -355,10 +362,42 @@ class MuxStream(trio.abc.HalfCloseableStream):
         await checkpoint()
 
     def _wake(self) -> None:
-        if self._read_lot:
-            self._read_lot.unpark_all()
-        if self._write_lot:
-            self._write_lot.unpark_all()
+        task = self._read_task
+        if task is not None:
+            self._read_task = None
+            reschedule(task)
+        task = self._write_task
+        if task is not None:
+            self._write_task = None
+            reschedule(task)
+
+    async def _park_read(self) -> None:
+        self._read_task = current_task()
+        await wait_task_rescheduled(self._abort_read)
+
+    def _abort_read(self, _raise_cancel: Any) -> Abort:
+        self._read_task = None
+        return Abort.SUCCEEDED
+
+    def _wake_read(self) -> None:
+        task = self._read_task
+        if task is not None:
+            self._read_task = None
+            reschedule(task)
+
+    async def _park_write(self) -> None:
+        self._write_task = current_task()
+        await wait_task_rescheduled(self._abort_write)
+
+    def _abort_write(self, _raise_cancel: Any) -> Abort:
+        self._write_task = None
+        return Abort.SUCCEEDED
+
+    def _wake_write(self) -> None:
+        task = self._write_task
+        if task is not None:
+            self._write_task = None
+            reschedule(task)
 
 
 class MuxSession:
@@ -745,12 +784,12 @@ class MuxSession:
             t = type(ev)
             if t is DataReceived or t is StreamEnded:
                 h = ev[1].handle
-                if h is not None and h._read_lot:
-                    h._read_lot.unpark_all()
+                if h is not None and h._read_task is not None:
+                    h._wake_read()
             elif t is WindowUpdated:
                 h = ev[1].handle
-                if h is not None and h._write_lot:
-                    h._write_lot.unpark_all()
+                if h is not None and h._write_task is not None:
+                    h._wake_write()
             elif t is StreamOpened:
                 stream = MuxStream(self, ev[1])
                 ev[1].handle = stream
