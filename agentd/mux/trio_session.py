@@ -828,10 +828,11 @@ class MuxSession:
                 # let the tasks woken with us run first: an accepted stream's ACK or a closed
                 # stream's FIN then leaves with the next reply (often written inline), not as a
                 # packet of its own
+                # (nothing queued any more: someone wrote it inline, so no pass is spent on that)
                 for _ in range(self._writer_yields):
-                    await cancel_shielded_checkpoint()
                     if not conn.out_len:
                         break
+                    await cancel_shielded_checkpoint()
                 self._writer_yields = 1
                 continue
             total = conn.out_len
