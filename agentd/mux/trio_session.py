@@ -259,6 +259,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 session._wake_writer()
                 parked = True
                 await session._wait_drained()
+            elif session._write_now():
+                pass  # the socket took it all at once
             elif await session._flush_inline():
                 parked = True
             if not parked:
@@ -629,19 +631,32 @@ class MuxSession:
             self._spin_lot.unpark()
         return yielded
 
-    def _flush_nowait(self) -> None:
-        """Socket fast path: write the queue now if the writer is idle and the socket takes it
-        without waiting; whatever remains goes to the writer task."""
+    def _write_now(self) -> bool:
+        """Socket fast path, synchronous: hand the whole queue to one writev from the calling task
+        when the writer is idle. True if it all went (or the session just ended); False leaves
+        the queue for an awaiting flush or the writer task."""
         conn = self._conn
         sockio = self._sockio
-        if sockio is not None and not self._writing and not self._closing:
-            try:
-                rest = sockio.send_nowait(conn.take_output())
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._terminate(exc)
-                return
+        if sockio is None or self._writing or self._closing or not conn.out_len:
+            return False
+        try:
+            rest = sockio.send_nowait(conn.take_output())
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._terminate(exc)
+            return True
+        if rest:
             conn.unsend(rest)
-        if conn.out_len:
+            return False
+        if self._drain_lot:
+            self._drain_lot.unpark_all()
+        if self._spin_lot:
+            self._spin_lot.unpark()
+        return True
+
+    def _flush_nowait(self) -> None:
+        """Write the queue now if the socket takes it without waiting; whatever remains goes to
+        the writer task."""
+        if not self._write_now() and self._conn.out_len:
             self._wake_writer()
 
     async def _send_chunks(self, chunks: list[bytes | memoryview], total: int) -> bool:
