@@ -418,7 +418,8 @@ class MuxSession:
             max_stream_window=self.config.max_stream_window,
             accept_backlog=self.config.accept_backlog,
         )
-        self._writer_lot = ParkingLot()
+        #: the writer task while it waits for work (one task: a slot, cheaper than a ParkingLot)
+        self._writer_task: Task | None = None
         self._drain_lot = ParkingLot()
         self._accept_lot = ParkingLot()
         self._open_lot = ParkingLot()
@@ -498,9 +499,7 @@ class MuxSession:
         timeout = self.config.stream_open_timeout
         if timeout > 0:
             self._push_deadline(self._open_deadlines, timeout, st)
-        lot = self._writer_lot
-        if lot:
-            lot.unpark()
+        self._wake_writer()
         # no schedule point here: the SYN goes out with the first send (or via the writer task)
         return stream
 
@@ -591,9 +590,14 @@ class MuxSession:
         return err
 
     def _wake_writer(self) -> None:
-        lot = self._writer_lot
-        if lot:
-            lot.unpark()
+        task = self._writer_task
+        if task is not None:
+            self._writer_task = None
+            reschedule(task)
+
+    def _abort_writer_wait(self, _raise_cancel: Any) -> Abort:
+        self._writer_task = None
+        return Abort.SUCCEEDED
 
     async def _flush_inline(self) -> bool:
         """Write the queued frames from the calling task when the writer is idle (saves a task
@@ -737,8 +741,9 @@ class MuxSession:
             stream._wake()
         for event in self._pings.values():
             event.set()
-        for lot in (self._accept_lot, self._open_lot, self._drain_lot, self._writer_lot, self._timer_lot):
+        for lot in (self._accept_lot, self._open_lot, self._drain_lot, self._timer_lot):
             lot.unpark_all()
+        self._wake_writer()
         if self._reader_scope is not None:
             self._reader_scope.cancel()
         self._aux_scope.cancel()
@@ -789,10 +794,8 @@ class MuxSession:
                         self._open_lot.unpark_all()
                 if self._spin_lot:
                     self._spin_lot.unpark()
-                if conn.out_len:
-                    lot = self._writer_lot
-                    if lot:
-                        lot.unpark()
+                if conn.out_len and self._writer_task is not None:
+                    self._wake_writer()
 
     def _dispatch(self, events: list[Any], accept_queue: collections.deque[MuxStream]) -> None:
         for ev in events:
@@ -833,13 +836,13 @@ class MuxSession:
 
     async def _writer(self) -> None:
         conn = self._conn
-        lot = self._writer_lot
         drain = self._drain_lot
         while True:
             if not conn.out_len or self._writing:
                 if self._closing and not self._writing:
                     return
-                await lot.park()
+                self._writer_task = current_task()
+                await wait_task_rescheduled(self._abort_writer_wait)
                 # let the tasks woken with us run first: an accepted stream's ACK or a closed
                 # stream's FIN then leaves with the next reply (often written inline), not as a
                 # packet of its own
