@@ -1,14 +1,20 @@
 """trio adapter for the sans-I/O yamux core: MuxSession and MuxStream.
 
 Task shape (all under `MuxSession.run`'s nursery):
-- reader: `receive_some` on the transport in big chunks -> `Connection.receive_data` -> wake the
-  waiters the events name. It never blocks on anything but the transport read: pings, RSTs and
-  window updates are only queued.
+- reader: reads the transport in 64 KiB chunks -> `Connection.receive_data` -> wake the waiters
+  the events name. On a plain `trio.SocketStream` it waits for readability after a short read and
+  `readv`s into one reused buffer (`_SocketIO`); any other `trio.abc.Stream` uses `receive_some`.
+  It never blocks on anything but the transport read: pings, RSTs and window updates are only
+  queued.
 - writer: the one path to the transport. It drains whatever the core queued (frames from every
-  stream, joined into one `send_all`), so a cancelled application call can never leave half a frame.
+  stream: one `writev` on the socket fast path, else joined into `send_all`s), so a cancelled
+  application call can never leave half a frame. An application call writes inline instead when
+  the writer is idle (no task switch); on the fast path a write the socket takes at once needs no
+  cancel scope and no scheduler pass.
 - keepalive (ping every interval, close the session when the ACK misses the write timeout) and one
   timer task for stream open / close timeouts.
-Waiting uses `trio.lowlevel.ParkingLot`s that are only touched when someone is parked.
+Waiting uses a task slot where only one task can wait (a stream's reader, its writer, the writer
+task) and `trio.lowlevel.ParkingLot`s elsewhere, only touched when someone is parked.
 """
 
 from __future__ import annotations
