@@ -202,6 +202,12 @@ class Connection:
         self.out_len = 0
         return out
 
+    def unsend(self, chunks: list[bytes | memoryview]) -> None:
+        """Put back what a writer took but could not write yet, ahead of anything queued since."""
+        if chunks:
+            self._out[:0] = chunks
+            self.out_len += sum(len(c) for c in chunks)
+
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self.out_len += len(data)
@@ -275,12 +281,7 @@ class Connection:
     def read(self, st: StreamState, max_bytes: int) -> bytes:
         """Take up to `max_bytes` buffered bytes and return window credit per Go's half-window rule."""
         buf = st.recv_buf
-        if max_bytes >= len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:max_bytes])
-            del buf[:max_bytes]
+        data = buf.take(max_bytes)
         if data and st.state in CAN_RECEIVE and not st.forgotten and not self.closed:
             delta = (self.max_window - len(buf)) - st.recv_window
             if delta >= self._half_window:
@@ -405,7 +406,7 @@ class Connection:
                         events.append(StreamReset(st.id, st))
                         self._body_stream = st = None
                     else:
-                        st.recv_buf += mv[pos : pos + take]
+                        st.recv_buf.append(bytes(mv[pos : pos + take]))
                         events.append(DataReceived(st.id, st, take))
                 pos += take
                 if not left:
@@ -454,7 +455,7 @@ class Connection:
                     # fast path: the whole body is here
                     if n - pos >= length:
                         if st is not None:
-                            st.recv_buf += mv[pos : pos + length]
+                            st.recv_buf.append(bytes(mv[pos : pos + length]))
                             events.append(DataReceived(sid, st, length))
                             if flags & (FLAG_FIN | FLAG_RST):
                                 self._stream_flags(st, flags, events)

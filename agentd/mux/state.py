@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from agentd.mux.frame import INITIAL_WINDOW
@@ -32,6 +33,78 @@ CAN_RECEIVE = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, LOCAL_CLOSE})
 CAN_SEND = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, REMOTE_CLOSE})
 
 
+class RecvBuffer:
+    """A stream's received bytes as the chunks they arrived in.
+
+    Each Data body is copied once (out of the transport's read buffer) and handed to the reader as
+    it is when the reader takes at least that much, so the common large read costs no further copy
+    (a bytearray would copy in, then copy out, then re-grow).
+    """
+
+    __slots__ = ("_chunks", "_off", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        #: bytes of the first chunk already taken
+        self._off = 0
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __bytes__(self) -> bytes:
+        data = b"".join(self._chunks)
+        return data[self._off :] if self._off else data
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._off = 0
+        self._size = 0
+
+    def take(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` from the front (whole chunks when they fit: no copy)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        first = chunks[0]
+        off = self._off
+        avail = len(first) - off
+        if max_bytes < avail:
+            self._off = off + max_bytes
+            self._size -= max_bytes
+            return first[off : off + max_bytes]
+        chunks.popleft()
+        self._off = 0
+        if off:
+            first = first[off:]
+        if avail >= max_bytes or not chunks:
+            self._size -= avail
+            return first
+        # several chunks fit: join as many as fit, and part of the next
+        parts = [first]
+        got = avail
+        while chunks and got < max_bytes:
+            nxt = chunks[0]
+            want = max_bytes - got
+            if len(nxt) <= want:
+                parts.append(chunks.popleft())
+                got += len(nxt)
+            else:
+                parts.append(nxt[:want])
+                self._off = want
+                got += want
+        self._size -= got
+        return b"".join(parts)
+
+
 class StreamState:
     """One stream's protocol state, receive buffer and windows.
 
@@ -58,7 +131,7 @@ class StreamState:
     def __init__(self, stream_id: int, state: int) -> None:
         self.id = stream_id
         self.state = state
-        self.recv_buf = bytearray()
+        self.recv_buf = RecvBuffer()
         self.recv_window = INITIAL_WINDOW
         self.send_window = INITIAL_WINDOW
         #: we opened it and no ACK/RST has arrived yet (counts against the outbound backlog)
