@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default unix:$DATA_DIR/agentd.sock and tcp://127.0.0.1:3113)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    serve.add_argument(
+        "--agent-stats-refresh-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often agents report stats (default 30)",
+    )
 
     migrate = commands.add_parser("migrate", help="bring the database schema to the current version")
     _add_database_flags(migrate)
@@ -105,6 +111,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         postgres_url=args.postgres_url,
         listen=getattr(args, "listen", ()),
         log_level=getattr(args, "log_level", None),
+        agent_stats_refresh_interval=getattr(args, "agent_stats_refresh_interval", None),
     )
 
 

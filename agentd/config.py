@@ -106,6 +106,9 @@ class Config:
     listen: tuple[ListenAddress, ...] = ()
     log_level: str = attrs.field(default="info", validator=_validate_log_level)
     shutdown_timeout: float = 10.0
+    #: Seconds between an agent's UpdateStats reports, told to every agent (Coder's
+    #: --agent-stats-refresh-interval; its default is 30 s).
+    agent_stats_refresh_interval: float = 30.0
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
 
@@ -126,6 +129,7 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "listen": ((list,), "an array of strings"),
     "log_level": ((str,), "a string"),
     "shutdown_timeout": ((int, float), "a number of seconds"),
+    "agent_stats_refresh_interval": ((int, float), "a number of seconds"),
     "banners": ((dict,), "a table"),
 }
 
@@ -167,6 +171,8 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
             if value < 0:
                 raise ConfigError(f"{source}: field 'shutdown_timeout' must not be negative")
             out[key] = float(value)
+        elif key == "agent_stats_refresh_interval":
+            out[key] = _stats_interval(value, source)
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 
@@ -177,6 +183,14 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
         else:
             out[key] = value
     return out
+
+
+def _stats_interval(value: float, source: str) -> float:
+    if not value > 0:
+        raise ConfigError(
+            f"{source}: field 'agent_stats_refresh_interval' must be a positive number of seconds"
+        )
+    return float(value)
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
@@ -202,6 +216,7 @@ def build_config(
     postgres_url: str | None = None,
     listen: Iterable[str] = (),
     log_level: str | None = None,
+    agent_stats_refresh_interval: float | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults < config file < flags. Flag values are passed as given on the command line."""
@@ -217,6 +232,10 @@ def build_config(
         values["listen"] = flags
     if log_level is not None:
         values["log_level"] = log_level
+    if agent_stats_refresh_interval is not None:
+        values["agent_stats_refresh_interval"] = _stats_interval(
+            agent_stats_refresh_interval, "--agent-stats-refresh-interval"
+        )
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")
     return Config(**values)

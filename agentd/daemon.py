@@ -10,6 +10,7 @@ server. A second signal skips the grace period.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import time
@@ -268,7 +269,10 @@ class Daemon:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
                 async with open_store(self.config) as db:
-                    settings = Settings(**dict(self.config.banners))
+                    settings = Settings(
+                        stats_report_interval=dt.timedelta(seconds=self.config.agent_stats_refresh_interval),
+                        **dict(self.config.banners),
+                    )
                     pubsub = PubSub(db)
                     sessions = AgentSessions(
                         db,

@@ -3,6 +3,7 @@ composed service, a real PostgreSQL): startup to ``ready`` with rows, reconnects
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import tomllib
 import uuid
@@ -15,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.agent import AGENT_VERSION, Agent
 from agentd.agent.lifecycle import TERMINAL_STARTUP
@@ -34,7 +36,7 @@ S = agent_pb2.Lifecycle
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     # Virtual time that first lets PostgreSQL and the scripts' subprocesses answer (CONVENTIONS 18:40).
-    return trio.testing.MockClock(autojump_threshold=0.1)
+    return agentd.testing.virtual_clock(threshold=0.1)
 
 
 def workspace_spec(**agent_overrides: Any) -> dict[str, Any]:
@@ -112,8 +114,12 @@ class Lines:
 
 @pytest.fixture
 async def server(db: Database, pubsub: PubSub) -> AsyncIterator[Server]:
-    """The daemon's own composition: every service, the process-wide batchers and coordinator."""
-    settings = Settings()
+    """The daemon's own composition: every service, the process-wide batchers and coordinator.
+
+    Agents are told a 2 s stats interval (`agentd serve --agent-stats-refresh-interval 2`): virtual time
+    advances in small steps here, so waiting out the 30 s default would cost half a minute of real time.
+    """
+    settings = Settings(stats_report_interval=dt.timedelta(seconds=2))
     async with trio.open_nursery() as nursery:
         components = build_components(db, pubsub, settings)
         await start_components(components, nursery)

@@ -110,7 +110,10 @@ async def test_agent_process_reaches_ready_over_unix_yamux_and_tcp_websocket(
 ) -> None:
     sock = tmp_path / "agentd.sock"
     workspace = EXAMPLE  # its scripts run anywhere: the README demo and this test are the same run
+    # Agents report stats every 2 s here (the operator's knob; 30 s by default), so the test need not
+    # wait out Coder's default interval to see a stats row.
     args = ["--postgres-url", db_url, "--data-dir", str(tmp_path), "--listen", f"unix:{sock}"]
+    args += ["--agent-stats-refresh-interval", "2"]
     async with _serve([*args, "--listen", "tcp://127.0.0.1:0"]) as serving:
         created = await _agentd(
             "admin", "create-workspace", "--file", str(workspace), "--json", "--postgres-url", db_url
@@ -119,10 +122,10 @@ async def test_agent_process_reaches_ready_over_unix_yamux_and_tcp_websocket(
         agents = json.loads(created.stdout)["agents"]
         main, sidecar = agents[0], agents[1]
 
-        # Unix socket, raw yamux: ready with rows; stats after the 30 s report interval.
+        # Unix socket, raw yamux: ready with rows; stats after the 2 s report interval.
         async with agent_process("--url", f"unix:{sock}", "--token", main["token"]) as agent:
             await agent.wait_for("lifecycle ready")
-            await agent.wait_for("stats interval 30s")
+            await agent.wait_for("stats interval 2s")
             await agent.wait_for("coordinator: sent node")
             main_id = uuid.UUID(main["id"])
             await check_rows(db, main_id, "ready")

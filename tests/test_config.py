@@ -129,3 +129,17 @@ def test_shipped_config_file_is_valid() -> None:
     config = build_config(config_file=shipped)
     assert config.data_dir == Path("/var/lib/agentd")
     assert config.listen_addresses(socket_activated=True) == ()
+
+
+def test_agent_stats_refresh_interval_file_flag_and_validation(tmp_path: Path) -> None:
+    assert build_config(environ={}).agent_stats_refresh_interval == 30.0
+    path = tmp_path / "agentd.toml"
+    path.write_text("agent_stats_refresh_interval = 5\n")
+    assert build_config(config_file=path, environ={}).agent_stats_refresh_interval == 5.0
+    flagged = build_config(config_file=path, agent_stats_refresh_interval=2.5, environ={})
+    assert flagged.agent_stats_refresh_interval == 2.5
+    path.write_text("agent_stats_refresh_interval = 0\n")
+    with pytest.raises(ConfigError, match="agent_stats_refresh_interval' must be a positive"):
+        build_config(config_file=path, environ={})
+    with pytest.raises(ConfigError, match="--agent-stats-refresh-interval"):
+        build_config(agent_stats_refresh_interval=-1, environ={})
