@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ import pytest
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-GO_SOURCES = REPO / "interop" / "goyamux"
 GOCODE = Path("/usr/share/gocode")
 YAMUX_SOURCES = GOCODE / "src" / "github.com" / "hashicorp" / "yamux"
 CACHE = REPO / ".gobuild"
@@ -38,17 +37,23 @@ class GoPeerUnavailable(RuntimeError):
     """Go or the hashicorp/yamux sources are not installed, so the peer cannot be built."""
 
 
-def _source_key(go: str) -> str:
+def _source_key(go: str, sources: Path) -> str:
     digest = hashlib.sha256()
     version = subprocess.run([go, "version"], capture_output=True, text=True, check=True).stdout
     digest.update(version.encode())
-    for path in sorted(GO_SOURCES.glob("*.go")):
+    for path in sorted(sources.glob("*.go")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
 def build_go_peer() -> Path:
     """Return the path of an up-to-date goyamux binary, building it if needed."""
+    return build_go_program("goyamux")
+
+
+def build_go_program(name: str) -> Path:
+    """Build `interop/<name>` (GOPATH mode, Debian's hashicorp/yamux) once per source version."""
+    sources = REPO / "interop" / name
     go = shutil.which("go")
     if go is None:
         raise GoPeerUnavailable("the `go` toolchain is not on PATH (Debian package golang-go)")
@@ -56,7 +61,7 @@ def build_go_peer() -> Path:
         raise GoPeerUnavailable(
             f"{YAMUX_SOURCES} is missing (Debian package golang-github-hashicorp-yamux-dev)"
         )
-    target = CACHE / _source_key(go) / "goyamux"
+    target = CACHE / _source_key(go, sources) / name
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,29 +72,35 @@ def build_go_peer() -> Path:
         GOCACHE=str(CACHE / "gocache"),
         GOFLAGS="",
     )
-    partial = target.with_name(f"goyamux.{os.getpid()}.partial")
+    partial = target.with_name(f"{name}.{os.getpid()}.partial")
     done = subprocess.run(
         [go, "build", "-o", str(partial), "."],
-        cwd=GO_SOURCES,
+        cwd=sources,
         env=env,
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"building the Go peer failed:\n{done.stdout}{done.stderr}")
+        raise RuntimeError(f"building interop/{name} failed:\n{done.stdout}{done.stderr}")
     os.replace(partial, target)  # atomic: a concurrent build of the same sources is harmless
     return target
+
+
+def require(build: Callable[..., Path], *args: Any) -> Path:
+    """`build(*args)`, skipping the test when Go is missing, or failing under AGENTD_REQUIRE_INTEROP=1
+    (CI), where interop with the real Go libraries is a requirement, not an option."""
+    try:
+        return build(*args)
+    except GoPeerUnavailable as exc:
+        if os.environ.get("AGENTD_REQUIRE_INTEROP") == "1":
+            pytest.fail(f"Go interop peer required (AGENTD_REQUIRE_INTEROP=1) but unavailable: {exc}")
+        pytest.skip(f"Go interop peer unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")
 def go_peer() -> Path:
     """Path of the built Go peer; skips (or fails under AGENTD_REQUIRE_INTEROP=1) without Go."""
-    try:
-        return build_go_peer()
-    except GoPeerUnavailable as exc:
-        if os.environ.get("AGENTD_REQUIRE_INTEROP") == "1":
-            pytest.fail(f"Go interop peer required (AGENTD_REQUIRE_INTEROP=1) but unavailable: {exc}")
-        pytest.skip(f"Go interop peer unavailable: {exc}")
+    return require(build_go_peer)
 
 
 @attrs.define

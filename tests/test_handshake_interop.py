@@ -5,10 +5,6 @@ Skipped when Go is missing, unless AGENTD_REQUIRE_INTEROP=1 (then missing Go is 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 import trio
 
 from agentd.handshake import RPC_PATH, Upgraded, accept_agent
+from tests import gopeer
 
 pytestmark = pytest.mark.interop
 
@@ -23,87 +20,12 @@ TOKEN = uuid.UUID("6f1b8f5e-3c55-4e0e-9f0e-4a4c7f2f9d11")
 YAMUX_SYN = bytes.fromhex("000100010000000100000000")
 YAMUX_ACK = bytes.fromhex("000100020000000100000000")
 
-GO_CLIENT = r"""
-package main
-
-import (
-	"encoding/json"
-	"fmt"
-	"io"
-	"net/http"
-	"os"
-)
-
-func main() {
-	req, err := http.NewRequest("GET", os.Args[1], nil)
-	if err != nil {
-		panic(err)
-	}
-	if os.Args[2] != "" {
-		req.Header.Set("Coder-Session-Token", os.Args[2])
-	}
-	req.Header.Set("Connection", "Upgrade")
-	req.Header.Set("Upgrade", "yamux")
-	// No Client.Timeout: it wraps a 101 body in a type that is not writable.
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		fmt.Println("ERR", err)
-		os.Exit(1)
-	}
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		var body struct {
-			Message     string `json:"message"`
-			Detail      string `json:"detail"`
-			Validations []struct {
-				Field  string `json:"field"`
-				Detail string `json:"detail"`
-			} `json:"validations"`
-		}
-		data, err := io.ReadAll(resp.Body)
-		if err != nil {
-			fmt.Println("ERR body", err)
-			os.Exit(1)
-		}
-		if err := json.Unmarshal(data, &body); err != nil {
-			fmt.Println("ERR json", err)
-			os.Exit(1)
-		}
-		fmt.Printf("STATUS %d %d|%s|%s|%d\n",
-			resp.StatusCode, resp.ContentLength, body.Message, body.Detail, len(body.Validations))
-		return
-	}
-	rw, ok := resp.Body.(io.ReadWriteCloser)
-	if !ok {
-		fmt.Println("ERR 101 body is not writable")
-		os.Exit(1)
-	}
-	if _, err := rw.Write([]byte{0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0}); err != nil {
-		panic(err)
-	}
-	buf := make([]byte, 12)
-	if _, err := io.ReadFull(rw, buf); err != nil {
-		panic(err)
-	}
-	fmt.Printf("SWITCHED %s %x\n", resp.Header.Get("Upgrade"), buf)
-	rw.Close()
-}
-"""
-
 
 @pytest.fixture(scope="module")
-def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        if os.environ.get("AGENTD_REQUIRE_INTEROP") == "1":
-            pytest.fail("Go is required for interop tests (AGENTD_REQUIRE_INTEROP=1)")
-        pytest.skip("Go is not installed")
-    work = tmp_path_factory.mktemp("goclient")
-    (work / "main.go").write_text(GO_CLIENT)
-    binary = work / "client"
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(work / "gopath")}
-    env.setdefault("GOCACHE", str(work / "gocache"))
-    subprocess.run([go, "build", "-o", str(binary), "main.go"], cwd=work, env=env, check=True, timeout=300)
-    return binary
+def go_client() -> Path:
+    """Go's net/http client (interop/gohttpupgrade), built like the yamux peer: skips without Go,
+    fails under AGENTD_REQUIRE_INTEROP=1."""
+    return gopeer.require(gopeer.build_go_program, "gohttpupgrade")
 
 
 async def run_against_server(binary: Path, token: str, query: str) -> tuple[str, list[object]]:
@@ -139,7 +61,6 @@ async def run_against_server(binary: Path, token: str, query: str) -> tuple[str,
     return result.stdout.decode().strip(), outcomes
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
 async def test_go_client_upgrades_to_raw_yamux(go_client: Path) -> None:
     out, outcomes = await run_against_server(go_client, str(TOKEN), "version=2.10&role=agent")
     assert out == "SWITCHED yamux " + YAMUX_ACK.hex()
