@@ -8,7 +8,6 @@ published on every channel and everything received before it is what the call pu
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import json
 import uuid
@@ -27,22 +26,8 @@ from agentd.store import Database
 from agentd.store.errors import StoreError
 from agentd.store.pubsub import MISSED, PubSub, Subscription
 from agentd.testing import TestAgent, serve_agent
-
-T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
-
-
-@attrs.define
-class FakeNow:
-    """A settable wall clock for ``scope.now``."""
-
-    value: dt.datetime = T0
-
-    def __call__(self) -> dt.datetime:
-        return self.value
-
-    def advance(self, **kw: float) -> dt.datetime:
-        self.value += dt.timedelta(**kw)
-        return self.value
+from tests.services.audit_support import T0 as T0  # re-exported for the core services' tests
+from tests.services.audit_support import FakeNow
 
 
 @attrs.define
