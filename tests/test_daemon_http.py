@@ -90,6 +90,15 @@ async def test_malformed_request_is_400() -> None:
     assert json.loads(body)["message"] == "Malformed HTTP request."
 
 
+async def test_http_versions_other_than_1x_are_505() -> None:
+    for version in (b"9.9", b"2.0", b"0.9"):
+        raw = await _exchange(_app(), b"GET /ok HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 505 "), raw
+        assert json.loads(raw.partition(b"\r\n\r\n")[2])["message"] == "HTTP version not supported."
+    status, _, _ = _parse(await _exchange(_app(), b"GET /ok HTTP/1.0\r\n\r\n"))
+    assert status == 200
+
+
 async def test_oversized_head_is_431() -> None:
     raw = b"GET /ok HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     status, _, _ = _parse(await _exchange(_app(), raw))

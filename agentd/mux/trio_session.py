@@ -484,7 +484,7 @@ class MuxSession:
             self._terminate(None)
             with trio.CancelScope(shield=True):
                 try:
-                    await self._transport.aclose()
+                    await self._close_transport()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             self._done.set()
@@ -594,6 +594,16 @@ class MuxSession:
         err = trio.BrokenResourceError(f"mux session ended: {reason!r}" if reason else "mux session ended")
         err.__cause__ = reason
         return err
+
+    async def _close_transport(self) -> None:
+        """Close the transport; after a yamux protocol error, a transport that can say why it closes
+        (``close_protocol_error``, e.g. WebSocket's Close 1002) is told so."""
+        reason = self._close_reason
+        close_error = getattr(self._transport, "close_protocol_error", None)
+        if isinstance(reason, ProtocolError) and close_error is not None:
+            await close_error(f"yamux: {reason}")
+        else:
+            await self._transport.aclose()
 
     def _wake_writer(self) -> None:
         task = self._writer_task

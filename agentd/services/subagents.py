@@ -3,8 +3,9 @@ and removes child agents (dev containers). A child gets its own auth token and a
 any agent; its ``parent_id`` points at the parent.
 
 Authorization is narrower than Coder's owner/org scope: every statement is scoped to children of
-*this* agent, so a foreign id updates nothing (CreateSubAgent with an ``id`` says so; DeleteSubAgent
-stays a silent no-op, as its SQL is in Coder).
+*this* agent, so a foreign id updates nothing and is answered "not found" (CreateSubAgent with an
+``id`` and DeleteSubAgent alike; deleting an already deleted child is not found too, as in Coder, whose
+lookup skips deleted agents).
 
 Validation errors read like Coder's ``codersdk.ValidationError`` (``field: <field> detail: <detail>``).
 """
@@ -321,7 +322,9 @@ class SubAgentsService:
         self, request: agent_pb2.DeleteSubAgentRequest
     ) -> agent_pb2.DeleteSubAgentResponse:
         child_id = _uuid(request.id, "id")
-        await delete_child(self.db, self.ident.agent_id, child_id)
+        if not await delete_child(self.db, self.ident.agent_id, child_id):
+            # not a live child of this agent: as for any foreign id, it does not exist for the caller
+            raise RpcError(f'delete sub agent: agent "{child_id}" not found (id)')
         return agent_pb2.DeleteSubAgentResponse()
 
 

@@ -527,7 +527,8 @@ async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
         " VALUES (%s, 'AGENTS.md', 'instruction_file', '{}', '\\x00', 1, 'ok')",
         [mine_id],
     )
-    # Another parent's child, a sibling's child, this agent itself, the sibling, an unknown id: no-ops.
+    # Another parent's child, a sibling's child, this agent itself, the sibling, an unknown id:
+    # not found, nothing changed.
     for other in (
         theirs.agent.id,
         siblings.agent.id,
@@ -535,13 +536,16 @@ async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
         sibling.agent_id.bytes,
         uuid.uuid4().bytes,
     ):
-        assert await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=other)) == (
-            agent_pb2.DeleteSubAgentResponse()
-        )
+        with pytest.raises(RpcError) as err:
+            await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=other))
+        assert err.value.message == f'delete sub agent: agent "{uuid.UUID(bytes=other)}" not found (id)'
     deleted = await db.fetchall("SELECT name FROM workspace_agents WHERE deleted")
     assert deleted == []
-    await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))
-    await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))  # already deleted: no-op
+    assert await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id)) == (
+        agent_pb2.DeleteSubAgentResponse()
+    )
+    with pytest.raises(RpcError, match="not found"):  # already deleted
+        await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))
     assert (await agent_row(db, mine_id))["deleted"] is True
     for table in ("workspace_agent_context_snapshots", "workspace_agent_context_resources"):
         assert (
@@ -597,7 +601,8 @@ async def test_end_to_end_child_connects_with_its_own_token(db: Database, nurser
     assert manifest.directory == "/workspaces/x"
     assert manifest.workspace_id == parent.workspace_id.bytes
     # The child cannot delete itself through its own connection (it is not its own child) ...
-    await child.client.agent.DeleteSubAgent(agent_pb2.DeleteSubAgentRequest(id=created.agent.id))
+    with pytest.raises(RpcError, match="not found"):
+        await child.client.agent.DeleteSubAgent(agent_pb2.DeleteSubAgentRequest(id=created.agent.id))
     assert (await agent_row(db, child.ident.agent_id))["deleted"] is False
     await child.disconnect()
     # ... its parent can.
