@@ -34,6 +34,7 @@ from agentd.store.subagents import (
     delete_child,
     insert_child,
     list_children,
+    reissue_child_token,
     template_max_port_sharing_level,
     update_child_directory,
     update_child_display_apps,
@@ -214,6 +215,7 @@ class SubAgentsService:
                 if exc.field is not None:
                     entry.field = exc.field
                 errors.append(entry)
+        assert child.auth_token is not None  # just issued
         return agent_pb2.CreateSubAgentResponse(
             agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=child.auth_token.bytes),
             app_creation_errors=errors,
@@ -226,7 +228,9 @@ class SubAgentsService:
         display_apps: list[str],
         now: dt.datetime,
     ) -> agent_pb2.CreateSubAgentResponse:
-        """Pre-created child (terraform-defined dev container): refresh display apps and directory only."""
+        """Pre-created child (terraform-defined dev container): refresh display apps and directory.
+        Its token is stored hashed, so it cannot be returned: a fresh one is issued (returned once,
+        like a new child's; the previous one stops working)."""
         child_id = _uuid(request.id, "id", "parse agent id")
         child = await get_agent_by_id(self.db, child_id)
         if child is None or child.deleted:  # Coder's GetWorkspaceAgentByID skips deleted agents
@@ -236,8 +240,11 @@ class SubAgentsService:
         await update_child_display_apps(self.db, parent_id, child_id, display_apps, now)
         if request.directory:
             await update_child_directory(self.db, parent_id, child_id, request.directory, now)
+        token = await reissue_child_token(self.db, parent_id, child_id)
+        if token is None:
+            raise RpcError(f'get workspace agent by id: agent "{child_id}" not found (id)')
         return agent_pb2.CreateSubAgentResponse(
-            agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=child.auth_token.bytes)
+            agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=token.bytes)
         )
 
     async def _create_app(
@@ -313,7 +320,8 @@ class SubAgentsService:
         children = await list_children(self.db, parent_id)
         return agent_pb2.ListSubAgentsResponse(
             agents=[
-                agent_pb2.SubAgent(name=c.name, id=c.id.bytes, auth_token=c.auth_token.bytes)
+                # tokens are stored hashed: only CreateSubAgent returns one
+                agent_pb2.SubAgent(name=c.name, id=c.id.bytes)
                 for c in children
             ]
         )
