@@ -187,7 +187,10 @@ async def send_error(stream: trio.abc.Stream, status: int, body: dict[str, Any])
         "connection: close\r\n\r\n"
     )
     with trio.move_on_after(SEND_TIMEOUT):
-        await stream.send_all(head.encode("ascii") + payload)
+        try:
+            await stream.send_all(head.encode("ascii") + payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left without waiting for the answer
 
 
 @attrs.define

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import h11
+import pytest
 import trio
 import trio.testing
 
@@ -160,3 +161,14 @@ async def test_upgrade_handler_sees_headers_and_bytes_after_the_head() -> None:
     )
     assert raw.endswith(b"raw")
     assert seen == {"upgrade": "yamux", "connection": ["keep-alive", "Upgrade"], "trailing": b"\x00\x01yamux"}
+
+
+async def test_a_client_gone_before_the_error_answer_is_not_a_handler_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = trio.socket.socketpair()
+    client, server = trio.SocketStream(a), trio.SocketStream(b)
+    await client.send_all(b"this is not http\r\n\r\n")
+    await client.aclose()
+    await _app().handle_connection(server)  # answers 400 into a closed socket: no exception
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -211,6 +211,13 @@ class _HandlerStream:
             raise StopAsyncIteration from None
 
 
+def _sole_rpc_error(exc: BaseException) -> RpcError | None:
+    """The RpcError an exception group (from a handler's nursery) wraps, alone, if it does."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RpcError) else None
+
+
 def _too_large(method: RpcMethod, size: int) -> str:
     return f"{method.path}: response of {size} bytes exceeds the message size limit"
 
@@ -475,8 +482,13 @@ class _StreamServer:
                 log.exception("RPC %s failed", method.path)
                 self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             except Exception as exc:
-                log.exception("RPC %s failed", method.path)
-                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
+                rpc_error = _sole_rpc_error(exc)
+                if rpc_error is not None:
+                    # raised in a task of the handler's own nursery: the answer, not an internal error
+                    self._queue_error(call, rpc_error.code, rpc_error.message)
+                else:
+                    log.exception("RPC %s failed", method.path)
+                    self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             finally:
                 call.finished = True
                 if call.recv is not None:

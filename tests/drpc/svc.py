@@ -68,6 +68,11 @@ XY_UNARY = _pool_with("x", "Y", [("Z", "Empty", "Hi", False, False)])
 XY_STREAM = _pool_with("x", "Y", [("Z", "Req", "Resp", False, True)])
 
 
+async def _fail_with(error: RpcError) -> None:
+    await trio.lowlevel.checkpoint()
+    raise error
+
+
 class EchoService:
     """Per-connection handlers; records what happened for assertions."""
 
@@ -82,6 +87,9 @@ class EchoService:
             raise RpcError("nope", 42)
         if req.text == "crash":
             raise ValueError("boom")
+        if req.text == "fail-in-nursery":
+            async with trio.open_nursery() as nursery:  # a handler's task fails with an RpcError
+                nursery.start_soon(_fail_with, RpcError("bad request inside", 3))
         if req.text == "echo":
             return Resp(blob=req.blob, text=req.text)
         if req.text == "grow":

@@ -381,3 +381,13 @@ def test_request_budget_refuses_growth_past_its_limit_and_always_allows_release(
     assert budget.recharge(6, 2) and budget.used == 6  # shrinking is always fine
     assert budget.recharge(2, 0) and budget.recharge(4, 0) and budget.used == 0
     assert budget.peak == 10
+
+
+async def test_an_rpc_error_from_a_handlers_nursery_is_the_answer_not_an_internal_error(
+    pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with echo(pair) as (client, *_):
+        with pytest.raises(RpcError) as info:
+            await client.echo.Unary(Req(text="fail-in-nursery"))
+        assert info.value == RpcError("bad request inside", 3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
