@@ -50,6 +50,7 @@ from agentd.services.base import AgentIdentity, ConnectionScope, Now, Settings, 
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import connection as queries
+from agentd.store.errors import DataError
 from agentd.websocket import WebSocketByteStream
 
 __all__ = [
@@ -194,6 +195,9 @@ class ApiTask:
                 try:
                     call.result = await handler(*args)
                     call.returned = True
+                except DataError as exc:
+                    # a value the database cannot take (e.g. a NUL in a string): the caller's input
+                    call.error = RpcError(f"invalid input: {exc}")
                 except Exception as exc:
                     call.error = exc
         finally:
