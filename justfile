@@ -31,3 +31,7 @@ bench-mux *ARGS:
 
 bench-rpc *ARGS:
     python bench/rpc.py {{ARGS}}
+
+# Fuzz a live daemon (bench/fuzz.py) for --seconds (default 180) or --max-inputs; numbers at the end.
+fuzz *ARGS:
+    python bench/fuzz.py {{ARGS}}

@@ -301,7 +301,6 @@ CREATE TABLE workspace_agents (
     last_connected_at timestamp with time zone,
     disconnected_at timestamp with time zone,
     resource_id uuid NOT NULL REFERENCES workspace_resources (id) ON DELETE CASCADE,
-    auth_token uuid NOT NULL,
     auth_instance_id character varying,
     architecture character varying(64) NOT NULL,
     environment_variables jsonb,
@@ -331,10 +330,13 @@ CREATE TABLE workspace_agents (
     display_order integer NOT NULL DEFAULT 0,
     parent_id uuid REFERENCES workspace_agents (id) ON DELETE CASCADE,
     api_key_scope agent_key_scope_enum NOT NULL DEFAULT 'all',
-    deleted boolean NOT NULL DEFAULT false
+    deleted boolean NOT NULL DEFAULT false,
+    -- Added in schema version 3: SHA-256 of the token's 16 bytes; the token itself is not stored.
+    auth_token_hash bytea NOT NULL,
+    CONSTRAINT auth_token_hash_is_sha256 CHECK (octet_length(auth_token_hash) = 32)
 );
 
-CREATE INDEX workspace_agents_auth_token_idx ON workspace_agents (auth_token);
+CREATE INDEX workspace_agents_auth_token_hash_idx ON workspace_agents (auth_token_hash);
 
 CREATE INDEX workspace_agents_auth_instance_id_deleted_idx ON workspace_agents (auth_instance_id, deleted);
 

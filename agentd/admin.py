@@ -21,6 +21,7 @@ import attrs
 
 from agentd.config import UserError
 from agentd.store import Database, Transaction
+from agentd.store.agents import token_digest
 
 # Enum labels (spec/agent-api.md §10.1).
 DISPLAY_APPS = ("vscode", "vscode_insiders", "web_terminal", "ssh_helper", "port_forwarding_helper")
@@ -558,7 +559,7 @@ async def _agent(tx: Transaction, agent: Mapping[str, Any], resource_id: uuid.UU
     agent_id = uuid.uuid4()
     token = uuid.UUID(agent["auth_token"]) if agent["auth_token"] else uuid.uuid4()
     await tx.execute(
-        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token,"
+        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token_hash,"
         " architecture, environment_variables, operating_system, directory, connection_timeout_seconds,"
         " troubleshooting_url, motd_file, display_apps, display_order, api_key_scope)"
         " VALUES (%s, now(), now(), %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s,"
@@ -567,7 +568,7 @@ async def _agent(tx: Transaction, agent: Mapping[str, Any], resource_id: uuid.UU
             agent_id,
             agent["name"],
             resource_id,
-            token,
+            token_digest(token),  # stored hashed: the plain token is printed once
             agent["architecture"],
             json.dumps(agent["environment_variables"]),
             agent["operating_system"],

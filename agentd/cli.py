@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often agents report stats (default 30)",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="where to serve /metrics (operators only): unix:/path or tcp://HOST:PORT, or none "
+        "(default tcp://127.0.0.1:2112)",
+    )
 
     migrate = commands.add_parser("migrate", help="bring the database schema to the current version")
     _add_database_flags(migrate)
@@ -112,6 +118,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         listen=getattr(args, "listen", ()),
         log_level=getattr(args, "log_level", None),
         agent_stats_refresh_interval=getattr(args, "agent_stats_refresh_interval", None),
+        metrics_listen=getattr(args, "metrics_listen", None),
     )
 
 

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 
 DEFAULT_TCP_PORT = 3113
+#: The operator listener's default port (/metrics; Coder's --prometheus-address default is 2112 too).
+DEFAULT_METRICS_PORT = 2112
 DEFAULT_SOCKET_NAME = "agentd.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -111,6 +113,9 @@ class Config:
     agent_stats_refresh_interval: float = 30.0
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
+    #: Where operator endpoints (/metrics, /healthz) are served, apart from the agent listeners;
+    #: None: nowhere ("none" in the file or flag).
+    metrics_listen: ListenAddress | None = TcpAddress("127.0.0.1", DEFAULT_METRICS_PORT)
 
     def default_listen_addresses(self) -> tuple[ListenAddress, ...]:
         return (UnixAddress(self.data_dir / DEFAULT_SOCKET_NAME), TcpAddress("127.0.0.1", DEFAULT_TCP_PORT))
@@ -131,6 +136,7 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "shutdown_timeout": ((int, float), "a number of seconds"),
     "agent_stats_refresh_interval": ((int, float), "a number of seconds"),
     "banners": ((dict,), "a table"),
+    "metrics_listen": ((str,), 'an address string or "none"'),
 }
 
 
@@ -173,6 +179,8 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
             out[key] = float(value)
         elif key == "agent_stats_refresh_interval":
             out[key] = _stats_interval(value, source)
+        elif key == "metrics_listen":
+            out[key] = None if value in ("", "none") else _parse_in(source, value, base_dir)
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 
@@ -217,6 +225,7 @@ def build_config(
     listen: Iterable[str] = (),
     log_level: str | None = None,
     agent_stats_refresh_interval: float | None = None,
+    metrics_listen: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults < config file < flags. Flag values are passed as given on the command line."""
@@ -235,6 +244,10 @@ def build_config(
     if agent_stats_refresh_interval is not None:
         values["agent_stats_refresh_interval"] = _stats_interval(
             agent_stats_refresh_interval, "--agent-stats-refresh-interval"
+        )
+    if metrics_listen is not None:
+        values["metrics_listen"] = (
+            None if metrics_listen in ("", "none") else parse_listen_address(metrics_listen)
         )
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")

@@ -28,6 +28,7 @@ the hop and ~375 µs with it (~5 %), so the hot path keeps the faithful structur
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import uuid
@@ -40,7 +41,7 @@ import trio
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import Handler, Registry, method_table
-from agentd.drpc.server import serve_session
+from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor, disconnect_timeout_for
 from agentd.mux import MuxConfig, MuxSession
@@ -49,6 +50,7 @@ from agentd.services.base import AgentIdentity, ConnectionScope, Now, Settings, 
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import connection as queries
+from agentd.store.errors import DataError
 from agentd.websocket import WebSocketByteStream
 
 __all__ = [
@@ -193,6 +195,9 @@ class ApiTask:
                 try:
                     call.result = await handler(*args)
                     call.returned = True
+                except DataError as exc:
+                    # a value the database cannot take (e.g. a NUL in a string): the caller's input
+                    call.error = RpcError(f"invalid input: {exc}")
                 except Exception as exc:
                     call.error = exc
         finally:
@@ -212,11 +217,13 @@ class AgentConnection:
     monitoring: bool = True
     builders: Mapping[str, ServiceBuilder] = attrs.field(factory=load_service_builders)
     mux_config: MuxConfig = attrs.field(factory=MuxConfig)
+    rpc_limits: ServerLimits = attrs.field(factory=ServerLimits)
     ping_period: float = DEFAULT_PING_PERIOD
     cache_refresh_interval: float = REFRESH_INTERVAL
     now: Now = utcnow
     # Set while running; tests and the daemon's metrics look at them.
     session: MuxSession | None = attrs.field(default=None, init=False)
+    request_budget: RequestBudget | None = attrs.field(default=None, init=False)
     scope: ConnectionScope | None = attrs.field(default=None, init=False)
     apis: list[ApiTask] = attrs.field(factory=list, init=False)
     monitor: ConnectionMonitor | None = attrs.field(default=None, init=False)
@@ -271,7 +278,12 @@ class AgentConnection:
                     await nursery.start(self.refresher.run)
                     for api in self.apis:
                         await nursery.start(api.run)
-                    await nursery.start(serve_session, session, registry)
+                    self.request_budget = RequestBudget(self.rpc_limits.request_buffer_budget)
+                    await nursery.start(
+                        functools.partial(serve_session, limits=self.rpc_limits, budget=self.request_budget),
+                        session,
+                        registry,
+                    )
                     task_status.started()
         finally:
             with trio.CancelScope(shield=True):

@@ -27,7 +27,7 @@ from agentd.config import Config, UserError
 from agentd.connection import AgentSessions, start_components
 from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
-from agentd.listeners import Server, bind_all
+from agentd.listeners import BoundListener, Server, bind_all
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.services.base import Settings
 from agentd.services.events import Events
@@ -171,12 +171,21 @@ class MetricsRoute:
 
 
 def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
+    """The agent listeners' routes: /healthz and the agent endpoint. /metrics is not here: it shows
+    owner, workspace and agent names and agent-chosen labels (see `build_operator_router`)."""
     router = Router()
     router.add("/healthz", Health(db).handle)
     if sessions is not None:
         router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
-        if sessions.components.metrics is not None:
-            router.add("/metrics", MetricsRoute(sessions.components).handle)
+    return router
+
+
+def build_operator_router(db: Database, components: Components) -> Router:
+    """The `metrics_listen` listener's routes (operators only): /metrics and /healthz."""
+    router = Router()
+    router.add("/healthz", Health(db).handle)
+    if components.metrics is not None:
+        router.add("/metrics", MetricsRoute(components).handle)
     return router
 
 
@@ -189,6 +198,8 @@ class Daemon:
     # Re-reads the configuration (file + the same flags) on SIGHUP; None: reload is not possible.
     reload_config: Callable[[], Config] | None = None
     listener_names: list[str] = attrs.field(factory=list, init=False)
+    #: where /metrics is served (metrics_listen)
+    operator_listener_names: list[str] = attrs.field(factory=list, init=False)
     _stop: trio.Event = attrs.field(factory=trio.Event, init=False)
     _startup: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _force: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -264,7 +275,10 @@ class Daemon:
         inherited = systemd.listen_fds()
         addresses = self.config.listen_addresses(socket_activated=bool(inherited))
         listeners = await bind_all(addresses, inherited)
+        operator_listeners: list[BoundListener] = []
         try:
+            if self.config.metrics_listen is not None:
+                operator_listeners = await bind_all([self.config.metrics_listen])
             with self._startup:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
@@ -281,20 +295,33 @@ class Daemon:
                         components=build_components(db, pubsub, settings),
                     )
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
-                    await self._serve(server, sessions, task_status)
+                    operator = Server(
+                        operator_listeners,
+                        HttpApp(build_operator_router(db, sessions.components)).handle_connection,
+                    )
+                    await self._serve(server, sessions, task_status, operator)
         finally:
             with trio.CancelScope(shield=True):
-                for bound in listeners:
+                for bound in [*listeners, *operator_listeners]:
                     await bound.aclose()
 
     async def _serve(
-        self, server: Server, sessions: AgentSessions, task_status: trio.TaskStatus[None]
+        self,
+        server: Server,
+        sessions: AgentSessions,
+        task_status: trio.TaskStatus[None],
+        operator: Server | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
             # Process-wide components outlive every agent session: cancelled (and flushed) last.
             await start_components(sessions.components, nursery)
             async with trio.open_nursery() as serving:
                 await serving.start(server.run)
+                if operator is not None:
+                    await serving.start(operator.run)
+                    for bound in operator.listeners:
+                        log.info("serving /metrics on %s", bound.name)
+                        self.operator_listener_names.append(bound.name)
                 self._ready = True
                 for bound in server.listeners:
                     log.info("listening on %s", bound.name)
@@ -312,5 +339,7 @@ class Daemon:
                         server.active_connections,
                     )
                 server.stop(self.config.shutdown_timeout)
+                if operator is not None:
+                    operator.stop(0)
                 sessions.close_all()
             nursery.cancel_scope.cancel()

@@ -132,7 +132,8 @@ async def read_request_head(
 ) -> Request | None:
     """Read one request head; None if the client closed before sending a byte.
 
-    Raises HttpError(400) for malformed input, (431) when the head exceeds `max_head_bytes`. The
+    Raises HttpError(400) for malformed input, (431) when the head exceeds `max_head_bytes`, (505)
+    for an HTTP version other than 1.x. The
     caller bounds the time (HEAD_TIMEOUT).
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
@@ -157,6 +158,9 @@ async def read_request_head(
         if isinstance(event, h11.ConnectionClosed):
             return None
         if isinstance(event, h11.Request):
+            if not event.http_version.startswith(b"1."):
+                # h11 parses any HTTP/d.d; only 1.x is spoken here
+                raise HttpError(505, "HTTP version not supported.")
             target = event.target.decode("latin-1")
             parts = urlsplit(target)
             return Request(
@@ -183,7 +187,10 @@ async def send_error(stream: trio.abc.Stream, status: int, body: dict[str, Any])
         "connection: close\r\n\r\n"
     )
     with trio.move_on_after(SEND_TIMEOUT):
-        await stream.send_all(head.encode("ascii") + payload)
+        try:
+            await stream.send_all(head.encode("ascii") + payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left without waiting for the answer
 
 
 @attrs.define

@@ -10,7 +10,9 @@ stopped reporting expire after ``expiry`` seconds. Invalid names, unknown types,
 two types, and labels clashing with the identity labels are skipped and counted.
 
 ``render()`` is the Prometheus text exposition format (version 0.0.4) of all live series plus the
-batchers' own counters.
+batchers' own counters. Agent-reported names are exposed under their own prefix, ``agentd_agentstats_``
+(as coderd exposes them under ``coderd_agentstats_``), which none of agentd's own metric names uses, so
+an agent can never produce a second HELP/TYPE block for one of agentd's names.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Protocol
 import attrs
 
 __all__ = [
+    "AGENT_METRIC_PREFIX",
     "CONTENT_TYPE",
     "AgentLabels",
     "AgentMetrics",
@@ -41,6 +44,8 @@ GAUGE = "gauge"
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 IDENTITY_LABELS = ("username", "workspace_name", "agent_name", "template_name")
+#: Prepended to every agent-reported metric name in the exposition; agentd's own names never start so.
+AGENT_METRIC_PREFIX = "agentd_agentstats_"
 
 MAX_SERIES = 10_000
 MAX_SERIES_PER_AGENT = 500
@@ -125,6 +130,11 @@ class AgentMetrics:
         factory=collections.Counter, init=False
     )
     _last_sweep: float = attrs.field(default=-math.inf, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        for name in self.extra_counters:
+            if name.startswith(AGENT_METRIC_PREFIX):
+                raise ValueError(f"{name}: the {AGENT_METRIC_PREFIX} prefix is for agent-reported metrics")
 
     def update(self, agent: AgentLabels, metrics: Sequence[ReportedMetric]) -> None:
         """Record one report of ``agent``: every valid metric becomes (or updates) a series."""
@@ -211,10 +221,10 @@ class AgentMetrics:
         lines: list[str] = []
         by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float]]] = {}
         for (name, labels), sample in sorted(self._series.items()):
-            by_name.setdefault(name, []).append((labels, sample.value))
+            by_name.setdefault(AGENT_METRIC_PREFIX + name, []).append((labels, sample.value))
         for name, series in by_name.items():
             lines.append(f"# HELP {name} Reported by workspace agents.")
-            lines.append(f"# TYPE {name} {self._types[name]}")
+            lines.append(f"# TYPE {name} {self._types[name[len(AGENT_METRIC_PREFIX) :]]}")
             lines.extend(f"{name}{_labels(labels)} {format_value(value)}" for labels, value in series)
         counters: list[tuple[str, str, float]] = [
             (

@@ -314,6 +314,10 @@ class WebSocketByteStream(trio.abc.Stream):
         """Send Close(1000) if we still can (bounded, skipped if a send is stuck), then drop the transport."""
         await self.close()
 
+    async def close_protocol_error(self, reason: str) -> None:
+        """`close` with 1002: what runs over this stream broke its protocol (MuxSession calls it)."""
+        await self.close(CloseReason.PROTOCOL_ERROR, reason)
+
     async def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """`aclose` with a chosen Close code and reason, e.g. coderd's (1001, "build is outdated")."""
         if self._closed:

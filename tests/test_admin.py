@@ -18,7 +18,7 @@ from agentd.admin import (
     validate_workspace_spec,
 )
 from agentd.store import Database
-from agentd.store.agents import get_agent_by_token
+from agentd.store.agents import get_agent_by_token, token_digest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "workspace.toml"
 
@@ -187,12 +187,12 @@ async def test_create_workspace_writes_every_row(db: Database) -> None:
 
     for agent in created.agents:
         row = await db.fetchone(
-            "SELECT a.auth_token, a.name, r.name AS resource FROM workspace_agents a"
+            "SELECT a.auth_token_hash, a.name, r.name AS resource FROM workspace_agents a"
             " JOIN workspace_resources r ON r.id = a.resource_id"
             " JOIN workspace_builds b ON b.job_id = r.job_id WHERE a.id = %s",
             [agent.id],
         )
-        assert row == {"auth_token": agent.token, "name": agent.name, "resource": "dev"}
+        assert row == {"auth_token_hash": token_digest(agent.token), "name": agent.name, "resource": "dev"}
     main = created.agents[0].id
     main_row = await db.fetchone(
         "SELECT directory, environment_variables, display_apps::text[] AS display_apps,"

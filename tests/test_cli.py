@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ import trio
 
 from agentd.cli import main
 from agentd.store import Database, asyncio_loop, open_database
+from agentd.store.agents import token_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "workspace.toml"
@@ -299,13 +301,13 @@ async def test_create_workspace_json_prints_tokens_that_match_rows(db_url: str, 
     assert [a["name"] for a in out["agents"]] == ["main", "sidecar"]
     for agent in out["agents"]:
         row = await db.fetchone(
-            "SELECT a.auth_token::text AS token, w.id::text AS workspace_id FROM workspace_agents a"
+            "SELECT a.auth_token_hash AS token, w.id::text AS workspace_id FROM workspace_agents a"
             " JOIN workspace_resources r ON r.id = a.resource_id"
             " JOIN workspace_builds b ON b.job_id = r.job_id"
             " JOIN workspaces w ON w.id = b.workspace_id WHERE a.id = %s",
             [agent["id"]],
         )
-        assert row == {"token": agent["token"], "workspace_id": out["workspace_id"]}
+        assert row == {"token": token_digest(uuid.UUID(agent["token"])), "workspace_id": out["workspace_id"]}
 
     again = await _agentd("admin", "create-workspace", "--file", str(EXAMPLE), "--postgres-url", db_url)
     assert _one_error_line(again) == "agentd: workspace 'dev' already exists for owner 'alice'"

@@ -143,3 +143,21 @@ def test_agent_stats_refresh_interval_file_flag_and_validation(tmp_path: Path) -
         build_config(config_file=path, environ={})
     with pytest.raises(ConfigError, match="--agent-stats-refresh-interval"):
         build_config(agent_stats_refresh_interval=-1, environ={})
+
+
+def test_metrics_listen_default_file_flag_and_off(tmp_path: Path) -> None:
+    assert build_config().metrics_listen == TcpAddress("127.0.0.1", 2112)  # localhost only
+    file = _write(tmp_path / "agentd.toml", 'metrics_listen = "unix:metrics.sock"\n')
+    assert build_config(config_file=file).metrics_listen == UnixAddress(tmp_path / "metrics.sock")
+    assert build_config(config_file=file, metrics_listen="tcp://[::1]:9").metrics_listen == TcpAddress(
+        "::1", 9
+    )
+    assert build_config(config_file=file, metrics_listen="none").metrics_listen is None
+    assert (
+        build_config(config_file=_write(tmp_path / "off.toml", 'metrics_listen = "none"\n')).metrics_listen
+        is None
+    )
+    with pytest.raises(ConfigError, match="metrics_listen"):
+        build_config(config_file=_write(tmp_path / "bad.toml", "metrics_listen = 1\n"))
+    with pytest.raises(ConfigError, match="expected unix"):
+        build_config(metrics_listen="localhost:2112")

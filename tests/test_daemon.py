@@ -58,6 +58,49 @@ async def test_daemon_answers_healthz_on_unix_and_tcp_then_stops_cleanly(db_url:
     assert not sock.exists()
 
 
+async def test_metrics_only_on_the_operator_listener(db_url: str, tmp_path: Path) -> None:
+    sock = tmp_path / "agentd.sock"
+    config = Config(
+        data_dir=tmp_path,
+        postgres_url=db_url,
+        listen=(UnixAddress(sock), TcpAddress("127.0.0.1", 0)),
+        metrics_listen=TcpAddress("127.0.0.1", 0),
+        shutdown_timeout=1,
+    )
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        tcp_port = int(daemon.listener_names[1].rsplit(":", 1)[1])
+        [operator_name] = daemon.operator_listener_names
+        operator_port = int(operator_name.rsplit(":", 1)[1])
+        # The agent listeners (the 0666 unix socket among them) do not serve /metrics ...
+        for agent_stream in (
+            await trio.open_unix_socket(str(sock)),
+            await trio.open_tcp_stream("127.0.0.1", tcp_port),
+        ):
+            status, _ = await _get(agent_stream, "/metrics")
+            assert status == 404
+        # ... the operator listener does, and /healthz is on both.
+        stream = await trio.open_tcp_stream("127.0.0.1", operator_port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+        assert raw.startswith(b"HTTP/1.1 200 ")
+        assert b"\nagentd_agent_stats_dropped_total 0\n" in raw
+        status, body = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), "/healthz")
+        assert status == 200 and body["status"] == "ok"
+        status, _ = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), AGENT_RPC_PATH)
+        assert status == 404  # no agents here
+        daemon.request_stop()
+    # metrics_listen = none: no operator listener at all
+    daemon = Daemon(attrs.evolve(config, metrics_listen=None))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        assert daemon.operator_listener_names == []
+        daemon.request_stop()
+
+
 async def test_stop_during_startup_exits_quietly(db_url: str, tmp_path: Path) -> None:
     config = Config(data_dir=tmp_path, postgres_url=db_url, listen=(UnixAddress(tmp_path / "a.sock"),))
     daemon = Daemon(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import h11
+import pytest
 import trio
 import trio.testing
 
@@ -90,6 +91,15 @@ async def test_malformed_request_is_400() -> None:
     assert json.loads(body)["message"] == "Malformed HTTP request."
 
 
+async def test_http_versions_other_than_1x_are_505() -> None:
+    for version in (b"9.9", b"2.0", b"0.9"):
+        raw = await _exchange(_app(), b"GET /ok HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 505 "), raw
+        assert json.loads(raw.partition(b"\r\n\r\n")[2])["message"] == "HTTP version not supported."
+    status, _, _ = _parse(await _exchange(_app(), b"GET /ok HTTP/1.0\r\n\r\n"))
+    assert status == 200
+
+
 async def test_oversized_head_is_431() -> None:
     raw = b"GET /ok HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     status, _, _ = _parse(await _exchange(_app(), raw))
@@ -151,3 +161,14 @@ async def test_upgrade_handler_sees_headers_and_bytes_after_the_head() -> None:
     )
     assert raw.endswith(b"raw")
     assert seen == {"upgrade": "yamux", "connection": ["keep-alive", "Upgrade"], "trailing": b"\x00\x01yamux"}
+
+
+async def test_a_client_gone_before_the_error_answer_is_not_a_handler_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = trio.socket.socketpair()
+    client, server = trio.SocketStream(a), trio.SocketStream(b)
+    await client.send_all(b"this is not http\r\n\r\n")
+    await client.aclose()
+    await _app().handle_connection(server)  # answers 400 into a closed socket: no exception
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

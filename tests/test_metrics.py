@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import pytest
 
 from agentd.metrics import AgentLabels, AgentMetrics, ReportedMetric, escape_label_value, format_value
 
@@ -44,15 +45,17 @@ def test_render_exposition_format() -> None:
     text = m.render()
     assert text.endswith("\n")
     lines = text.splitlines()
-    i = lines.index("# TYPE agent_load gauge")
-    assert lines[i - 1] == "# HELP agent_load Reported by workspace agents."
+    i = lines.index("# TYPE agentd_agentstats_agent_load gauge")
+    assert lines[i - 1] == "# HELP agentd_agentstats_agent_load Reported by workspace agents."
     assert lines[i + 1] == (
-        'agent_load{username="alice",workspace_name="dev",agent_name="main",template_name="docker"} 0.25'
+        'agentd_agentstats_agent_load{username="alice",workspace_name="dev",agent_name="main",'
+        'template_name="docker"} 0.25'
     )
     assert lines[i + 2] == (
-        'agent_load{username="bob",workspace_name="ws",agent_name="main",template_name="docker"} 2'
+        'agentd_agentstats_agent_load{username="bob",workspace_name="ws",agent_name="main",'
+        'template_name="docker"} 2'
     )
-    assert "# TYPE agent_up counter" in lines
+    assert "# TYPE agentd_agentstats_agent_up counter" in lines
     assert "agentd_agent_metrics_rejected_series_total 0" in lines
     assert "agentd_agent_metrics_invalid_total 0" in lines
 
@@ -93,7 +96,7 @@ def test_stale_series_expire_and_free_room() -> None:
     assert list(m.samples().values()) == [2]
     clock.t = 200
     assert m.samples() == {}
-    assert "# TYPE a gauge" not in m.render().splitlines()
+    assert "# TYPE agentd_agentstats_a gauge" not in m.render().splitlines()
 
 
 def test_invalid_metrics_are_skipped_and_counted() -> None:
@@ -139,6 +142,20 @@ def test_extra_counters_are_rendered() -> None:
         extra_counters={"agentd_metadata_dropped_total": ("Dropped metadata updates.", lambda: 7)}
     )
     assert "agentd_metadata_dropped_total 7" in m.render().splitlines()
+
+
+def test_agent_reported_names_cannot_duplicate_agentds_own() -> None:
+    m = AgentMetrics(extra_counters={"agentd_agent_stats_dropped_total": ("Stats rows refused.", lambda: 3)})
+    own = ["agentd_agent_stats_dropped_total", "agentd_agent_metrics_invalid_total"]
+    m.update(ALICE, [ReportedMetric(name, "counter", 99) for name in own])
+    lines = m.render().splitlines()
+    for kind in ("HELP", "TYPE"):
+        blocks = [line.split()[2] for line in lines if line.startswith(f"# {kind} ")]
+        assert len(blocks) == len(set(blocks)), blocks
+    assert "agentd_agent_stats_dropped_total 3" in lines
+    assert any(line.startswith("agentd_agentstats_agentd_agent_stats_dropped_total{") for line in lines)
+    with pytest.raises(ValueError, match="prefix"):
+        AgentMetrics(extra_counters={"agentd_agentstats_x": ("no", lambda: 0)})
 
 
 async def test_handle_serves_the_exposition() -> None:

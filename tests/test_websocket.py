@@ -11,6 +11,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
+from agentd.mux import MuxSession
 from agentd.websocket import (
     MAX_MESSAGE_SIZE,
     UpgradeError,
@@ -438,3 +439,26 @@ async def test_close_with_a_code_and_reason() -> None:
     assert (events[0].code, events[0].reason) == (CloseReason.GOING_AWAY, "build is outdated")
     with pytest.raises(trio.ClosedResourceError):
         await server.send_all(b"x")
+
+
+@pytest.mark.parametrize(
+    ("incoming", "expected"),
+    [
+        (bytes.fromhex("01000000000000010000000c"), CloseReason.PROTOCOL_ERROR),  # yamux version 1
+        (None, CloseReason.NORMAL_CLOSURE),  # the session ends normally
+    ],
+)
+async def test_mux_session_over_websocket_closes_with_1002_on_a_yamux_protocol_error(
+    incoming: bytes | None, expected: CloseReason
+) -> None:
+    server, peer = server_with_raw_peer()
+    session = MuxSession(server, is_client=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.run)
+        if incoming is None:
+            await session.aclose()
+        else:
+            await peer.send(Message(data=incoming))
+        events = await peer.events()
+    closes = [e for e in events if isinstance(e, CloseConnection)]
+    assert [c.code for c in closes] == [expected]

@@ -9,6 +9,13 @@ All of them live in one nursery (the session's, or serve_stream's own).  RPCs on
 served one after another until EOF; on EOF the active handler is cancelled and the transport is
 closed (FIN) at once, as Go clients wait for that FIN.  A protocol error or an over-limit packet
 resets that one mux stream; a handler's exception becomes one Error packet.
+
+Per-session bounds (:class:`ServerLimits`, agentd's own): the bytes a session's streams hold for
+requests not yet complete (incomplete frames and partially assembled packets, up to
+``max_packet_size`` each) share one :class:`RequestBudget`, and a stream whose read would take the
+session past it is reset; a stream must deliver its first complete packet (the Invoke) within
+``first_packet_timeout`` of being accepted, else it is reset. Together with the mux's cap on live
+streams this bounds what one peer can make the server hold.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+import attrs
 import trio
 from google.protobuf.message import DecodeError, Message
 
@@ -32,9 +40,45 @@ from agentd.drpc.stream import (
 )
 from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
 
-__all__ = ["StreamAcceptor", "serve_session", "serve_stream"]
+__all__ = ["RequestBudget", "ServerLimits", "StreamAcceptor", "serve_session", "serve_stream"]
 
 log = logging.getLogger("agentd.drpc.server")
+
+
+@attrs.frozen
+class ServerLimits:
+    """What one session (one agent) may make the server hold."""
+
+    #: bytes held for incomplete requests, all streams of the session together; four packets of
+    #: the largest size (Coder's agent sends at most ~1 MiB: log batches)
+    request_buffer_budget: int = 16 * 1024 * 1024
+    #: seconds from a stream's accept to its first complete packet (Coder's agent sends the Invoke
+    #: at once); None: no deadline
+    first_packet_timeout: float | None = 10.0
+    max_packet_size: int = MAX_PACKET_SIZE
+
+
+class RequestBudget:
+    """One session's account of buffered request bytes (sans-I/O: streams charge and release)."""
+
+    __slots__ = ("limit", "peak", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        #: the most ever held at once (tests, metrics)
+        self.peak = 0
+
+    def recharge(self, old: int, new: int) -> bool:
+        """A stream's holding goes from ``old`` to ``new`` bytes; False (nothing changed) if that
+        would take the session past its limit."""
+        used = self.used - old + new
+        if new > old and used > self.limit:
+            return False
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+        return True
 
 
 class StreamAcceptor(Protocol):
@@ -47,9 +91,15 @@ async def serve_session(
     session: StreamAcceptor,
     registry: Registry,
     *,
+    limits: ServerLimits | None = None,
+    budget: RequestBudget | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept mux streams until the session closes; serve each in its own task (owned here)."""
+    """Accept mux streams until the session closes; serve each in its own task (owned here).
+    ``budget`` (default: a fresh one of ``limits.request_buffer_budget``) is shared by its streams."""
+    limits = limits if limits is not None else ServerLimits()
+    if budget is None:
+        budget = RequestBudget(limits.request_buffer_budget)
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -59,13 +109,19 @@ async def serve_session(
                 return
             # Handlers run in this nursery too (saves a nursery per call); each stream's task
             # still waits for its handler before closing the stream.
-            nursery.start_soon(_serve_in, stream, registry, nursery)
+            nursery.start_soon(_serve_in, stream, registry, nursery, limits, budget)
 
 
 async def _serve_in(
-    transport: trio.abc.HalfCloseableStream, registry: Registry, nursery: trio.Nursery
+    transport: trio.abc.HalfCloseableStream,
+    registry: Registry,
+    nursery: trio.Nursery,
+    limits: ServerLimits,
+    budget: RequestBudget,
 ) -> None:
-    await _StreamServer(transport, registry, MAX_PACKET_SIZE).run(nursery)
+    timeout = limits.first_packet_timeout
+    deadline = None if timeout is None else trio.current_time() + timeout
+    await _StreamServer(transport, registry, limits.max_packet_size, budget, deadline).run(nursery)
 
 
 async def serve_stream(
@@ -155,6 +211,13 @@ class _HandlerStream:
             raise StopAsyncIteration from None
 
 
+def _sole_rpc_error(exc: BaseException) -> RpcError | None:
+    """The RpcError an exception group (from a handler's nursery) wraps, alone, if it does."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RpcError) else None
+
+
 def _too_large(method: RpcMethod, size: int) -> str:
     return f"{method.path}: response of {size} bytes exceeds the message size limit"
 
@@ -172,11 +235,14 @@ def _decode(method: RpcMethod, data: bytes) -> Message:
 
 class _StreamServer:
     __slots__ = (
+        "_charged",
+        "_first_deadline",
         "_handlers_done",
         "_idle",
         "_start",
         "_writing",
         "broken",
+        "budget",
         "call",
         "conn",
         "max_size",
@@ -186,8 +252,20 @@ class _StreamServer:
         "transport",
     )
 
-    def __init__(self, transport: trio.abc.HalfCloseableStream, registry: Registry, max_size: int) -> None:
+    def __init__(
+        self,
+        transport: trio.abc.HalfCloseableStream,
+        registry: Registry,
+        max_size: int,
+        budget: RequestBudget | None = None,
+        first_deadline: float | None = None,
+    ) -> None:
         self.transport = transport
+        self.budget = budget
+        #: bytes this stream holds in ``budget``
+        self._charged = 0
+        #: until the first complete packet: when the stream is reset for not sending one
+        self._first_deadline = first_deadline
         self.registry = registry
         self.conn = Connection(Role.SERVER, max_packet_size=max_size)
         self.max_size = max_size
@@ -233,6 +311,9 @@ class _StreamServer:
             raise
         finally:
             if start is None:
+                if self.budget is not None:
+                    self.budget.recharge(self._charged, 0)
+                    self._charged = 0
                 if clean and not self.broken:
                     # EOF: FIN back at once (P-D3); aclose also releases the mux stream.
                     await _close(self.transport)
@@ -245,7 +326,16 @@ class _StreamServer:
         conn = self.conn
         while not self.broken:
             try:
-                data = await transport.receive_some()
+                deadline = self._first_deadline
+                if deadline is None:
+                    data = await transport.receive_some()
+                else:
+                    data = b""
+                    with trio.move_on_at(deadline) as waited:
+                        data = await transport.receive_some()
+                    if waited.cancelled_caught:
+                        log.debug("no complete drpc packet within the deadline, resetting the stream")
+                        return False, None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return False, None
             if not data:
@@ -255,6 +345,19 @@ class _StreamServer:
             except ProtocolError as exc:
                 log.debug("drpc protocol error, closing the stream: %s", exc)
                 return False, None
+            if deadline is not None and conn.packets:
+                self._first_deadline = None
+            budget = self.budget
+            if budget is not None:
+                pending = conn.pending
+                if pending != self._charged:
+                    if not budget.recharge(self._charged, pending):
+                        log.debug(
+                            "drpc request buffer budget (%d bytes) exhausted, resetting the stream",
+                            budget.limit,
+                        )
+                        return False, None
+                    self._charged = pending
             for ev in events:
                 await self._dispatch(ev)
             start = self._start
@@ -379,8 +482,13 @@ class _StreamServer:
                 log.exception("RPC %s failed", method.path)
                 self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             except Exception as exc:
-                log.exception("RPC %s failed", method.path)
-                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
+                rpc_error = _sole_rpc_error(exc)
+                if rpc_error is not None:
+                    # raised in a task of the handler's own nursery: the answer, not an internal error
+                    self._queue_error(call, rpc_error.code, rpc_error.message)
+                else:
+                    log.exception("RPC %s failed", method.path)
+                    self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
             finally:
                 call.finished = True
                 if call.recv is not None:

@@ -128,7 +128,7 @@ class RpcStream:
 class Connection:
     """One DRPC transport (one mux stream under Coder): packet parsing, the active RPC, output."""
 
-    __slots__ = ("_last_sid", "_metadata", "_out", "_parser", "_superseded", "role", "stream")
+    __slots__ = ("_last_sid", "_metadata", "_out", "_parser", "_superseded", "packets", "role", "stream")
 
     def __init__(self, role: Role, *, max_packet_size: int | None = None) -> None:
         self.role = role
@@ -139,6 +139,8 @@ class Connection:
         self._last_sid = 0
         self._metadata: tuple[int, dict[str, str]] | None = None
         self._superseded: Superseded | None = None
+        #: complete packets received so far
+        self.packets = 0
 
     # ------------------------------------------------------------------------------ output
 
@@ -151,6 +153,11 @@ class Connection:
         return data
 
     @property
+    def pending(self) -> int:
+        """Received bytes held for packets not yet complete (see PacketParser.pending)."""
+        return self._parser.pending
+
+    @property
     def active(self) -> bool:
         """An RPC is in progress (not yet terminated)."""
         return self.stream is not None and not self.stream.terminated
@@ -161,6 +168,7 @@ class Connection:
         """Feed transport bytes; return the resulting events.  Raises ProtocolError."""
         events: list[Event] = []
         for pkt in self._parser.feed(data):
+            self.packets += 1
             ev = self._packet(pkt.kind, pkt.stream_id, pkt.data)
             if self._superseded is not None:
                 events.append(self._superseded)

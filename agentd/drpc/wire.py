@@ -245,6 +245,12 @@ class PacketParser:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buf)
 
+    @property
+    def pending(self) -> int:
+        """Bytes held for packets not yet complete: an incomplete frame plus a partially assembled
+        packet (each bounded by ``max_size``)."""
+        return len(self._buf) + len(self._data)
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Packet]:
         """Consume transport bytes; return the packets they complete (possibly none)."""
         buf: bytes | bytearray

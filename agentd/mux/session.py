@@ -3,7 +3,8 @@
 Behaviour follows hashicorp/yamux v0.1.2 (spec/wire.md Part A): flags processed ACK, FIN, RST; Go's
 half-window credit rule; protocol errors (window overrun, duplicate SYN, unexpected FIN, bad version,
 unknown type) end the session; frames for unknown streams are ignored; inbound SYNs beyond the accept
-backlog or after a local GoAway are answered with RST without involving the application.
+backlog, beyond `max_inbound_streams` live peer-opened streams (an agentd extension: bounds what one
+peer can make us hold) or after a local GoAway are answered with RST without involving the application.
 
 The parser is written for speed: one pass over each received chunk with `struct.unpack_from`, Data
 bodies copied straight into the stream's buffer (also when a body spans several chunks), no per-frame
@@ -153,15 +154,22 @@ class Connection:
         is_client: bool,
         max_stream_window: int = INITIAL_WINDOW,
         accept_backlog: int = 256,
+        max_inbound_streams: int | None = None,
     ) -> None:
         if max_stream_window < INITIAL_WINDOW:
             raise ValueError("max_stream_window must be at least 256 KiB")
         if accept_backlog < 1:
             raise ValueError("accept_backlog must be positive")
+        if max_inbound_streams is not None and max_inbound_streams < 1:
+            raise ValueError("max_inbound_streams must be positive (or None: no cap)")
         self.is_client = is_client
         self.max_window = max_stream_window
         self._half_window = max_stream_window // 2
         self.accept_backlog = accept_backlog
+        #: cap on live peer-opened streams (accepted or not, until closed/reset); None: no cap
+        self.max_inbound_streams = max_inbound_streams
+        #: peer-opened streams still in the table
+        self.inbound_live = 0
         self.streams: dict[int, StreamState] = {}
         self._next_id = 1 if is_client else 2
         self._out: list[bytes | memoryview] = []
@@ -359,11 +367,13 @@ class Connection:
         #: the streams that were open when the session ended (so an adapter can wake their waiters)
         self.dead_streams = list(self.streams.values())
         self.streams.clear()
+        self.inbound_live = 0
 
     def _forget(self, st: StreamState) -> None:
         if not st.forgotten:
             st.forgotten = True
-            self.streams.pop(st.id, None)
+            if self.streams.pop(st.id, None) is not None and (st.id ^ self._next_id) & 1:
+                self.inbound_live -= 1  # the peer's ids have the other parity
         if st.syn_pending:
             st.syn_pending = False
             self.outbound_pending -= 1
@@ -501,13 +511,19 @@ class Connection:
     def _incoming_syn(self, sid: int, flags: int, events: list[Event]) -> StreamState | None:
         if sid in self.streams:
             raise ProtocolError(f"duplicate stream declared: {sid}")
-        if self.local_go_away or self.inbound_pending >= self.accept_backlog:
+        cap = self.max_inbound_streams
+        if (
+            self.local_go_away
+            or self.inbound_pending >= self.accept_backlog
+            or (cap is not None and self.inbound_live >= cap)
+        ):
             self._queue(_pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
         st = StreamState(sid, SYN_RECEIVED)
         st.ack_pending = True
         st.in_backlog = True
         self.inbound_pending += 1
+        self.inbound_live += 1
         self.streams[sid] = st
         events.append(StreamOpened(sid, st))
         return st

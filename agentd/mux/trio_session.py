@@ -90,6 +90,12 @@ class MuxConfig:
     #: wake-up (like Go's spinning scheduler). Helps round trips on an idle machine (e.g. 2e-4),
     #: hurts on an oversubscribed one; 0 (default) is off.
     busy_poll: float = 0.0
+    #: agentd extension: at most this many live streams opened by the peer (accepted or waiting in
+    #: the backlog, until closed or reset); SYNs past it are refused with RST, so one peer cannot
+    #: make the session hold unbounded stream state (each holds up to max_stream_window buffered).
+    #: The backlog is a subset of these, so the tighter of the two limits the unaccepted ones.
+    #: None: no cap (hashicorp's behaviour). Coder's agent runs ~10 concurrent RPCs.
+    max_inbound_streams: int | None = 256
 
     @max_stream_window.validator
     def _check_window(self, _attr: object, value: int) -> None:
@@ -423,6 +429,7 @@ class MuxSession:
             is_client=is_client,
             max_stream_window=self.config.max_stream_window,
             accept_backlog=self.config.accept_backlog,
+            max_inbound_streams=self.config.max_inbound_streams,
         )
         #: the writer task while it waits for work (one task: a slot, cheaper than a ParkingLot)
         self._writer_task: Task | None = None
@@ -484,7 +491,7 @@ class MuxSession:
             self._terminate(None)
             with trio.CancelScope(shield=True):
                 try:
-                    await self._transport.aclose()
+                    await self._close_transport()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             self._done.set()
@@ -594,6 +601,16 @@ class MuxSession:
         err = trio.BrokenResourceError(f"mux session ended: {reason!r}" if reason else "mux session ended")
         err.__cause__ = reason
         return err
+
+    async def _close_transport(self) -> None:
+        """Close the transport; after a yamux protocol error, a transport that can say why it closes
+        (``close_protocol_error``, e.g. WebSocket's Close 1002) is told so."""
+        reason = self._close_reason
+        close_error = getattr(self._transport, "close_protocol_error", None)
+        if isinstance(reason, ProtocolError) and close_error is not None:
+            await close_error(f"yamux: {reason}")
+        else:
+            await self._transport.aclose()
 
     def _wake_writer(self) -> None:
         task = self._writer_task

@@ -3,8 +3,9 @@ and removes child agents (dev containers). A child gets its own auth token and a
 any agent; its ``parent_id`` points at the parent.
 
 Authorization is narrower than Coder's owner/org scope: every statement is scoped to children of
-*this* agent, so a foreign id updates nothing (CreateSubAgent with an ``id`` says so; DeleteSubAgent
-stays a silent no-op, as its SQL is in Coder).
+*this* agent, so a foreign id updates nothing and is answered "not found" (CreateSubAgent with an
+``id`` and DeleteSubAgent alike; deleting an already deleted child is not found too, as in Coder, whose
+lookup skips deleted agents).
 
 Validation errors read like Coder's ``codersdk.ValidationError`` (``field: <field> detail: <detail>``).
 """
@@ -33,6 +34,7 @@ from agentd.store.subagents import (
     delete_child,
     insert_child,
     list_children,
+    reissue_child_token,
     template_max_port_sharing_level,
     update_child_directory,
     update_child_display_apps,
@@ -213,6 +215,7 @@ class SubAgentsService:
                 if exc.field is not None:
                     entry.field = exc.field
                 errors.append(entry)
+        assert child.auth_token is not None  # just issued
         return agent_pb2.CreateSubAgentResponse(
             agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=child.auth_token.bytes),
             app_creation_errors=errors,
@@ -225,7 +228,9 @@ class SubAgentsService:
         display_apps: list[str],
         now: dt.datetime,
     ) -> agent_pb2.CreateSubAgentResponse:
-        """Pre-created child (terraform-defined dev container): refresh display apps and directory only."""
+        """Pre-created child (terraform-defined dev container): refresh display apps and directory.
+        Its token is stored hashed, so it cannot be returned: a fresh one is issued (returned once,
+        like a new child's; the previous one stops working)."""
         child_id = _uuid(request.id, "id", "parse agent id")
         child = await get_agent_by_id(self.db, child_id)
         if child is None or child.deleted:  # Coder's GetWorkspaceAgentByID skips deleted agents
@@ -235,8 +240,11 @@ class SubAgentsService:
         await update_child_display_apps(self.db, parent_id, child_id, display_apps, now)
         if request.directory:
             await update_child_directory(self.db, parent_id, child_id, request.directory, now)
+        token = await reissue_child_token(self.db, parent_id, child_id)
+        if token is None:
+            raise RpcError(f'get workspace agent by id: agent "{child_id}" not found (id)')
         return agent_pb2.CreateSubAgentResponse(
-            agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=child.auth_token.bytes)
+            agent=agent_pb2.SubAgent(name=child.name, id=child.id.bytes, auth_token=token.bytes)
         )
 
     async def _create_app(
@@ -312,7 +320,8 @@ class SubAgentsService:
         children = await list_children(self.db, parent_id)
         return agent_pb2.ListSubAgentsResponse(
             agents=[
-                agent_pb2.SubAgent(name=c.name, id=c.id.bytes, auth_token=c.auth_token.bytes)
+                # tokens are stored hashed: only CreateSubAgent returns one
+                agent_pb2.SubAgent(name=c.name, id=c.id.bytes)
                 for c in children
             ]
         )
@@ -321,7 +330,9 @@ class SubAgentsService:
         self, request: agent_pb2.DeleteSubAgentRequest
     ) -> agent_pb2.DeleteSubAgentResponse:
         child_id = _uuid(request.id, "id")
-        await delete_child(self.db, self.ident.agent_id, child_id)
+        if not await delete_child(self.db, self.ident.agent_id, child_id):
+            # not a live child of this agent: as for any foreign id, it does not exist for the caller
+            raise RpcError(f'delete sub agent: agent "{child_id}" not found (id)')
         return agent_pb2.DeleteSubAgentResponse()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "WorkspaceBuild",
     "get_agent_by_id",
     "get_agent_by_token",
+    "token_digest",
 ]
 
 # Owner of prebuilt workspaces (spec §4.4).
@@ -38,7 +40,6 @@ class WorkspaceAgent:
     last_connected_at: datetime | None
     disconnected_at: datetime | None
     resource_id: uuid.UUID
-    auth_token: uuid.UUID
     auth_instance_id: str | None
     architecture: str
     environment_variables: dict[str, Any] | None
@@ -64,6 +65,8 @@ class WorkspaceAgent:
     parent_id: uuid.UUID | None
     api_key_scope: str
     deleted: bool
+    #: SHA-256 of the token (`token_digest`); the token itself is not stored
+    auth_token_hash: bytes
 
 
 @attrs.frozen
@@ -137,7 +140,7 @@ JOIN workspace_build_with_user b ON b.job_id = r.job_id
 JOIN workspaces w ON w.id = b.workspace_id
 JOIN users owner ON owner.id = w.owner_id
 LEFT JOIN tasks ON tasks.workspace_id = w.id
-WHERE a.auth_token = %(token)s
+WHERE a.auth_token_hash = %(token)s
   AND w.deleted = false
   AND a.deleted = false
   AND (
@@ -172,13 +175,20 @@ _AGENT_BY_ID = pgsql.SQL("SELECT {agent} FROM workspace_agents a WHERE a.id = %s
 )
 
 
+def token_digest(token: uuid.UUID) -> bytes:
+    """What ``workspace_agents.auth_token_hash`` holds for ``token``: SHA-256 of its 16 bytes (tokens
+    are random UUIDs, so no salt or slow hash is needed; migration 0003 computes the same in SQL)."""
+    return hashlib.sha256(token.bytes).digest()
+
+
 async def get_agent_by_token(db: Database | Transaction, token: uuid.UUID) -> AuthenticatedAgent | None:
     """Resolve an agent token (``GetAuthenticatedWorkspaceAgentAndBuildByAuthToken``).
 
     None when no live agent of a live workspace has this token, or when its build is neither the
-    latest nor the start build preceding an in-progress stop.
+    latest nor the start build preceding an in-progress stop. The presented token is hashed and
+    matched by digest equality in the (indexed) WHERE clause: no token comparison happens in Python.
     """
-    row = await db.fetchone(_AGENT_BY_TOKEN, {"token": token})
+    row = await db.fetchone(_AGENT_BY_TOKEN, {"token": token_digest(token)})
     if row is None:
         return None
     return AuthenticatedAgent(

@@ -125,8 +125,8 @@ def translate_error(exc: BaseException) -> errors.StoreError:
         cls = errors.NotNullViolation
     elif sqlstate is not None and sqlstate.startswith("23"):
         cls = errors.IntegrityError
-    elif sqlstate is not None and sqlstate.startswith("22"):
-        cls = errors.DataError
+    elif (sqlstate is not None and sqlstate.startswith("22")) or isinstance(exc, psycopg.DataError):
+        cls = errors.DataError  # also psycopg's own refusals, e.g. a NUL character in a text value
     elif sqlstate in ("40001", "40P01"):
         cls = errors.SerializationFailure
     elif sqlstate == "57014":

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from agentd.store.agents import token_digest
 from agentd.store.db import Database, Transaction
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "delete_child",
     "insert_child",
     "list_children",
+    "reissue_child_token",
     "template_max_port_sharing_level",
     "update_child_directory",
     "update_child_display_apps",
@@ -36,11 +38,12 @@ Queryable = Database | Transaction
 
 @attrs.frozen
 class SubAgent:
-    """What the API returns about a child: ``{name, id, auth_token}``."""
+    """What the API returns about a child: ``{name, id, auth_token}``. The token is only known when
+    it was just issued (tokens are stored hashed): None otherwise."""
 
     id: uuid.UUID
     name: str
-    auth_token: uuid.UUID
+    auth_token: uuid.UUID | None
 
 
 @attrs.frozen
@@ -63,21 +66,23 @@ async def insert_child(db: Queryable, child: NewSubAgent) -> SubAgent | None:
     scope copied from the parent row). None when the parent row does not exist. A name already used by a
     live agent of the same build raises `agentd.store.errors.UniqueViolation` (schema trigger)."""
     row = await db.fetchone(
-        "INSERT INTO workspace_agents (id, parent_id, created_at, updated_at, name, resource_id, auth_token,"
-        " auth_instance_id, architecture, environment_variables, operating_system, directory,"
+        "INSERT INTO workspace_agents (id, parent_id, created_at, updated_at, name, resource_id,"
+        " auth_token_hash, auth_instance_id, architecture, environment_variables, operating_system,"
+        " directory,"
         " instance_metadata, resource_metadata, connection_timeout_seconds, troubleshooting_url, motd_file,"
         " display_apps, display_order, api_key_scope)"
-        " SELECT %(id)s, p.id, %(now)s, %(now)s, %(name)s, p.resource_id, %(token)s, NULL, %(arch)s, NULL,"
-        " %(os)s, %(directory)s, NULL, NULL, p.connection_timeout_seconds, p.troubleshooting_url, '',"
+        " SELECT %(id)s, p.id, %(now)s, %(now)s, %(name)s, p.resource_id, %(token_hash)s, NULL,"
+        " %(arch)s, NULL, %(os)s, %(directory)s, NULL, NULL, p.connection_timeout_seconds,"
+        " p.troubleshooting_url, '',"
         " %(display_apps)s::text[]::display_app[], 0, p.api_key_scope"
         " FROM workspace_agents p WHERE p.id = %(parent)s"
-        " RETURNING id, name, auth_token",
+        " RETURNING id, name",
         {
             "id": child.id,
             "parent": child.parent_id,
             "now": child.created_at,
             "name": child.name,
-            "token": child.auth_token,
+            "token_hash": token_digest(child.auth_token),
             "arch": child.architecture,
             "os": child.operating_system,
             "directory": child.directory,
@@ -86,7 +91,7 @@ async def insert_child(db: Queryable, child: NewSubAgent) -> SubAgent | None:
     )
     if row is None:
         return None
-    return SubAgent(id=row["id"], name=row["name"], auth_token=row["auth_token"])
+    return SubAgent(id=row["id"], name=row["name"], auth_token=child.auth_token)
 
 
 async def update_child_display_apps(
@@ -114,11 +119,23 @@ async def list_children(db: Queryable, parent_id: uuid.UUID) -> list[SubAgent]:
     """GetWorkspaceAgentsByParentID: the parent's non-deleted children (ordered by creation for
     stable output; the API promises no order)."""
     rows = await db.fetchall(
-        "SELECT id, name, auth_token FROM workspace_agents WHERE parent_id = %s AND deleted = false"
+        "SELECT id, name FROM workspace_agents WHERE parent_id = %s AND deleted = false"
         " ORDER BY created_at, id",
         [parent_id],
     )
-    return [SubAgent(id=r["id"], name=r["name"], auth_token=r["auth_token"]) for r in rows]
+    return [SubAgent(id=r["id"], name=r["name"], auth_token=None) for r in rows]
+
+
+async def reissue_child_token(db: Queryable, parent_id: uuid.UUID, child_id: uuid.UUID) -> uuid.UUID | None:
+    """A fresh token for a child of ``parent_id`` (its digest replaces the old one, which stops
+    working); None if it is not such a child. Tokens are stored hashed, so a pre-created child's
+    token cannot be handed out again: it is replaced instead."""
+    token = uuid.uuid4()
+    changed = await db.execute(
+        "UPDATE workspace_agents SET auth_token_hash = %s WHERE id = %s AND parent_id = %s",
+        [token_digest(token), child_id, parent_id],
+    )
+    return token if changed else None
 
 
 async def delete_child(db: Database, parent_id: uuid.UUID, child_id: uuid.UUID) -> bool:

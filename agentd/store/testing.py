@@ -23,6 +23,7 @@ import psycopg
 import trio
 from psycopg import sql as pgsql
 
+from agentd.store.agents import token_digest
 from agentd.store.db import open_database
 from agentd.store.embedded import _start, _stop
 from agentd.store.migrate import migrate
@@ -128,7 +129,10 @@ _CATALOG_QUERIES: dict[str, str] = {
         SELECT relname, relkind, relpersistence FROM pg_class
         WHERE relnamespace = 'public'::regnamespace ORDER BY relname""",
     "columns": """
-        SELECT table_name, ordinal_position, column_name, data_type, udt_name, character_maximum_length,
+        SELECT table_name,
+               -- the column's place among the live ones (a dropped column leaves a gap in attnum)
+               row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position) AS position,
+               column_name, data_type, udt_name, character_maximum_length,
                is_nullable, column_default, is_generated, generation_expression
         FROM information_schema.columns WHERE table_schema = 'public'
         ORDER BY table_name, ordinal_position""",
@@ -297,7 +301,8 @@ async def add_build(
                 "name": name,
                 "resource_id": build.resource_id,
             }
-            | {"auth_token": agent.auth_token, "architecture": "amd64", "operating_system": "linux"}
+            | {"auth_token_hash": token_digest(agent.auth_token), "architecture": "amd64"}
+            | {"operating_system": "linux"}
             | {"directory": "/home/coder", "display_order": order},
         )
         build.agents[name] = agent

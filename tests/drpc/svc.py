@@ -16,7 +16,7 @@ from agentd.client import RpcClient
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import Registry
 from agentd.drpc.server import serve_session
-from agentd.mux import MuxSession
+from agentd.mux import MuxConfig, MuxSession
 
 _T = descriptor_pb2.FieldDescriptorProto
 
@@ -68,6 +68,11 @@ XY_UNARY = _pool_with("x", "Y", [("Z", "Empty", "Hi", False, False)])
 XY_STREAM = _pool_with("x", "Y", [("Z", "Req", "Resp", False, True)])
 
 
+async def _fail_with(error: RpcError) -> None:
+    await trio.lowlevel.checkpoint()
+    raise error
+
+
 class EchoService:
     """Per-connection handlers; records what happened for assertions."""
 
@@ -82,6 +87,9 @@ class EchoService:
             raise RpcError("nope", 42)
         if req.text == "crash":
             raise ValueError("boom")
+        if req.text == "fail-in-nursery":
+            async with trio.open_nursery() as nursery:  # a handler's task fails with an RpcError
+                nursery.start_soon(_fail_with, RpcError("bad request inside", 3))
         if req.text == "echo":
             return Resp(blob=req.blob, text=req.text)
         if req.text == "grow":
@@ -149,14 +157,18 @@ class EchoService:
 
 @asynccontextmanager
 async def mux_client(
-    registry: Registry, *, services: list[ServiceDescriptor] | None = None, transport_pair: Any = None
+    registry: Registry,
+    *,
+    services: list[ServiceDescriptor] | None = None,
+    transport_pair: Any = None,
+    server_config: MuxConfig | None = None,
 ) -> AsyncIterator[tuple[RpcClient, MuxSession, MuxSession]]:
     """A MuxSession client ↔ server over a memory stream pair with serve_session on the server."""
     if transport_pair is None:
         transport_pair = trio.testing.memory_stream_pair()
     a, b = transport_pair
     client_session = MuxSession(a, is_client=True)
-    server_session = MuxSession(b, is_client=False)
+    server_session = MuxSession(b, is_client=False, config=server_config)
     async with trio.open_nursery() as nursery:
         await nursery.start(client_session.run)
         await nursery.start(server_session.run)

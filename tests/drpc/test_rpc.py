@@ -15,7 +15,7 @@ import trio.testing
 from agentd.client import RpcClient, RpcError
 from agentd.drpc.registry import Registry, method_table
 from agentd.drpc.wire import MAX_PACKET_SIZE
-from agentd.mux import MuxSession
+from agentd.mux import MuxConfig, MuxSession
 from agentd.proto import agent_pb2, tailnet_pb2
 from tests.drpc.svc import ECHO, EchoService, Req, mux_client
 
@@ -229,7 +229,9 @@ async def _serve(
 
 
 async def test_many_concurrent_calls(pair: Any) -> None:
-    async with echo(pair) as (client, *_):
+    svc = EchoService()
+    uncapped = MuxConfig(max_inbound_streams=None)
+    async with mux_client(svc.registry(), transport_pair=pair, server_config=uncapped) as (client, *_):
         results: dict[int, int] = {}
 
         async def one(i: int) -> None:
@@ -239,6 +241,28 @@ async def test_many_concurrent_calls(pair: Any) -> None:
             for i in range(1000):
                 nursery.start_soon(one, i)
         assert results == {i: i + 1 for i in range(1000)}
+
+
+async def test_calls_past_the_stream_cap_are_reset_and_the_session_goes_on(pair: Any) -> None:
+    async with echo(pair) as (client, _svc, _cs, ss):
+        cap = ss.config.max_inbound_streams
+        assert cap == 256
+        results: dict[int, int] = {}
+        refused = 0
+
+        async def one(i: int) -> None:
+            nonlocal refused
+            try:
+                results[i] = (await client.echo.Unary(Req(n=i))).n
+            except trio.BrokenResourceError:
+                refused += 1
+
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(one, i)
+        assert len(results) >= cap and refused == 1000 - len(results) and refused > 0
+        assert all(v == k + 1 for k, v in results.items())
+        assert (await client.echo.Unary(Req(n=1))).n == 2
 
 
 def _blob_for(encoded_size: int) -> bytes:
@@ -345,3 +369,25 @@ async def test_client_reset_mid_stream_only_ends_that_call(pair: Any) -> None:
         for i in range(20):
             assert (await client.echo.Unary(Req(n=i))).n == i + 1
         await call.aclose()
+
+
+def test_request_budget_refuses_growth_past_its_limit_and_always_allows_release() -> None:
+    from agentd.drpc.server import RequestBudget
+
+    budget = RequestBudget(10)
+    assert budget.recharge(0, 6) and budget.used == 6
+    assert not budget.recharge(0, 5) and budget.used == 6  # another stream: would pass the limit
+    assert budget.recharge(0, 4) and budget.used == 10
+    assert budget.recharge(6, 2) and budget.used == 6  # shrinking is always fine
+    assert budget.recharge(2, 0) and budget.recharge(4, 0) and budget.used == 0
+    assert budget.peak == 10
+
+
+async def test_an_rpc_error_from_a_handlers_nursery_is_the_answer_not_an_internal_error(
+    pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with echo(pair) as (client, *_):
+        with pytest.raises(RpcError) as info:
+            await client.echo.Unary(Req(text="fail-in-nursery"))
+        assert info.value == RpcError("bad request inside", 3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

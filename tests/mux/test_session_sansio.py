@@ -130,6 +130,34 @@ def test_backlog_overflow_rsts_without_the_application() -> None:
     assert isinstance(ev, StreamOpened)
 
 
+def test_inbound_stream_cap_counts_accepted_streams_until_they_end() -> None:
+    srv = Connection(is_client=False, accept_backlog=100, max_inbound_streams=2)
+    syn = lambda i: encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, i, 0)  # noqa: E731
+    events = srv.receive_data(syn(1) + syn(3))
+    for ev in events:
+        srv.accept_stream(ev.stream)  # accepted streams still count: the cap is on live streams
+    srv.data_to_send()
+    assert srv.receive_data(syn(5)) == []
+    assert srv.data_to_send() == H("00 01 00 08 00 00 00 05 00 00 00 00")  # RST
+    assert 5 not in srv.streams and srv.inbound_live == 2
+    # our own (outbound) streams do not count
+    srv.open_stream()
+    # a reset (by the peer) and a full close free their slots
+    srv.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, 1, 0))
+    srv.end_stream(events[1].stream)
+    srv.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN, 3, 0))
+    assert srv.inbound_live == 0
+    srv.data_to_send()
+    opened = srv.receive_data(syn(7) + syn(9) + syn(11))
+    assert [e.stream_id for e in opened if isinstance(e, StreamOpened)] == [7, 9]
+    assert srv.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, 11, 0)
+    # a local reset frees one too
+    srv.reset_stream(opened[0].stream)
+    assert srv.inbound_live == 1
+    with pytest.raises(ValueError):
+        Connection(is_client=False, max_inbound_streams=0)
+
+
 def test_local_go_away_then_syn_gets_rst() -> None:
     srv = Connection(is_client=False)
     srv.go_away()

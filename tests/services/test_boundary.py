@@ -18,6 +18,7 @@ from agentd.proto import agent_pb2
 from agentd.services import boundary
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
+from agentd.store.agents import token_digest
 from agentd.testing import serve_agent
 from tests.services.audit_support import (
     T0,
@@ -298,9 +299,9 @@ async def test_failed_session_insert_keeps_logs_and_retries_next_batch(
     assert any(f"create boundary session {sid} failed" in r.getMessage() for r in caplog.records)
 
     await db.execute(
-        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token,"
+        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token_hash,"
         " architecture, operating_system) VALUES (%s, now(), now(), 'ghost', %s, %s, 'amd64', 'linux')",
-        [ghost.agent_id, real.resource_id, uuid.uuid4()],
+        [ghost.agent_id, real.resource_id, token_digest(uuid.uuid4())],
     )
     await svc.report_boundary_logs(request(str(sid), [blog(1)]))
     [s] = await sessions(db)

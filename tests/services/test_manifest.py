@@ -19,6 +19,7 @@ from agentd.services import manifest
 from agentd.services.base import AGENT, Settings
 from agentd.store import Database
 from agentd.store import manifest as store
+from agentd.store.agents import token_digest
 from agentd.tailnet.derpmap import DERPMapSource, default_derp_map
 from tests.services.core_support import Seeded, connect, identity, make_scope, seed, token_of, workspace_spec
 
@@ -246,10 +247,10 @@ async def add_secrets(db: Database, owner: uuid.UUID) -> None:
 async def add_subagent(db: Database, seeded: Seeded) -> uuid.UUID:
     sub = uuid.uuid4()
     await db.execute(
-        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token,"
+        "INSERT INTO workspace_agents (id, created_at, updated_at, name, resource_id, auth_token_hash,"
         " architecture, operating_system, directory, parent_id) VALUES (%s, now(), now(), 'main-app', %s, %s,"
         " 'amd64', 'linux', '/workspaces/app', %s)",
-        [sub, seeded.main.resource_id, uuid.uuid4(), seeded.main.agent_id],
+        [sub, seeded.main.resource_id, token_digest(uuid.uuid4()), seeded.main.agent_id],
     )
     await db.execute(
         "UPDATE workspace_agent_devcontainers SET subagent_id = %s WHERE workspace_agent_id = %s",

@@ -21,7 +21,7 @@ from agentd.services import subagents
 from agentd.services.base import AgentIdentity
 from agentd.services.subagents import clamp_sharing_level, hashed_slug
 from agentd.store import Database
-from agentd.store.agents import get_agent_by_token
+from agentd.store.agents import get_agent_by_token, token_digest
 from agentd.store.connection import authenticate_agent
 from agentd.store.subagents import AppUpsert, upsert_app
 from agentd.testing import serve_agent
@@ -68,7 +68,7 @@ def service(db: Database, ident: AgentIdentity, now: FakeNow | None = None) -> s
 
 async def agent_row(db: Database, agent_id: uuid.UUID) -> dict[str, Any]:
     row = await db.fetchone(
-        "SELECT id, parent_id, name, resource_id, auth_token, auth_instance_id, architecture,"
+        "SELECT id, parent_id, name, resource_id, auth_token_hash, auth_instance_id, architecture,"
         " operating_system, directory, environment_variables, instance_metadata, resource_metadata,"
         " connection_timeout_seconds, troubleshooting_url, motd_file, display_apps::text[] AS display_apps,"
         " display_order, api_key_scope::text AS api_key_scope, created_at, updated_at, deleted"
@@ -142,7 +142,7 @@ async def test_create_child_copies_parent_fields(db: Database) -> None:
         "parent_id": parent.agent_id,
         "name": "devcontainer",
         "resource_id": parent.resource_id,
-        "auth_token": token,
+        "auth_token_hash": token_digest(token),
         "auth_instance_id": None,
         "architecture": "arm64",
         "operating_system": "linux",
@@ -160,7 +160,7 @@ async def test_create_child_copies_parent_fields(db: Database) -> None:
         "updated_at": T0,
         "deleted": False,
     }
-    assert token != parent_row["auth_token"]
+    assert token_digest(token) != parent_row["auth_token_hash"]
     # The child authenticates with its own token and knows its parent.
     child = await authenticate_agent(db, token)
     assert child is not None
@@ -439,7 +439,15 @@ async def test_precreated_child_is_updated_not_created(db: Database) -> None:
             apps=[App(slug="ignored", url="http://x")],
         )
     )
-    assert response == agent_pb2.CreateSubAgentResponse(agent=created.agent)
+    # Tokens are stored hashed: the child's token cannot be returned again, so a fresh one is
+    # issued (and the old one stops working).
+    new_token = uuid.UUID(bytes=response.agent.auth_token)
+    assert (response.agent.id, response.agent.name) == (created.agent.id, created.agent.name)
+    assert new_token != uuid.UUID(bytes=created.agent.auth_token)
+    assert list(response.app_creation_errors) == []
+    auth = await authenticate_agent(db, new_token)
+    assert auth is not None and auth.agent_id == child_id
+    assert await authenticate_agent(db, uuid.UUID(bytes=created.agent.auth_token)) is None
     row = await agent_row(db, child_id)
     assert (row["name"], row["directory"], row["display_apps"], row["updated_at"]) == (
         "dc",
@@ -505,7 +513,8 @@ async def test_list_only_this_parents_live_children(db: Database) -> None:
     await service(db, sibling).create_sub_agent(Req(name="c"))
     await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=a.agent.id))
     listed = (await svc.list_sub_agents(agent_pb2.ListSubAgentsRequest())).agents
-    assert list(listed) == [b.agent]
+    # tokens are stored hashed: only CreateSubAgent returns one
+    assert list(listed) == [agent_pb2.SubAgent(id=b.agent.id, name=b.agent.name)]
 
 
 async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
@@ -527,7 +536,8 @@ async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
         " VALUES (%s, 'AGENTS.md', 'instruction_file', '{}', '\\x00', 1, 'ok')",
         [mine_id],
     )
-    # Another parent's child, a sibling's child, this agent itself, the sibling, an unknown id: no-ops.
+    # Another parent's child, a sibling's child, this agent itself, the sibling, an unknown id:
+    # not found, nothing changed.
     for other in (
         theirs.agent.id,
         siblings.agent.id,
@@ -535,13 +545,16 @@ async def test_delete_soft_deletes_own_child_only(db: Database) -> None:
         sibling.agent_id.bytes,
         uuid.uuid4().bytes,
     ):
-        assert await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=other)) == (
-            agent_pb2.DeleteSubAgentResponse()
-        )
+        with pytest.raises(RpcError) as err:
+            await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=other))
+        assert err.value.message == f'delete sub agent: agent "{uuid.UUID(bytes=other)}" not found (id)'
     deleted = await db.fetchall("SELECT name FROM workspace_agents WHERE deleted")
     assert deleted == []
-    await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))
-    await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))  # already deleted: no-op
+    assert await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id)) == (
+        agent_pb2.DeleteSubAgentResponse()
+    )
+    with pytest.raises(RpcError, match="not found"):  # already deleted
+        await svc.delete_sub_agent(agent_pb2.DeleteSubAgentRequest(id=mine.agent.id))
     assert (await agent_row(db, mine_id))["deleted"] is True
     for table in ("workspace_agent_context_snapshots", "workspace_agent_context_resources"):
         assert (
@@ -575,7 +588,7 @@ async def test_end_to_end_child_connects_with_its_own_token(db: Database, nurser
         await agent.client.agent.CreateSubAgent(Req(name=""))
     assert err.value.message == "field: name detail: agent name cannot be empty"
     listed = await agent.client.agent.ListSubAgents(agent_pb2.ListSubAgentsRequest())
-    assert list(listed.agents) == [created.agent]
+    assert list(listed.agents) == [agent_pb2.SubAgent(id=created.agent.id, name=created.agent.name)]
 
     child = await nursery.start(
         functools.partial(
@@ -597,7 +610,8 @@ async def test_end_to_end_child_connects_with_its_own_token(db: Database, nurser
     assert manifest.directory == "/workspaces/x"
     assert manifest.workspace_id == parent.workspace_id.bytes
     # The child cannot delete itself through its own connection (it is not its own child) ...
-    await child.client.agent.DeleteSubAgent(agent_pb2.DeleteSubAgentRequest(id=created.agent.id))
+    with pytest.raises(RpcError, match="not found"):
+        await child.client.agent.DeleteSubAgent(agent_pb2.DeleteSubAgentRequest(id=created.agent.id))
     assert (await agent_row(db, child.ident.agent_id))["deleted"] is False
     await child.disconnect()
     # ... its parent can.

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from agentd.store import Database
-from agentd.store.agents import PREBUILDS_SYSTEM_USER_ID, get_agent_by_id, get_agent_by_token
+from agentd.store.agents import PREBUILDS_SYSTEM_USER_ID, get_agent_by_id, get_agent_by_token, token_digest
 from agentd.store.errors import CheckViolation, UniqueViolation
 from agentd.store.testing import add_build, insert_row, seed_workspace, set_job_status
 
@@ -120,7 +120,7 @@ async def test_deleted_sub_agent_is_refused(db: Database) -> None:
             "resource_id": parent.resource_id,
         }
         | {
-            "auth_token": child_token,
+            "auth_token_hash": token_digest(child_token),
             "architecture": "amd64",
             "operating_system": "linux",
             "parent_id": parent.id,
@@ -135,7 +135,11 @@ async def test_deleted_sub_agent_is_refused(db: Database) -> None:
         db,
         "workspace_agents",
         {"id": uuid.uuid4(), "created_at": "now", "updated_at": "now", "name": "dev"}
-        | {"resource_id": parent.resource_id, "auth_token": uuid.uuid4(), "architecture": "amd64"}
+        | {
+            "resource_id": parent.resource_id,
+            "auth_token_hash": token_digest(uuid.uuid4()),
+            "architecture": "amd64",
+        }
         | {"operating_system": "linux", "parent_id": parent.id},
     )
     # … but a live one's is not.
@@ -144,7 +148,11 @@ async def test_deleted_sub_agent_is_refused(db: Database) -> None:
             db,
             "workspace_agents",
             {"id": uuid.uuid4(), "created_at": "now", "updated_at": "now", "name": "main"}
-            | {"resource_id": parent.resource_id, "auth_token": uuid.uuid4(), "architecture": "amd64"}
+            | {
+                "resource_id": parent.resource_id,
+                "auth_token_hash": token_digest(uuid.uuid4()),
+                "architecture": "amd64",
+            }
             | {"operating_system": "linux"},
         )
 

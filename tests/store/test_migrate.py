@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from agentd.store import Database, open_database
+from agentd.store.agents import get_agent_by_token, token_digest
 from agentd.store.migrate import (
     CURRENT_VERSION,
     MIGRATIONS,
@@ -192,6 +193,42 @@ async def test_upgrade_from_v1_matches_schema_sql_without_data_loss(empty_db_url
             [ids["agent"]],
         )
         assert await old.fetchval("SELECT count(*) FROM users WHERE is_system") == 1
+
+
+async def test_upgrade_hashes_agent_tokens_and_old_tokens_keep_working(empty_db_url: str) -> None:
+    async with open_database(empty_db_url) as old:
+        await old.execute(V1_FIXTURE.read_text(encoding="utf-8"))
+        ids = await _fill_v1(old)
+        # A second agent on the same resource, with its own token.
+        token2 = uuid.uuid4()
+        now = datetime.now(UTC)
+        await insert_row(
+            old,
+            "workspace_agents",
+            {"id": uuid.uuid4(), "name": "side", "resource_id": ids["res"], "auth_token": token2}
+            | {"architecture": "amd64", "operating_system": "linux", "created_at": now, "updated_at": now},
+        )
+        tokens = [ids["token"], token2]
+        assert await _tables_mentioning(old, tokens)  # the plain tokens are there before
+        await migrate(old)
+        # No table holds a token in any form (text, hex, bytes) in any column after the upgrade.
+        assert await _tables_mentioning(old, tokens) == []
+        for token in tokens:
+            auth = await get_agent_by_token(old, token)
+            assert auth is not None and auth.agent.auth_token_hash == token_digest(token)
+        assert await get_agent_by_token(old, uuid.uuid4()) is None
+
+
+async def _tables_mentioning(db: Database, tokens: list[uuid.UUID]) -> list[str]:
+    """Tables with a row whose text form (every column: uuid, text, bytea as hex, ...) shows a token."""
+    needles = [form for t in tokens for form in (str(t), t.hex)]
+    found = []
+    for table in await db.fetchall("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
+        name = table["tablename"]
+        rows = await db.fetchall(f'SELECT t::text AS row FROM "{name}" t')
+        if any(n in r["row"].replace("-", "") or n in r["row"] for r in rows for n in needles):
+            found.append(name)
+    return found
 
 
 async def test_concurrent_migrations(empty_db_url: str) -> None:
