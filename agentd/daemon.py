@@ -117,13 +117,18 @@ class AgentRpcRoute:
 def build_components(db: Database, pubsub: PubSub, settings: Settings) -> Components:
     """The process-wide components of DESIGN's task tree, started before agents are accepted and
     flushed after the last agent session ended."""
+    import functools
+
     from agentd.batchers.boundary_usage import BoundaryUsageTracker
     from agentd.batchers.connection_log import ConnectionLogBatcher
     from agentd.batchers.last_used import LastUsedTracker
     from agentd.batchers.metadata import MetadataBatcher
     from agentd.batchers.stats import StatsBatcher
     from agentd.metrics import AgentMetrics
+    from agentd.monitor import ConnectionMonitor
     from agentd.services.lifecycle import BuildDurationHistogram
+    from agentd.services.workspace_cache import WorkspaceCacheRefresher
+    from agentd.store.connection import workspace_identities
     from agentd.tailnet import Coordinator, DERPMapSource
 
     metadata_batcher = MetadataBatcher(db, pubsub)
@@ -153,6 +158,8 @@ def build_components(db: Database, pubsub: PubSub, settings: Settings) -> Compon
         boundary_usage=BoundaryUsageTracker(db=db, replica_id=settings.replica_id),
         metrics=metrics,
         build_durations=BuildDurationHistogram(),
+        connection_monitor=ConnectionMonitor(db=db, events=Events(pubsub), replica_id=settings.replica_id),
+        workspace_cache=WorkspaceCacheRefresher(functools.partial(workspace_identities, db)),
     )
 
 
