@@ -138,7 +138,7 @@ async def measure(
             [
                 "py-spy",
                 "record",
-                "--nonblocking",
+                *(["--nonblocking"] if not args.blocking else []),
                 "-r",
                 "200",
                 "-p",
@@ -153,7 +153,7 @@ async def measure(
         )
         await trio.sleep(1.0)
     async with trio.open_nursery() as nursery:
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        cpu0, wall0, own0 = cpu_seconds(pid), time.monotonic(), time.process_time()
 
         async def one(token: uuid.UUID) -> None:
             async with limiter:
@@ -167,6 +167,7 @@ async def measure(
                 dialers.start_soon(one, token)
         wall = time.monotonic() - wall0
         cpu = cpu_seconds(pid) - cpu0
+        own = time.process_time() - own0
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -174,7 +175,7 @@ async def measure(
         what = "connect+GetManifest" if args.manifest else "connect"
         print(
             f"{what}: {n} agents in {wall:.2f} s = {n / wall:.0f}/s with {args.inflight} in flight;"
-            f" server CPU {cpu * 1000 / n:.2f} ms per connect"
+            f" server CPU {cpu * 1000 / n:.2f} ms per connect (this client: {own * 1000 / n:.2f} ms)"
         )
         await trio.sleep(args.settle)
         x0, cpu0, wall0 = xacts(url, dbname), cpu_seconds(pid), time.monotonic()
@@ -219,9 +220,12 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle measurement")
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds between the phases")
+    parser.add_argument(
+        "--settle", type=float, default=20.0, help="seconds between the phases (past the first tick)"
+    )
     parser.add_argument("--manifest", action="store_true", help="call GetManifest after each connect")
     parser.add_argument("--profile", help="py-spy raw output file for the connect phase")
+    parser.add_argument("--blocking", action="store_true", help="py-spy pauses the server per sample")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432")
     run(parser.parse_args())
 
