@@ -186,6 +186,11 @@ _MONITOR_JSON = (
 
 _CONNECT = pgsql.SQL(
     """
+WITH a AS MATERIALIZED (
+  -- The token names at most one agent: start there whatever the planner's statistics say (a fresh
+  -- database without them planned a scan of every build first, 5 ms instead of 0.2 ms).
+  SELECT a.id, a.name, a.parent_id, a.resource_id, a.deleted FROM workspace_agents a WHERE {token_matches}
+)
 SELECT a.id AS agent_id, a.name AS agent_name, a.parent_id, a.resource_id,
        b.id AS build_id, b.template_version_id,
        w.id, w.owner_id, w.organization_id, w.template_id, w.name, w.autostart_schedule,
@@ -198,14 +203,14 @@ SELECT a.id AS agent_id, a.name AS agent_name, a.parent_id, a.resource_id,
     + _MONITOR_JSON.format(t="v")
     + """) ORDER BY v.path)
           FROM workspace_agent_volume_resource_monitors v WHERE v.agent_id = a.id) AS volume_monitors
-FROM workspace_agents a
+FROM a
 JOIN workspace_resources r ON r.id = a.resource_id
 JOIN workspace_builds b ON b.job_id = r.job_id
 JOIN workspaces w ON w.id = b.workspace_id
 JOIN users owner ON owner.id = w.owner_id
 JOIN templates t ON t.id = w.template_id
 LEFT JOIN tasks ON tasks.workspace_id = w.id AND tasks.deleted_at IS NULL
-WHERE {token_matches} AND {authorized}
+WHERE {authorized}
 """
 ).format(token_matches=token_matches(), authorized=AUTHORIZED_AGENT)
 #: Rendered once: psycopg would otherwise compose the text again on every connect.
