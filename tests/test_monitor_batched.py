@@ -338,7 +338,7 @@ async def test_a_connect_costs_three_statements(db: Database, nursery: trio.Nurs
     agent: TestAgent = await nursery.start(
         functools.partial(serve_agent, counting, ws.agents[0].token, events=Events(publisher))  # type: ignore[arg-type]
     )
-    assert counting.statements == ["SELECT", "UPDATE"]  # the event went to the publisher
+    assert counting.statements == ["WITH", "UPDATE"]  # lookup, start write; the event: the publisher
     assert [p for _, p in publisher.sent] == [
         f'{{"kind":"{AGT_CONNECTION_UPDATE}","workspace_id":"{ws.workspace_id}","agent_id":"{ws.agents[0].id}"}}'
     ]
