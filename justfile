@@ -31,3 +31,7 @@ bench-mux *ARGS:
 
 bench-rpc *ARGS:
     python bench/rpc.py {{ARGS}}
+
+# Connect rate and idle cost of one `agentd serve` (needs PostgreSQL: --postgres URL of the server).
+bench-idle *ARGS:
+    python bench/idle_connect.py {{ARGS}}
