@@ -248,12 +248,17 @@ class ConnectionMonitor:
                 for watch in monitored:
                     watch.stop(_error_reason(exc))
                 return
-            published: set[uuid.UUID] = set()
-            for watch in monitored:
-                agent_id = watch.ident.agent_id
-                if agent_id in cleared and agent_id not in published:
-                    published.add(agent_id)
-                    await self._publish_quietly(watch.ident)
+            if cleared:
+                # After a restart every reconnected agent's disconnect is cleared here: one NOTIFY
+                # statement for all of them.
+                changed = {w.ident.agent_id: w.ident for w in monitored if w.ident.agent_id in cleared}
+                events = [
+                    (i.owner_id, AGT_CONNECTION_UPDATE, i.workspace_id, i.agent_id) for i in changed.values()
+                ]
+                try:
+                    await self.events.workspaces(events)
+                except Exception as exc:
+                    log.warning("publishing %d connection updates failed: %s", len(events), exc)
         await self.check_authorization([w for w in live if not w.ended])
 
     async def check_authorization(self, watches: list[Watch]) -> None:

@@ -136,6 +136,49 @@ async def test_one_update_and_one_check_per_tick_for_all_sessions(db: Database) 
     assert not monitor.watches
 
 
+@attrs.define
+class BatchPublisher(RecordingPublisher):
+    """A publisher with publish_many (as agentd.store.pubsub.PubSub): records each batch."""
+
+    batches: list[int] = attrs.field(factory=list)
+
+    async def publish_many(self, messages: Sequence[tuple[str, str]]) -> None:
+        self.batches.append(len(messages))
+        for channel, payload in messages:
+            await self.publish(channel, payload)
+
+
+async def test_the_disconnects_one_tick_clears_are_published_in_one_batch(db: Database) -> None:
+    publisher = BatchPublisher()
+    monitor = ConnectionMonitor(db=db, events=Events(publisher), replica_id=uuid.UUID(int=7))
+    workspaces = [await seed(db, f"w{i}", username=f"u{i}") for i in range(3)]
+    await db.execute("UPDATE workspace_agents SET disconnected_at = now()")  # all were disconnected
+    for ws in workspaces:
+        ident = await authenticate_agent(db, ws.agents[0].token)
+        assert ident is not None
+        await monitor.open(ident, end=lambda reason: None, monitored=True, pinger=Pinger())
+    assert len(publisher.sent) == 3 and publisher.batches == []  # the start events, one each
+    await monitor.tick()
+    assert publisher.batches == [3]
+    assert sorted(publisher.sent[3:]) == sorted(
+        (
+            f"workspace_owner:{ws.owner_id}",
+            f'{{"kind":"{AGT_CONNECTION_UPDATE}","workspace_id":'
+            f'"{ws.workspace_id}","agent_id":"{ws.agents[0].id}"}}',
+        )
+        for ws in workspaces
+    )
+    await monitor.tick()
+    assert publisher.batches == [3]  # nothing changed since
+
+
+async def test_publish_many_delivers_in_order(db: Database, pubsub: Any) -> None:
+    async with pubsub.subscribe("workspace_owner:x") as sub:
+        await pubsub.publish_many([("workspace_owner:x", f"m{i}") for i in range(5)])
+        with trio.fail_after(10):
+            assert [await sub.__anext__() for _ in range(5)] == [f"m{i}" for i in range(5)]
+
+
 async def test_silent_sessions_are_dropped_on_the_shared_tick(db: Database, clock: Any) -> None:
     monitor = ConnectionMonitor(db=db, events=Events(RecordingPublisher()), replica_id=uuid.UUID(int=7))
     ws = await seed(db)
