@@ -19,7 +19,8 @@ in coderd; every session is *watched* (authorisation re-checked).
 
 * start (:meth:`ConnectionMonitor.open`): ``first_connected_at`` = existing or now,
   ``last_connected_at`` = now, ``disconnected_at`` kept, ``last_connected_replica_id`` = this replica,
-  ``updated_at`` = now — one statement — then an ``agt_connection_update`` event.
+  ``updated_at`` = now — one statement, shared by the sessions starting at the same moment — then an
+  ``agt_connection_update`` event (one NOTIFY statement for the same batch).
 * end: the monitor ends a session by cancelling it (:attr:`Watch.end`); it never waits for a peer.
   The connection then closes its transport FIRST (WebSocket close 1001 + reason where it is one),
   and only then :meth:`ConnectionMonitor.close` writes ``disconnected_at`` = now and publishes the
@@ -66,6 +67,8 @@ DEFAULT_DISCONNECT_TIMEOUT = 30.0
 MIN_DISCONNECT_TIMEOUT = 2.0
 #: Upper bound of the final disconnect write (and of closing the transport before it).
 MAX_CLOSE_TIMEOUT = 5.0
+#: Upper bound of a session's start write (batched with other sessions starting at the same time).
+START_TIMEOUT = 10.0
 
 BUILD_OUTDATED = "build is outdated"
 WORKSPACE_DELETED = "workspace deleted"
@@ -137,6 +140,16 @@ class Watch:
 
 
 @attrs.define(eq=False)
+class _Start:
+    """One session waiting for its start write."""
+
+    ident: AgentIdentity
+    done: trio.Event = attrs.field(factory=trio.Event)
+    found: bool = False
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
 class ConnectionMonitor:
     """The process-wide monitor of every agent session; ``await nursery.start(monitor.run)``."""
 
@@ -148,8 +161,10 @@ class ConnectionMonitor:
     disconnect_timeout: float = attrs.field()
     close_timeout: float = attrs.field()
     watches: set[Watch] = attrs.field(factory=set, init=False)
-    #: Ticks run, and statements each kind issued (the cost model: one per tick, not per agent).
+    #: Ticks run (each: one UPDATE and one authorisation query, however many sessions).
     ticks: int = attrs.field(default=0, init=False)
+    _starting: list[_Start] = attrs.field(factory=list, init=False)
+    _start_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
 
     @disconnect_timeout.default
     def _default_timeout(self) -> float:
@@ -173,14 +188,51 @@ class ConnectionMonitor:
         the session does not start, as when coderd's first write fails)."""
         watch = Watch(ident=ident, end=end, monitored=monitored, pinger=pinger, last_ping=trio.current_time())
         if monitored:
-            found = await queries.mark_session_start(
-                self.db, ident.agent_id, now=self.now(), replica_id=self.replica_id
-            )
-            if found is None:
-                raise LookupError(f"agent {ident.agent_id} no longer exists")
-            await self._publish(ident)
+            await self._start(ident)
         self.watches.add(watch)
         return watch
+
+    async def _start(self, ident: AgentIdentity) -> None:
+        """The start write and event of one session, batched with every other session starting
+        meanwhile: whoever gets the lock writes for all who queued up while the previous statement ran
+        (no timer, so a lone connect waits for nothing). Shielded and bounded: a write that happened
+        is never abandoned by a cancelled caller (the caller's teardown then records the disconnect)."""
+        start = _Start(ident)
+        self._starting.append(start)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + START_TIMEOUT
+            async with self._start_lock:  # FIFO: one batch statement at a time
+                if not start.done.is_set():
+                    batch, self._starting = self._starting, []
+                    await self._write_starts(batch)
+        if start.error is not None:
+            raise start.error
+        if not start.found:
+            raise LookupError(f"agent {ident.agent_id}: start write failed (no such agent, or timed out)")
+
+    async def _write_starts(self, batch: list[_Start]) -> None:
+        """One statement for the batch, then its events in one; every item is done afterwards."""
+        try:
+            found = await queries.mark_sessions_started(
+                self.db, sorted({s.ident.agent_id for s in batch}), now=self.now(), replica_id=self.replica_id
+            )
+            for start in batch:
+                start.found = start.ident.agent_id in found
+            events = [
+                (s.ident.owner_id, AGT_CONNECTION_UPDATE, s.ident.workspace_id, s.ident.agent_id)
+                for s in batch
+                if s.found
+            ]
+            try:
+                await self.events.workspaces(events)
+            except Exception as exc:
+                log.warning("publishing %d connection updates failed: %s", len(events), exc)
+        except Exception as exc:
+            for start in batch:
+                start.error = exc
+        finally:
+            for start in batch:
+                start.done.set()
 
     async def close(self, watch: Watch) -> None:
         """The session has ended and its transport is closed: forget it; for a monitored one write

@@ -157,7 +157,8 @@ async def test_the_disconnects_one_tick_clears_are_published_in_one_batch(db: Da
         ident = await authenticate_agent(db, ws.agents[0].token)
         assert ident is not None
         await monitor.open(ident, end=lambda reason: None, monitored=True, pinger=Pinger())
-    assert len(publisher.sent) == 3 and publisher.batches == []  # the start events, one each
+    assert len(publisher.sent) == 3  # the start events
+    publisher.batches.clear()
     await monitor.tick()
     assert publisher.batches == [3]
     assert sorted(publisher.sent[3:]) == sorted(
@@ -177,6 +178,49 @@ async def test_publish_many_delivers_in_order(db: Database, pubsub: Any) -> None
         await pubsub.publish_many([("workspace_owner:x", f"m{i}") for i in range(5)])
         with trio.fail_after(10):
             assert [await sub.__anext__() for _ in range(5)] == [f"m{i}" for i in range(5)]
+
+
+async def test_sessions_starting_together_share_their_start_write(db: Database) -> None:
+    """Ten connects at once: the start writes and their events go out in at most two batches, and
+    every row and event is as if each had its own."""
+    counting = CountingDatabase(db)
+    publisher = BatchPublisher()
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    monitor = ConnectionMonitor(
+        db=counting, events=Events(publisher), replica_id=uuid.UUID(int=7), now=lambda: now
+    )
+    workspaces = [await seed(db, f"w{i}", username=f"u{i}") for i in range(10)]
+    idents = [await authenticate_agent(db, ws.agents[0].token) for ws in workspaces]
+    watches: list[Watch] = []
+
+    async def open_one(ident: Any) -> None:
+        watches.append(await monitor.open(ident, end=lambda reason: None, monitored=True, pinger=Pinger()))
+
+    async with trio.open_nursery() as nursery:
+        for ident in idents:
+            nursery.start_soon(open_one, ident)
+    assert len(watches) == 10
+    assert counting.statements.count("UPDATE") <= 2 and sum(publisher.batches) == 10
+    assert len(publisher.batches) == counting.statements.count("UPDATE")
+    for ws in workspaces:
+        row = await agent_row(db, ws.agents[0].id)
+        assert row["first_connected_at"] == row["last_connected_at"] == row["updated_at"] == now
+    assert sorted(p for _, p in publisher.sent) == sorted(
+        f'{{"kind":"{AGT_CONNECTION_UPDATE}","workspace_id":"{ws.workspace_id}","agent_id":"{ws.agents[0].id}"}}'
+        for ws in workspaces
+    )
+
+
+async def test_a_start_write_for_a_missing_agent_refuses_that_session_only(db: Database) -> None:
+    monitor = ConnectionMonitor(db=db, events=Events(RecordingPublisher()), replica_id=uuid.UUID(int=7))
+    ws = await seed(db)
+    ident = await authenticate_agent(db, ws.agents[0].token)
+    assert ident is not None
+    ghost = attrs.evolve(ident, agent_id=uuid.uuid4())
+    with pytest.raises(LookupError, match="start write failed"):
+        await monitor.open(ghost, end=lambda reason: None, monitored=True)
+    watch = await monitor.open(ident, end=lambda reason: None, monitored=True)
+    assert watch in monitor.watches and len(monitor.watches) == 1
 
 
 async def test_silent_sessions_are_dropped_on_the_shared_tick(db: Database, clock: Any) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "mark_connected",
     "mark_disconnected",
     "mark_session_start",
+    "mark_sessions_started",
     "session_authorizations",
     "update_connection",
     "workspace_identities",
@@ -303,6 +304,19 @@ async def mark_session_start(
         {"now": now, "replica": replica_id, "id": agent_id},
     )
     return None if row is None else bool(row["disconnected"])
+
+
+async def mark_sessions_started(
+    db: Queryable, agent_ids: Sequence[uuid.UUID], *, now: dt.datetime, replica_id: uuid.UUID
+) -> set[uuid.UUID]:
+    """:func:`mark_session_start` for many agents in one statement; returns the agents found."""
+    rows = await db.fetchall(
+        "UPDATE workspace_agents SET first_connected_at = COALESCE(first_connected_at, %(now)s),"
+        " last_connected_at = %(now)s, last_connected_replica_id = %(replica)s, updated_at = %(now)s"
+        " WHERE id = ANY(%(ids)s) RETURNING id",
+        {"now": now, "replica": replica_id, "ids": list(agent_ids)},
+    )
+    return {row["id"] for row in rows}
 
 
 async def mark_connected(
