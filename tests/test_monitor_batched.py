@@ -131,6 +131,16 @@ async def test_one_update_and_one_check_per_tick_for_all_sessions(db: Database) 
     assert (await agent_row(db, workspaces[2].agents[0].id))["disconnected_at"] is None
     assert len(publisher.sent) == 6 and str(workspaces[2].agents[0].id) in publisher.sent[-1][1]
 
+    # A row locked elsewhere (a stuck transaction) is skipped; every other agent's tick goes on.
+    stuck = workspaces[0].agents[0].id
+    async with db.transaction() as tx:
+        await tx.execute("SELECT 1 FROM workspace_agents WHERE id = %s FOR UPDATE", (stuck,))
+        ticks.append(ticks[-1] + dt.timedelta(seconds=15))
+        with trio.fail_after(5):
+            await monitor.tick()
+    assert (await agent_row(db, stuck))["last_connected_at"] < ticks[-1]
+    assert (await agent_row(db, workspaces[1].agents[0].id))["last_connected_at"] == ticks[-1]
+
     for watch in watches:
         await monitor.close(watch)
     assert not monitor.watches

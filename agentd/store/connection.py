@@ -325,12 +325,13 @@ async def mark_connected(
     """One monitor tick for every given agent in one statement: ``last_connected_at`` = now and
     ``disconnected_at`` cleared. Returns the agents whose disconnect this cleared (their status
     changed: an ``agt_connection_update`` is due). Rows are locked in id order (no deadlock between
-    replicas ticking overlapping sets)."""
+    replicas ticking overlapping sets); a row another transaction holds is skipped until the next
+    tick, so one stuck row cannot stall the tick of every agent."""
     rows = await db.fetchall(
         "UPDATE workspace_agents a SET last_connected_at = %(now)s, disconnected_at = NULL,"
         " last_connected_replica_id = %(replica)s, updated_at = %(now)s"
         " FROM (SELECT id, disconnected_at FROM workspace_agents WHERE id = ANY(%(ids)s)"
-        "       ORDER BY id FOR UPDATE) prev"
+        "       ORDER BY id FOR UPDATE SKIP LOCKED) prev"
         " WHERE a.id = prev.id RETURNING a.id, prev.disconnected_at IS NOT NULL AS cleared",
         {"now": now, "replica": replica_id, "ids": list(agent_ids)},
     )
