@@ -35,3 +35,7 @@ bench-rpc *ARGS:
 # Fuzz a live daemon (bench/fuzz.py) for --seconds (default 180) or --max-inputs; numbers at the end.
 fuzz *ARGS:
     python bench/fuzz.py {{ARGS}}
+
+# Connect rate and idle cost of one `agentd serve` (needs PostgreSQL: --postgres URL of the server).
+bench-idle *ARGS:
+    python bench/idle_connect.py {{ARGS}}

@@ -1,6 +1,7 @@
 """Daemon-wide components shared by every agent connection (DESIGN task tree: process-wide batchers,
-tailnet coordinator, DERP map source, metrics). The daemon starts each one's ``run`` in its root nursery
-before accepting agents and flushes them on shutdown; tests start them in their own nursery.
+tailnet coordinator, DERP map source, metrics, connection monitor, workspace cache refresher). The
+daemon starts each one's ``run`` in its root nursery before accepting agents and flushes them on
+shutdown; tests start them in their own nursery.
 """
 
 from __future__ import annotations
@@ -23,3 +24,5 @@ class Components:
     derp_map: Any = None  # agentd.tailnet.derpmap.DerpMapSource (spec §8.2)
     metrics: Any = None  # agentd.metrics.AgentMetrics (issue 6)
     build_durations: Any = None  # agentd.services.lifecycle.BuildDurationHistogram (spec §7.5)
+    connection_monitor: Any = None  # agentd.monitor.ConnectionMonitor (spec §2.8); sessions need it
+    workspace_cache: Any = None  # agentd.services.workspace_cache.WorkspaceCacheRefresher (spec §4.3)

@@ -7,10 +7,20 @@ nursery whose cancel scope is the session (DESIGN's task tree)::
 
     agent nursery
     ├─ mux session (reader, writer, keepalive)   — its end cancels the whole nursery
-    ├─ connection monitor (role "" or "agent")   — may end the session: ping timeout, build outdated
-    ├─ workspace cache refresher
+    ├─ pings (role "" or "agent")                — yamux pings; the process-wide monitor checks them
     ├─ one task per API (ApiTask): loads the API's state, runs its calls as its own children
     └─ RPC accept loop → one task per mux stream → DRPC → the call is handed to its API's task
+
+The periodic work of a session is process-wide (daemon components, one statement per tick for every
+session): the connection monitor (agentd.monitor: timestamps, ping silence, authorisation re-check;
+it may end the session) and the workspace cache refresher (agentd.services.workspace_cache). A
+session registers with both when it starts and leaves them when it ends: transport closed first,
+then the disconnect written, bounded.
+
+What a connect costs is kept small: the token lookup returns the identity, the workspace identity
+for the cache and the services' per-connection state in one query (``Authenticated``); the start
+write is one statement; services are composed from a :class:`ServiceTemplate` resolved once per
+process.
 
 An exception in one call becomes that call's DRPC error (the DRPC server's rule); it never reaches
 the API task, the agent nursery or the daemon. Anything else that fails inside an agent's nursery
@@ -43,12 +53,21 @@ from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import Handler, Registry, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
-from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor, disconnect_timeout_for
+from agentd.monitor import Watch
 from agentd.mux import MuxConfig, MuxSession
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import AgentIdentity, ConnectionScope, Now, Settings, WorkspaceCache, utcnow
+from agentd.services.base import (
+    AgentIdentity,
+    ConnectionScope,
+    Now,
+    Preload,
+    Settings,
+    WorkspaceCache,
+    WorkspaceIdentity,
+    utcnow,
+)
 from agentd.services.events import Events
-from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
+from agentd.services.workspace_cache import CacheEntry
 from agentd.store import connection as queries
 from agentd.store.errors import DataError
 from agentd.websocket import WebSocketByteStream
@@ -59,6 +78,7 @@ __all__ = [
     "ApiTask",
     "CompositionError",
     "ServiceBuilder",
+    "ServiceTemplate",
     "build_registry",
     "compose_services",
     "load_service_builders",
@@ -99,8 +119,8 @@ def compose_services(scope: ConnectionScope, builders: Mapping[str, ServiceBuild
     return [ApiTask(name, build(scope)) for name, build in builders.items()]
 
 
-def build_registry(apis: Sequence[ApiTask]) -> Registry:
-    """Every handler wrapped to run in its API's task; every other RPC explicitly unimplemented."""
+def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
+    """Every handler wrapped to run in its API's task; two APIs claiming one path is refused."""
     handlers: dict[str, Handler] = {}
     owner: dict[str, str] = {}
     for api in apis:
@@ -109,8 +129,42 @@ def build_registry(apis: Sequence[ApiTask]) -> Registry:
                 raise CompositionError(f"{path} is handled by both {owner[path]} and {api.name}")
             handlers[path] = api.wrap(handler)
             owner[path] = api.name
+    return handlers
+
+
+def build_registry(apis: Sequence[ApiTask]) -> Registry:
+    """Every handler wrapped to run in its API's task; every other RPC explicitly unimplemented."""
+    handlers = _handlers(apis)
     unimplemented = set(method_table()) - set(handlers)
     return Registry.build(handlers=handlers, unimplemented=unimplemented)
+
+
+@attrs.define(eq=False)
+class ServiceTemplate:
+    """The services of every connection of the process, resolved once: the builders, and the route
+    table checked on the first composition (which paths are handled, which answer Unimplemented).
+
+    Each connection then only builds its service objects and binds their handlers; the registry's
+    coverage checks (every RPC handled or explicitly unimplemented, no path claimed twice) are not
+    repeated as long as a connection's services handle the same paths.
+    """
+
+    builders: Mapping[str, ServiceBuilder]
+    _handled: frozenset[str] | None = attrs.field(default=None, init=False)
+
+    @classmethod
+    def load(cls, modules: Iterable[str] = SERVICE_MODULES) -> ServiceTemplate:
+        return cls(load_service_builders(modules))
+
+    def compose(self, scope: ConnectionScope) -> tuple[list[ApiTask], Registry]:
+        """This connection's ApiTasks and registry."""
+        apis = [ApiTask(name, build(scope)) for name, build in self.builders.items()]
+        handlers = _handlers(apis)
+        if self._handled is None or self._handled != handlers.keys():
+            registry = Registry.build(handlers=handlers, unimplemented=set(method_table()) - set(handlers))
+            self._handled = frozenset(handlers)
+            return apis, registry
+        return apis, Registry({path: (method, handlers.get(path)) for path, method in method_table().items()})
 
 
 class _Call:
@@ -206,7 +260,11 @@ class ApiTask:
 
 @attrs.define(eq=False)
 class AgentConnection:
-    """One authenticated agent session over an upgraded transport; ``await connection.run()``."""
+    """One authenticated agent session over an upgraded transport; ``await connection.run()``.
+
+    ``components`` must hold the process-wide ``connection_monitor`` and ``workspace_cache``
+    (the daemon's, or a test's own, running).
+    """
 
     transport: trio.abc.Stream
     ident: AgentIdentity
@@ -215,33 +273,63 @@ class AgentConnection:
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)
     monitoring: bool = True
-    builders: Mapping[str, ServiceBuilder] = attrs.field(factory=load_service_builders)
+    builders: Mapping[str, ServiceBuilder] | None = None
+    template: ServiceTemplate = attrs.field()
     mux_config: MuxConfig = attrs.field(factory=MuxConfig)
     rpc_limits: ServerLimits = attrs.field(factory=ServerLimits)
-    ping_period: float = DEFAULT_PING_PERIOD
-    cache_refresh_interval: float = REFRESH_INTERVAL
     now: Now = utcnow
+    #: What the connect query read (None: the cache and the services read their own).
+    workspace: WorkspaceIdentity | None = None
+    preload: Preload | None = None
     # Set while running; tests and the daemon's metrics look at them.
     session: MuxSession | None = attrs.field(default=None, init=False)
     request_budget: RequestBudget | None = attrs.field(default=None, init=False)
     scope: ConnectionScope | None = attrs.field(default=None, init=False)
     apis: list[ApiTask] = attrs.field(factory=list, init=False)
-    monitor: ConnectionMonitor | None = attrs.field(default=None, init=False)
-    refresher: WorkspaceCacheRefresher | None = attrs.field(default=None, init=False)
+    watch: Watch | None = attrs.field(default=None, init=False)
+    cache_entry: CacheEntry | None = attrs.field(default=None, init=False)
     _cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
+    @template.default
+    def _template(self) -> ServiceTemplate:
+        return ServiceTemplate(self.builders) if self.builders is not None else ServiceTemplate.load()
+
     @classmethod
-    def from_upgraded(cls, upgraded: Upgraded[AgentIdentity], **kwargs: Any) -> AgentConnection:
+    def from_upgraded(
+        cls, upgraded: Upgraded[queries.Authenticated] | Upgraded[AgentIdentity], **kwargs: Any
+    ) -> AgentConnection:
         """From the handshake's outcome: the version the agent asked for and its role's monitoring."""
-        ident = attrs.evolve(upgraded.agent, api_version=(upgraded.version.major, upgraded.version.minor))
+        agent = upgraded.agent
+        if isinstance(agent, queries.Authenticated):
+            kwargs.setdefault("workspace", agent.workspace)
+            kwargs.setdefault("preload", agent.preload)
+            ident = agent.ident
+        else:
+            ident = agent
+        ident = attrs.evolve(ident, api_version=(upgraded.version.major, upgraded.version.minor))
         return cls(transport=upgraded.transport, ident=ident, monitoring=upgraded.monitoring, **kwargs)
+
+    @property
+    def monitor(self) -> Watch | None:
+        """The session's watch when the connection monitor records it (role "" or "agent")."""
+        return self.watch if self.watch is not None and self.watch.monitored else None
 
     def close(self) -> None:
         """End the session now (daemon shutdown, tests)."""
         self._cancel.cancel()
 
+    def _end(self, reason: str) -> None:
+        """The monitor's way to end this session: cancel it; the teardown closes with the reason."""
+        self._cancel.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the agent until its transport or session ends; started = first RPC may be served."""
+        monitor = self.components.connection_monitor
+        refresher = self.components.workspace_cache
+        if monitor is None or refresher is None:
+            raise CompositionError(
+                "an agent session needs the connection_monitor and workspace_cache components"
+            )
         session = self.session = MuxSession(self.transport, is_client=False, config=self.mux_config)
         cache = WorkspaceCache()
         scope = self.scope = ConnectionScope(
@@ -252,42 +340,61 @@ class AgentConnection:
             settings=self.settings,
             components=self.components,
             now=self.now,
+            preload=self.preload,
         )
+        self.apis, registry = self.template.compose(scope)
         try:
-            self.apis = compose_services(scope, self.builders)
-            registry = build_registry(self.apis)
-            with self._cancel:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self._run_session, session, nursery.cancel_scope)
-                    if self.monitoring:
-                        self.monitor = ConnectionMonitor(
-                            db=self.db,
-                            events=self.events,
-                            ident=self.ident,
-                            replica_id=self.settings.replica_id,
-                            pinger=session,
-                            close=self._close_with_reason,
-                            now=self.now,
-                            ping_period=self.ping_period,
-                            disconnect_timeout=disconnect_timeout_for(self.ping_period),
+            async with trio.open_nursery() as nursery:
+                # The mux session's end (transport gone) cancels everything of this agent.
+                await nursery.start(self._run_session, session, nursery.cancel_scope)
+                try:
+                    with self._cancel:
+                        self.watch = await monitor.open(
+                            self.ident,
+                            end=self._end,
+                            monitored=self.monitoring,
+                            pinger=session if self.monitoring else None,
                         )
-                        await nursery.start(self.monitor.run)
-                    self.refresher = WorkspaceCacheRefresher(
-                        cache, self.ident.workspace_id, self._read_workspace, self.cache_refresh_interval
-                    )
-                    await nursery.start(self.refresher.run)
-                    for api in self.apis:
-                        await nursery.start(api.run)
-                    self.request_budget = RequestBudget(self.rpc_limits.request_buffer_budget)
-                    await nursery.start(
-                        functools.partial(serve_session, limits=self.rpc_limits, budget=self.request_budget),
-                        session,
-                        registry,
-                    )
-                    task_status.started()
+                        if self.monitoring:
+                            await nursery.start(self.watch.pings, monitor.ping_period)
+                        if self.workspace is not None:
+                            self.cache_entry = await refresher.add(
+                                cache, self.ident.workspace_id, self.workspace
+                            )
+                        else:
+                            self.cache_entry = await refresher.add(cache, self.ident.workspace_id)
+                        async with trio.open_nursery() as apis:
+                            for api in self.apis:
+                                await apis.start(api.run)
+                            self.request_budget = RequestBudget(self.rpc_limits.request_buffer_budget)
+                            await apis.start(
+                                functools.partial(
+                                    serve_session, limits=self.rpc_limits, budget=self.request_budget
+                                ),
+                                session,
+                                registry,
+                            )
+                            task_status.started()
+                finally:
+                    # Before the session's own cancellation can close the transport without a reason.
+                    with trio.CancelScope(shield=True):
+                        await self._teardown(monitor, refresher, session)
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()
+
+    async def _teardown(self, monitor: Any, refresher: Any, session: MuxSession) -> None:
+        """Shielded by the caller: clear the cache, close the transport (WebSocket: 1001 + reason),
+        then record the disconnect — in that order, each bounded."""
+        if self.cache_entry is not None:
+            refresher.discard(self.cache_entry)
+        watch = self.watch
+        with trio.move_on_after(monitor.close_timeout):
+            tell = watch is not None and (watch.monitored or watch.ended)
+            await self._close_with_reason(watch.reason if watch is not None else "disconnect", tell=tell)
+        if watch is not None:
+            await monitor.close(watch)
 
     async def _run_session(
         self, session: MuxSession, agent_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
@@ -297,15 +404,15 @@ class AgentConnection:
         finally:
             agent_scope.cancel()
 
-    async def _read_workspace(self, workspace_id: uuid.UUID) -> Any:
-        return await queries.workspace_identity(self.db, workspace_id)
-
-    async def _close_with_reason(self, reason: str) -> None:
+    async def _close_with_reason(self, reason: str, *, tell: bool) -> None:
         """coderd closes the WebSocket with 1001 + reason; a raw yamux transport just closes."""
-        if isinstance(self.transport, WebSocketByteStream):
-            await self.transport.close(GOING_AWAY, reason)
-        if self.session is not None:
-            await self.session.aclose()
+        try:
+            if tell and isinstance(self.transport, WebSocketByteStream):
+                await self.transport.close(GOING_AWAY, reason)
+            if self.session is not None:
+                await self.session.aclose()
+        except Exception as exc:
+            log.debug("agent %s: close failed: %s", self.ident.agent_id, exc)
 
 
 async def serve(connection: AgentConnection) -> None:
@@ -329,15 +436,15 @@ class AgentSessions:
     events: Events
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)
-    builders: Mapping[str, ServiceBuilder] = attrs.field(factory=load_service_builders)
+    template: ServiceTemplate = attrs.field(factory=ServiceTemplate.load)
     live: set[AgentConnection] = attrs.field(factory=set, init=False)
     _closing: bool = attrs.field(default=False, init=False)
 
-    async def lookup(self, token: uuid.UUID) -> AgentIdentity | None:
-        """The handshake's token lookup (spec §2.2)."""
-        return await queries.authenticate_agent(self.db, token)
+    async def lookup(self, token: uuid.UUID) -> queries.Authenticated | None:
+        """The handshake's token lookup (spec §2.2), with what the connection reads at start."""
+        return await queries.authenticate_connection(self.db, token)
 
-    async def serve(self, upgraded: Upgraded[AgentIdentity]) -> None:
+    async def serve(self, upgraded: Upgraded[queries.Authenticated]) -> None:
         """Run one upgraded agent connection to its end; never raises for that agent's failures."""
         connection = AgentConnection.from_upgraded(
             upgraded,
@@ -345,7 +452,7 @@ class AgentSessions:
             events=self.events,
             settings=self.settings,
             components=self.components,
-            builders=self.builders,
+            template=self.template,
         )
         if self._closing:
             connection.close()

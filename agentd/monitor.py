@@ -1,41 +1,59 @@
-"""The connection monitor of one agent session (spec §2.8, coderd's agentConnectionMonitor).
+"""The connection monitor (spec §2.8, coderd's agentConnectionMonitor), process-wide.
 
-Runs only when the agent dialled with role empty or ``agent``. Shape:
+coderd runs one monitor per agent connection, each with its own ticker and queries. agentd keeps
+the observable behaviour and pays for it once per tick for the whole process: one
+:class:`ConnectionMonitor` (a daemon component, DESIGN task tree) holds a :class:`Watch` for every
+live session and, every ``ping_period``:
 
-* start: ``first_connected_at`` = existing or now, ``last_connected_at`` = now, ``disconnected_at``
-  kept, ``last_connected_replica_id`` = this replica, ``updated_at`` = now; written, then an
-  ``agt_connection_update`` event.
-* pinger: a yamux ping every ``ping_period``; each answer records the time. Like coderd it stops at
-  the first failed ping, so the ticker notices the silence.
-* ticker, every ``ping_period``: no answer for more than ``disconnect_timeout`` closes the connection
-  ("ping timeout"); else ``last_connected_at`` = now (and ``disconnected_at`` cleared) is written, an
-  event is published if that cleared a disconnect, and the agent's build must still be the workspace's
-  latest ("build is outdated" closes the connection).
-* exit (any reason, including the session ending under it): ``disconnected_at`` = now, a final write
-  and event shielded from cancellation but bounded by ``disconnect_timeout``, and the connection is
-  closed with the reason (WebSocket close 1001 + reason where the transport is a WebSocket).
+* closes the sessions whose yamux pings have been unanswered for more than ``disconnect_timeout``
+  ("ping timeout"); the pings themselves stay per connection (:meth:`Watch.pings`, a task in the
+  agent's nursery), only the silence check runs here;
+* writes ``last_connected_at`` = now (``disconnected_at`` cleared) for every monitored agent in ONE
+  statement and publishes ``agt_connection_update`` for those whose disconnect that cleared;
+* re-checks every session's authorisation in ONE query — for every role, not only the monitored
+  ones (issue 11): the agent's build is no longer the workspace's latest ("build is outdated"), the
+  workspace or the agent was deleted ("workspace deleted", "agent deleted") → the session ends.
+
+Per session, only the role "" / "agent" sessions are *monitored* (timestamps written, pinged), as
+in coderd; every session is *watched* (authorisation re-checked).
+
+* start (:meth:`ConnectionMonitor.open`): ``first_connected_at`` = existing or now,
+  ``last_connected_at`` = now, ``disconnected_at`` kept, ``last_connected_replica_id`` = this replica,
+  ``updated_at`` = now — one statement, shared by the sessions starting at the same moment — then an
+  ``agt_connection_update`` event (one NOTIFY statement for the same batch).
+* end: the monitor ends a session by cancelling it (:attr:`Watch.end`); it never waits for a peer.
+  The connection then closes its transport FIRST (WebSocket close 1001 + reason where it is one),
+  and only then :meth:`ConnectionMonitor.close` writes ``disconnected_at`` = now and publishes the
+  event, bounded by ``close_timeout`` (a few seconds): a database that hangs can never hold a closed
+  session open (issue 11 item 3).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 import trio
+from trio_util import periodic  # type: ignore[import-untyped]
 
 from agentd.services.base import AgentIdentity, Now, utcnow
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.store import connection as queries
-from agentd.store.connection import ConnectionTimes
 
 __all__ = [
+    "AGENT_DELETED",
+    "BUILD_OUTDATED",
     "DEFAULT_DISCONNECT_TIMEOUT",
     "DEFAULT_PING_PERIOD",
+    "DISCONNECT",
+    "PING_TIMEOUT",
+    "WORKSPACE_DELETED",
     "ConnectionMonitor",
     "Pinger",
+    "Watch",
     "disconnect_timeout_for",
 ]
 
@@ -47,8 +65,14 @@ DEFAULT_PING_PERIOD = 15.0
 DEFAULT_DISCONNECT_TIMEOUT = 30.0
 #: coderd's floor for the disconnect timeout.
 MIN_DISCONNECT_TIMEOUT = 2.0
+#: Upper bound of the final disconnect write (and of closing the transport before it).
+MAX_CLOSE_TIMEOUT = 5.0
+#: Upper bound of a session's start write (batched with other sessions starting at the same time).
+START_TIMEOUT = 10.0
 
 BUILD_OUTDATED = "build is outdated"
+WORKSPACE_DELETED = "workspace deleted"
+AGENT_DELETED = "agent deleted"
 PING_TIMEOUT = "ping timeout"
 DISCONNECT = "disconnect"
 
@@ -59,130 +83,262 @@ def disconnect_timeout_for(ping_period: float) -> float:
 
 
 class Pinger(Protocol):
-    """What the monitor needs from the mux session: ``agentd.mux.MuxSession`` fits."""
+    """What a watch needs from the mux session: ``agentd.mux.MuxSession`` fits."""
 
     async def ping(self) -> float: ...
 
 
-Closer = Callable[[str], Awaitable[None]]
+def _error_reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+@attrs.define(eq=False)
+class Watch:
+    """One live session under the monitor. ``end(reason)`` cancels that session (synchronously)."""
+
+    ident: AgentIdentity
+    end: Callable[[str], None]
+    #: Role "" or "agent": connection timestamps written, pings checked (spec §2.8).
+    monitored: bool
+    pinger: Pinger | None = None
+    #: trio time of the last answered ping (or of the start).
+    last_ping: float = 0.0
+    #: Why the session ended ("disconnect" unless the monitor ended it).
+    reason: str = DISCONNECT
+    ended: bool = False
+    pings_answered: int = 0
+
+    def stop(self, reason: str) -> None:
+        """End the session with ``reason`` (the first reason wins)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.reason = reason
+        log.info("agent %s: ending session: %s", self.ident.agent_id, reason)
+        self.end(reason)
+
+    async def pings(
+        self, period: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Ping the agent every ``period``; each answer is recorded. Like coderd it stops at the first
+        failed or unanswered ping, so the monitor's tick notices the silence."""
+        task_status.started()
+        if self.pinger is None:
+            return
+        while True:
+            await trio.sleep(period)
+            with trio.move_on_after(period) as scope:
+                try:
+                    await self.pinger.ping()
+                except Exception as exc:
+                    log.debug("agent %s: ping failed: %s", self.ident.agent_id, exc)
+                    return
+            if scope.cancelled_caught:
+                return
+            self.last_ping = trio.current_time()
+            self.pings_answered += 1
+
+
+@attrs.define(eq=False)
+class _Start:
+    """One session waiting for its start write."""
+
+    ident: AgentIdentity
+    done: trio.Event = attrs.field(factory=trio.Event)
+    found: bool = False
+    error: BaseException | None = None
 
 
 @attrs.define(eq=False)
 class ConnectionMonitor:
-    """One agent session's monitor; ``await nursery.start(monitor.run)`` in the agent nursery.
-
-    ``close(reason)`` ends the session (the connection passes one that closes the WebSocket with
-    1001 + reason and the mux session); the monitor calls it when it gives up and when it exits.
-    """
+    """The process-wide monitor of every agent session; ``await nursery.start(monitor.run)``."""
 
     db: Any  # agentd.store.Database
     events: Events
-    ident: AgentIdentity
     replica_id: uuid.UUID
-    pinger: Pinger
-    close: Closer
     now: Now = utcnow
     ping_period: float = DEFAULT_PING_PERIOD
     disconnect_timeout: float = attrs.field()
-    times: ConnectionTimes = attrs.field(init=False, default=ConnectionTimes(None, None, None, None))
-    reason: str = attrs.field(init=False, default=DISCONNECT)
-    _last_ping: float = attrs.field(init=False, default=0.0)
+    close_timeout: float = attrs.field()
+    watches: set[Watch] = attrs.field(factory=set, init=False)
+    #: Ticks run (each: one UPDATE and one authorisation query, however many sessions).
+    ticks: int = attrs.field(default=0, init=False)
+    _starting: list[_Start] = attrs.field(factory=list, init=False)
+    _start_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
 
     @disconnect_timeout.default
     def _default_timeout(self) -> float:
         return disconnect_timeout_for(self.ping_period)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Initial write and event, then ping and tick until a close reason or cancellation."""
-        await self._start()
+    @close_timeout.default
+    def _default_close_timeout(self) -> float:
+        return min(self.disconnect_timeout, MAX_CLOSE_TIMEOUT)
+
+    # ---- per session --------------------------------------------------------------------------
+
+    async def open(
+        self,
+        ident: AgentIdentity,
+        *,
+        end: Callable[[str], None],
+        monitored: bool,
+        pinger: Pinger | None = None,
+    ) -> Watch:
+        """Watch a new session; a monitored one gets its start write and event first (errors raise:
+        the session does not start, as when coderd's first write fails)."""
+        watch = Watch(ident=ident, end=end, monitored=monitored, pinger=pinger, last_ping=trio.current_time())
+        if monitored:
+            await self._start(ident)
+        self.watches.add(watch)
+        return watch
+
+    async def _start(self, ident: AgentIdentity) -> None:
+        """The start write and event of one session, batched with every other session starting
+        meanwhile: whoever gets the lock writes for all who queued up while the previous statement ran
+        (no timer, so a lone connect waits for nothing). Shielded and bounded: a write that happened
+        is never abandoned by a cancelled caller (the caller's teardown then records the disconnect)."""
+        start = _Start(ident)
+        self._starting.append(start)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + START_TIMEOUT
+            async with self._start_lock:  # FIFO: one batch statement at a time
+                if not start.done.is_set():
+                    batch, self._starting = self._starting, []
+                    await self._write_starts(batch)
+        if start.error is not None:
+            raise start.error
+        if not start.found:
+            raise LookupError(f"agent {ident.agent_id}: start write failed (no such agent, or timed out)")
+
+    async def _write_starts(self, batch: list[_Start]) -> None:
+        """One statement for the batch, then its events in one; every item is done afterwards."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pings)
-                task_status.started()
-                self.reason = await self._ticks()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._finish()
-
-    async def _start(self) -> None:
-        existing = await queries.connection_times(self.db, self.ident.agent_id)
-        now = self.now()
-        self._last_ping = trio.current_time()
-        self.times = ConnectionTimes(
-            first_connected_at=(existing.first_connected_at if existing else None) or now,
-            last_connected_at=now,
-            disconnected_at=existing.disconnected_at if existing else None,
-            last_connected_replica_id=self.replica_id,
-        )
-        await self._write(now)
-        await self._publish()
-
-    async def _pings(self) -> None:
-        while True:
-            await trio.sleep(self.ping_period)
-            with trio.move_on_after(self.ping_period) as scope:
-                try:
-                    await self.pinger.ping()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, Exception) as exc:
-                    log.debug("agent %s: ping failed: %s", self.ident.agent_id, exc)
-                    return
-            if scope.cancelled_caught:
-                return
-            self._last_ping = trio.current_time()
-
-    async def _ticks(self) -> str:
-        """Returns the reason to close the connection."""
-        while True:
-            await trio.sleep(self.ping_period)
-            silent = trio.current_time() - self._last_ping
-            if silent > self.disconnect_timeout:
-                return PING_TIMEOUT
-            was_disconnected = self.times.disconnected_at is not None
-            now = self.now()
-            self.times = attrs.evolve(self.times, disconnected_at=None, last_connected_at=now)
+            found = await queries.mark_sessions_started(
+                self.db, sorted({s.ident.agent_id for s in batch}), now=self.now(), replica_id=self.replica_id
+            )
+            for start in batch:
+                start.found = start.ident.agent_id in found
+            events = [
+                (s.ident.owner_id, AGT_CONNECTION_UPDATE, s.ident.workspace_id, s.ident.agent_id)
+                for s in batch
+                if s.found
+            ]
             try:
-                await self._write(now)
+                await self.events.workspaces(events)
             except Exception as exc:
-                log.warning("agent %s: connection update failed: %s", self.ident.agent_id, exc)
-                return str(exc) or type(exc).__name__
-            if was_disconnected:
-                await self._publish_quietly()
-            try:
-                latest = await queries.latest_build_id(self.db, self.ident.workspace_id)
-            except Exception as exc:
-                log.warning("agent %s: latest build check failed: %s", self.ident.agent_id, exc)
-                return str(exc) or type(exc).__name__
-            if latest != self.ident.build_id:
-                return BUILD_OUTDATED
-
-    async def _finish(self) -> None:
-        """Shielded by the caller; bounded here: the disconnect write, the event, the close."""
-        log.info("agent %s: connection monitor exiting: %s", self.ident.agent_id, self.reason)
-        with trio.move_on_after(self.disconnect_timeout):
-            now = self.now()
-            self.times = attrs.evolve(self.times, disconnected_at=now)
-            try:
-                await self._write(now)
-            except Exception as exc:
-                log.warning("agent %s: disconnect update failed: %s", self.ident.agent_id, exc)
-            await self._publish_quietly()
-        with trio.move_on_after(self.disconnect_timeout):
-            try:
-                await self.close(self.reason)
-            except Exception as exc:
-                log.debug("agent %s: close failed: %s", self.ident.agent_id, exc)
-
-    async def _write(self, now: Any) -> None:
-        await queries.update_connection(self.db, self.ident.agent_id, self.times, updated_at=now)
-
-    async def _publish(self) -> None:
-        await self.events.workspace(
-            self.ident.owner_id, AGT_CONNECTION_UPDATE, self.ident.workspace_id, self.ident.agent_id
-        )
-
-    async def _publish_quietly(self) -> None:
-        try:
-            await self._publish()
+                log.warning("publishing %d connection updates failed: %s", len(events), exc)
         except Exception as exc:
-            log.warning("agent %s: publishing the connection update failed: %s", self.ident.agent_id, exc)
+            for start in batch:
+                start.error = exc
+        finally:
+            for start in batch:
+                start.done.set()
+
+    async def close(self, watch: Watch) -> None:
+        """The session has ended and its transport is closed: forget it; for a monitored one write
+        ``disconnected_at`` and publish, bounded by ``close_timeout`` and shielded from cancellation."""
+        self.watches.discard(watch)
+        watch.ended = True
+        if not watch.monitored:
+            return
+        log.info("agent %s: connection monitor exiting: %s", watch.ident.agent_id, watch.reason)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.close_timeout
+            try:
+                await queries.mark_disconnected(
+                    self.db, watch.ident.agent_id, now=self.now(), replica_id=self.replica_id
+                )
+            except Exception as exc:
+                log.warning("agent %s: disconnect update failed: %s", watch.ident.agent_id, exc)
+            await self._publish_quietly(watch.ident)
+        if scope.cancelled_caught:
+            log.warning(
+                "agent %s: disconnect not recorded within %g s", watch.ident.agent_id, self.close_timeout
+            )
+
+    # ---- process-wide ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tick every ``ping_period`` until cancelled (sessions end on their own)."""
+        task_status.started()
+        first = True
+        async for _ in periodic(self.ping_period):
+            if first:
+                first = False
+                continue
+            # A tick that hangs (database unreachable) must not stack up: the next one retries.
+            with trio.move_on_after(self.ping_period):
+                await self.tick()
+
+    async def tick(self) -> None:
+        """One tick for every live session: silence check, one timestamp write, one authorisation query."""
+        self.ticks += 1
+        now_t = trio.current_time()
+        live = [w for w in self.watches if not w.ended]
+        for watch in live:
+            if (
+                watch.monitored
+                and watch.pinger is not None
+                and now_t - watch.last_ping > self.disconnect_timeout
+            ):
+                watch.stop(PING_TIMEOUT)
+        live = [w for w in live if not w.ended]
+        if not live:
+            return
+        monitored = [w for w in live if w.monitored]
+        if monitored:
+            try:
+                cleared = await queries.mark_connected(
+                    self.db,
+                    sorted({w.ident.agent_id for w in monitored}),
+                    now=self.now(),
+                    replica_id=self.replica_id,
+                )
+            except Exception as exc:
+                # coderd closes the connection when its update fails; so does every monitored session.
+                log.warning("connection update of %d agents failed: %s", len(monitored), exc)
+                for watch in monitored:
+                    watch.stop(_error_reason(exc))
+                return
+            if cleared:
+                # After a restart every reconnected agent's disconnect is cleared here: one NOTIFY
+                # statement for all of them.
+                changed = {w.ident.agent_id: w.ident for w in monitored if w.ident.agent_id in cleared}
+                events = [
+                    (i.owner_id, AGT_CONNECTION_UPDATE, i.workspace_id, i.agent_id) for i in changed.values()
+                ]
+                try:
+                    await self.events.workspaces(events)
+                except Exception as exc:
+                    log.warning("publishing %d connection updates failed: %s", len(events), exc)
+        await self.check_authorization([w for w in live if not w.ended])
+
+    async def check_authorization(self, watches: list[Watch]) -> None:
+        """End the sessions whose build is no longer the latest, or whose workspace or agent is gone."""
+        if not watches:
+            return
+        pairs = sorted({(w.ident.agent_id, w.ident.workspace_id) for w in watches})
+        try:
+            states = await queries.session_authorizations(self.db, pairs)
+        except Exception as exc:
+            log.warning("authorisation check of %d sessions failed: %s", len(watches), exc)
+            for watch in watches:
+                watch.stop(_error_reason(exc))
+            return
+        for watch in watches:
+            state = states.get(watch.ident.agent_id)
+            if state is None or state.agent_deleted:
+                watch.stop(AGENT_DELETED)
+            elif state.workspace_deleted:
+                watch.stop(WORKSPACE_DELETED)
+            elif state.latest_build_id != watch.ident.build_id:
+                watch.stop(BUILD_OUTDATED)
+
+    async def _publish(self, ident: AgentIdentity) -> None:
+        await self.events.workspace(ident.owner_id, AGT_CONNECTION_UPDATE, ident.workspace_id, ident.agent_id)
+
+    async def _publish_quietly(self, ident: AgentIdentity) -> None:
+        try:
+            await self._publish(ident)
+        except Exception as exc:
+            log.warning("agent %s: publishing the connection update failed: %s", ident.agent_id, exc)

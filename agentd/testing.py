@@ -38,13 +38,16 @@ Keyword options: ``version`` / ``role`` as the agent sends them (``role="agent"`
 connection monitor on), ``websocket=True`` to carry yamux over WebSocket like Coder's agent,
 ``settings`` / ``components`` / ``events`` for the daemon-wide parts (defaults: ``Settings()``, a
 coordinator and the default DERP map of this connection's own and no batchers, events published
-through ``agentd.store.pubsub.PubSub(db)``), ``services`` to serve a subset of
+through ``agentd.store.pubsub.PubSub(db)``; a connection monitor and workspace cache refresher of
+this connection's own unless ``components`` has them — ``ping_period`` and ``cache_refresh_interval``
+configure those), ``services`` to serve a subset of
 ``agentd.services`` modules by name, ``builders`` (name → ``build(scope)``) to compose your own
 service objects instead (e.g. a fake of a service your code depends on).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Iterable, Mapping
@@ -57,12 +60,14 @@ from agentd.client import RpcClient
 from agentd.components import Components
 from agentd.connection import AgentConnection, ServiceBuilder, load_service_builders
 from agentd.handshake import HttpError, Rejected, Upgraded, accept_agent, upgrade_client
+from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor
 from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import AgentIdentity, Settings
 from agentd.services.events import Events
+from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.connection import Authenticated, authenticate_connection, workspace_identities
 from agentd.store.db import set_busy_watcher
 from agentd.store.pubsub import PubSub
 from agentd.tailnet.derpmap import DERPMapSource
@@ -130,6 +135,8 @@ async def serve_agent(
     events: Events | None = None,
     services: Iterable[str] = SERVICE_MODULES,
     builders: Mapping[str, ServiceBuilder] | None = None,
+    ping_period: float = DEFAULT_PING_PERIOD,
+    cache_refresh_interval: float = REFRESH_INTERVAL,
     task_status: trio.TaskStatus[TestAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one agent connection in-process until it ends; ``nursery.start`` returns a TestAgent.
@@ -138,11 +145,11 @@ async def serve_agent(
     the upgrade — e.g. 401 for a token that authenticates no agent.
     """
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    server_outcome: list[Upgraded[AgentIdentity] | Rejected | object] = []
+    server_outcome: list[Upgraded[Authenticated] | Rejected | object] = []
     client_outcome: list[trio.abc.Stream | UpgradeError] = []
 
-    async def lookup(raw: uuid.UUID) -> AgentIdentity | None:
-        return await authenticate_agent(db, raw)
+    async def lookup(raw: uuid.UUID) -> Authenticated | None:
+        return await authenticate_connection(db, raw)
 
     async def server_handshake() -> None:
         server_outcome.append(await accept_agent(server_stream, lookup=lookup, timeout=math.inf))
@@ -182,20 +189,38 @@ async def serve_agent(
         # A working Tailnet by default: a coordinator of this connection's own and the default DERP map.
         own_coordinator = Coordinator()
         components = Components(coordinator=own_coordinator, derp_map=DERPMapSource.from_config())
+    events = events if events is not None else Events(PubSub(db))
+    settings = settings if settings is not None else Settings()
+    # The process-wide monitor and cache refresher: the caller's, else this connection's own.
+    own_periodic: list[ConnectionMonitor | WorkspaceCacheRefresher] = []
+    if components.connection_monitor is None:
+        monitor = ConnectionMonitor(
+            db=db, events=events, replica_id=settings.replica_id, ping_period=ping_period
+        )
+        components = attrs.evolve(components, connection_monitor=monitor)
+        own_periodic.append(monitor)
+    if components.workspace_cache is None:
+        refresher = WorkspaceCacheRefresher(
+            functools.partial(workspace_identities, db), cache_refresh_interval
+        )
+        components = attrs.evolve(components, workspace_cache=refresher)
+        own_periodic.append(refresher)
 
     connection = AgentConnection.from_upgraded(
         upgraded,
         db=db,
-        events=events if events is not None else Events(PubSub(db)),
-        settings=settings if settings is not None else Settings(),
+        events=events,
+        settings=settings,
         components=components,
         builders=builders if builders is not None else load_service_builders(services),
     )
     session = MuxSession(transport, is_client=True)
     async with trio.open_nursery() as components_nursery:
-        # The default coordinator lives exactly as long as this one connection.
+        # The default components live exactly as long as this one connection.
         if own_coordinator is not None:
             await components_nursery.start(own_coordinator.run)
+        for component in own_periodic:
+            await components_nursery.start(component.run)
         async with trio.open_nursery() as nursery:
             await nursery.start(connection.run)
             await nursery.start(session.run)

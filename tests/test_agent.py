@@ -20,7 +20,7 @@ import agentd.testing
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.agent import AGENT_VERSION, Agent
 from agentd.agent.lifecycle import TERMINAL_STARTUP
-from agentd.connection import AgentSessions, load_service_builders, start_components
+from agentd.connection import AgentSessions, ServiceTemplate, load_service_builders, start_components
 from agentd.daemon import build_components
 from agentd.drpc.errors import RpcError
 from agentd.handshake import Upgraded, accept_agent
@@ -338,7 +338,9 @@ async def test_a_fatal_rpc_error_tears_down_the_connection_and_the_agent_redials
     db: Database, server: Server, clock: trio.testing.MockClock
 ) -> None:
     FAILED.clear()
-    server.sessions.builders = {**server.sessions.builders, "metadata": failing_metadata_builder}
+    server.sessions.template = ServiceTemplate(
+        {**server.sessions.template.builders, "metadata": failing_metadata_builder}
+    )
     ws = await seed(db)
     lines = Lines()
     agent = make_agent(server, ws, lines)

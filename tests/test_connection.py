@@ -13,13 +13,17 @@ import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.client import UNIMPLEMENTED, RpcError
+from agentd.components import Components
 from agentd.connection import AgentConnection, ApiTask, CompositionError, ServiceBuilder, build_registry
 from agentd.drpc.registry import CallShape, method_table
+from agentd.monitor import ConnectionMonitor
 from agentd.proto import agent_pb2, tailnet_pb2
 from agentd.services import banners
 from agentd.services.base import AGENT, TAILNET, ConnectionScope, Settings
 from agentd.services.events import Events
+from agentd.services.workspace_cache import WorkspaceCacheRefresher
 from agentd.store import Database
+from agentd.store.connection import workspace_identities
 from agentd.testing import TestAgent, serve_agent
 
 MANIFEST = AGENT + "GetManifest"
@@ -121,6 +125,16 @@ async def start_agent(
         kwargs["builders"] = {"probe": probe, "banners": banners.build}
     agent: TestAgent = await nursery.start(functools.partial(serve_agent, db, token, **kwargs))
     return agent
+
+
+def session_components(db: Database, events: Events | None = None, **monitor: Any) -> Components:
+    """The process-wide parts a session registers with (not started: no ticks unless a test runs them)."""
+    return Components(
+        connection_monitor=ConnectionMonitor(
+            db=db, events=events or Events(RecordingPublisher()), replica_id=uuid.UUID(int=7), **monitor
+        ),
+        workspace_cache=WorkspaceCacheRefresher(functools.partial(workspace_identities, db)),
+    )
 
 
 def count_tasks() -> int:
@@ -276,6 +290,7 @@ async def test_failing_load_ends_only_that_session(db: Database, nursery: trio.N
         ident=ident,
         db=db,
         events=Events(RecordingPublisher()),
+        components=session_components(db),
         builders={"bad": lambda scope: BadLoad(), "banners": banners.build},
         monitoring=False,
     )

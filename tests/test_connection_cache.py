@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import trio
 from agentd.services.base import PREBUILDS_USER_ID, WorkspaceCache, WorkspaceIdentity
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import workspace_identity
+from agentd.store.connection import workspace_identities
 from agentd.testing import TestAgent, serve_agent
 from tests.test_connection import seed
 
@@ -81,18 +82,19 @@ async def test_read_errors_keep_stale_data(db: Database, clock: trio.testing.Moc
     failing = False
     reads = 0
 
-    async def read(workspace_id: uuid.UUID) -> WorkspaceIdentity | None:
+    async def read(workspace_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, WorkspaceIdentity]:
         nonlocal reads
         reads += 1
         if failing:
             # A genuine database error: the statement is wrong on the server.
             await db.fetchval("SELECT no_such_column FROM workspaces")
-        return await workspace_identity(db, workspace_id)
+        return await workspace_identities(db, workspace_ids)
 
     cache = WorkspaceCache()
-    refresher = WorkspaceCacheRefresher(cache, ws.workspace_id, read)
+    refresher = WorkspaceCacheRefresher(read)
     async with trio.open_nursery() as nursery:
         await nursery.start(refresher.run)
+        entry = await refresher.add(cache, ws.workspace_id)
         before = cache.value
         assert before is not None
         failing = True
@@ -103,6 +105,7 @@ async def test_read_errors_keep_stale_data(db: Database, clock: trio.testing.Moc
         failing = False
         await trio.sleep(REFRESH_INTERVAL)
         assert cache.value is not None and cache.value.name == "changed"
+        refresher.discard(entry)  # the session ends
         nursery.cancel_scope.cancel()
     assert cache.value is None  # cleared on exit
 
@@ -111,7 +114,7 @@ async def test_lives_exactly_as_long_as_the_session(db: Database, clock: trio.te
     ws = await seed(db)
     async with trio.open_nursery() as nursery:
         agent = await start(nursery, db, ws.agents[0].token)
-        refresher = agent.connection.refresher
+        refresher = agent.connection.cache_entry
         assert refresher is not None
         await trio.sleep(2 * REFRESH_INTERVAL + 1)
         assert refresher.refreshes == 3

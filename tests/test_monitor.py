@@ -12,7 +12,15 @@ import attrs
 import pytest
 import trio
 
-from agentd.monitor import BUILD_OUTDATED, PING_TIMEOUT, ConnectionMonitor, disconnect_timeout_for
+from agentd.monitor import (
+    BUILD_OUTDATED,
+    DISCONNECT,
+    PING_TIMEOUT,
+    ConnectionMonitor,
+    Watch,
+    disconnect_timeout_for,
+)
+from agentd.services.base import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.store import Database
 from agentd.store.connection import authenticate_agent
@@ -77,22 +85,54 @@ async def times(db: Database, agent_id: uuid.UUID) -> dict[str, Any]:
     return row
 
 
-async def make_monitor(
-    db: Database, *, pinger: Pinger | None = None
-) -> tuple[ConnectionMonitor, Any, Closer]:
+@attrs.define(eq=False)
+class MonitoredSession:
+    """One session under a process-wide monitor of its own, shaped like agentd.connection's use of it:
+    ``run`` starts the monitor and the session (start write, pings); the monitor ends it by
+    cancelling; the teardown closes (``close(reason)``) first, then records the disconnect."""
+
+    monitor: ConnectionMonitor
+    ident: AgentIdentity
+    pinger: Pinger
+    close: Closer
+    watch: Watch | None = None
+
+    @property
+    def reason(self) -> str:
+        return self.watch.reason if self.watch is not None else DISCONNECT
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as outer:
+            await outer.start(self.monitor.run)
+            cancel = trio.CancelScope()
+            try:
+                with cancel:
+                    self.watch = await self.monitor.open(
+                        self.ident, end=lambda reason: cancel.cancel(), monitored=True, pinger=self.pinger
+                    )
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self.watch.pings, self.monitor.ping_period)
+                        task_status.started()
+                        await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.close(self.reason)
+                    if self.watch is not None:
+                        await self.monitor.close(self.watch)
+                outer.cancel_scope.cancel()
+
+
+async def make_monitor(db: Database, *, pinger: Pinger | None = None) -> tuple[MonitoredSession, Any, Closer]:
     ws = await seed(db)
     ident = await authenticate_agent(db, ws.agents[0].token)
     assert ident is not None
     publisher = RecordingPublisher()
     closer = Closer()
-    monitor = ConnectionMonitor(
-        db=db,
-        events=Events(publisher),
+    monitor = MonitoredSession(
+        ConnectionMonitor(db=db, events=Events(publisher), replica_id=uuid.UUID(int=7), now=virtual_now),
         ident=ident,
-        replica_id=uuid.UUID(int=7),
         pinger=pinger or Pinger(),
         close=closer,
-        now=virtual_now,
     )
     return monitor, (ws, publisher), closer
 
@@ -156,7 +196,7 @@ async def test_reconnect_keeps_first_connected_and_clears_disconnect(
     assert first["disconnected_at"] is not None
 
     await trio.sleep(60)
-    again = attrs.evolve(monitor, close=Closer())
+    again = attrs.evolve(monitor, close=Closer(), watch=None)
     async with trio.open_nursery() as nursery:
         await nursery.start(again.run)
         row = await times(db, agent_id)

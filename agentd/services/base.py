@@ -129,6 +129,17 @@ class Settings:
 
 
 @attrs.frozen
+class Preload:
+    """Per-connection state read once at connect, in the token lookup's query, for the services that
+    would otherwise each ``load()`` it (spec §4.1 step 4): one round trip instead of one per service."""
+
+    #: ``agentd.store.monitors.MemoryMonitor`` or None (the template defines none).
+    memory_monitor: Any = None
+    #: ``agentd.store.monitors.VolumeMonitor`` rows, ordered by path.
+    volume_monitors: tuple[Any, ...] = ()
+
+
+@attrs.frozen
 class ConnectionScope:
     """Everything a per-connection service may depend on; each service module's ``build(scope)`` takes it.
 
@@ -143,3 +154,5 @@ class ConnectionScope:
     settings: Settings
     components: Any  # agentd.components.Components
     now: Now = utcnow
+    #: What the connect query already read (None: each service loads its own, e.g. in service tests).
+    preload: Preload | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -33,6 +34,13 @@ def agent_logs_channel(agent_id: uuid.UUID) -> str:
     return f"agent-logs:{agent_id}"
 
 
+def _workspace_body(kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None) -> str:
+    body: dict[str, str] = {"kind": kind, "workspace_id": str(workspace_id)}
+    if agent_id is not None:
+        body["agent_id"] = str(agent_id)
+    return json.dumps(body, separators=(",", ":"))
+
+
 @attrs.frozen
 class Events:
     """Typed publishing of the events the agent API emits."""
@@ -42,10 +50,20 @@ class Events:
     async def workspace(
         self, owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
     ) -> None:
-        body: dict[str, str] = {"kind": kind, "workspace_id": str(workspace_id)}
-        if agent_id is not None:
-            body["agent_id"] = str(agent_id)
-        await self.pubsub.publish(workspace_channel(owner_id), json.dumps(body, separators=(",", ":")))
+        await self.pubsub.publish(workspace_channel(owner_id), _workspace_body(kind, workspace_id, agent_id))
+
+    async def workspaces(self, events: Sequence[tuple[uuid.UUID, str, uuid.UUID, uuid.UUID | None]]) -> None:
+        """Several workspace events ``(owner_id, kind, workspace_id, agent_id)``: one statement when the
+        publisher can (``publish_many``), else one by one."""
+        messages = [
+            (workspace_channel(owner), _workspace_body(kind, ws, agent)) for owner, kind, ws, agent in events
+        ]
+        publish_many = getattr(self.pubsub, "publish_many", None)
+        if publish_many is not None:
+            await publish_many(messages)
+            return
+        for channel, payload in messages:
+            await self.pubsub.publish(channel, payload)
 
     async def agent_logs(self, agent_id: uuid.UUID, created_after: int) -> None:
         payload = json.dumps({"created_after": created_after}, separators=(",", ":"))

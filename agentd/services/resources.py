@@ -177,9 +177,15 @@ class ResourcesMonitoringService:
 
         A database error propagates and aborts the connection, as in Coder.
         """
-        agent_id = self.scope.ident.agent_id
-        self.memory = await store.fetch_memory_monitor(self.scope.db, agent_id)
-        self.volumes = await store.fetch_volume_monitors(self.scope.db, agent_id)
+        preload = self.scope.preload
+        if preload is not None:
+            # Read with the token lookup (agentd.store.connection.authenticate_connection).
+            self.memory = preload.memory_monitor
+            self.volumes = list(preload.volume_monitors)
+        else:
+            agent_id = self.scope.ident.agent_id
+            self.memory = await store.fetch_memory_monitor(self.scope.db, agent_id)
+            self.volumes = await store.fetch_volume_monitors(self.scope.db, agent_id)
         self.loaded = True
 
     def handlers(self) -> Mapping[str, Handler]:

@@ -14,6 +14,7 @@ from agentd.store.db import Database, Transaction
 from agentd.store.records import as_tuple, from_row, select_list
 
 __all__ = [
+    "AUTHORIZED_AGENT",
     "PREBUILDS_SYSTEM_USER_ID",
     "AuthenticatedAgent",
     "Workspace",
@@ -22,6 +23,8 @@ __all__ = [
     "get_agent_by_id",
     "get_agent_by_token",
     "token_digest",
+    "token_matches",
+    "token_param",
 ]
 
 # Owner of prebuilt workspaces (spec §4.4).
@@ -131,17 +134,25 @@ class AuthenticatedAgent:
     owner_username: str = ""
 
 
-_AGENT_BY_TOKEN = pgsql.SQL(
+def token_matches(column: str = "a.auth_token_hash") -> pgsql.Composable:
+    """The one place a presented agent token is compared with the stored one (``%(token)s``).
+
+    Storing a digest at rest changes only this condition and :func:`token_param`.
     """
-SELECT {agent}, {build}, {workspace}, tasks.id AS task_id, owner.username AS owner_username
-FROM workspace_agents a
-JOIN workspace_resources r ON r.id = a.resource_id
-JOIN workspace_build_with_user b ON b.job_id = r.job_id
-JOIN workspaces w ON w.id = b.workspace_id
-JOIN users owner ON owner.id = w.owner_id
-LEFT JOIN tasks ON tasks.workspace_id = w.id
-WHERE a.auth_token_hash = %(token)s
-  AND w.deleted = false
+    return pgsql.SQL("{} = %(token)s").format(pgsql.SQL(column))
+
+
+def token_param(token: uuid.UUID) -> bytes:
+    """The value bound to ``%(token)s`` in :func:`token_matches`: the token's digest (tokens are stored
+    hashed; see :func:`token_digest`)."""
+    return token_digest(token)
+
+
+#: Spec §2.2's authorisation of agent ``a`` (build ``b``, workspace ``w``): live workspace and agent,
+#: and the agent's build is the latest, or the start build right before an in-progress stop.
+AUTHORIZED_AGENT = pgsql.SQL(
+    """
+  w.deleted = false
   AND a.deleted = false
   AND (
     -- The agent belongs to the workspace's latest build …
@@ -164,10 +175,25 @@ WHERE a.auth_token_hash = %(token)s
     )
   )
 """
+)
+
+_AGENT_BY_TOKEN = pgsql.SQL(
+    """
+SELECT {agent}, {build}, {workspace}, tasks.id AS task_id, owner.username AS owner_username
+FROM workspace_agents a
+JOIN workspace_resources r ON r.id = a.resource_id
+JOIN workspace_build_with_user b ON b.job_id = r.job_id
+JOIN workspaces w ON w.id = b.workspace_id
+JOIN users owner ON owner.id = w.owner_id
+LEFT JOIN tasks ON tasks.workspace_id = w.id
+WHERE {token_matches} AND {authorized}
+"""
 ).format(
     agent=select_list(WorkspaceAgent, "a", "agent__"),
     build=select_list(WorkspaceBuild, "b", "build__"),
     workspace=select_list(Workspace, "w", "workspace__"),
+    token_matches=token_matches(),
+    authorized=AUTHORIZED_AGENT,
 )
 
 _AGENT_BY_ID = pgsql.SQL("SELECT {agent} FROM workspace_agents a WHERE a.id = %s").format(
@@ -188,7 +214,7 @@ async def get_agent_by_token(db: Database | Transaction, token: uuid.UUID) -> Au
     latest nor the start build preceding an in-progress stop. The presented token is hashed and
     matched by digest equality in the (indexed) WHERE clause: no token comparison happens in Python.
     """
-    row = await db.fetchone(_AGENT_BY_TOKEN, {"token": token_digest(token)})
+    row = await db.fetchone(_AGENT_BY_TOKEN, {"token": token_param(token)})
     if row is None:
         return None
     return AuthenticatedAgent(

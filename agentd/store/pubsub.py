@@ -15,7 +15,7 @@ marker: they may have lost messages and should re-read the state they follow.
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -172,6 +172,21 @@ class PubSub:
             await self._db.execute(query, [channel, text])
         else:
             await tx.execute(query, [channel, text])
+
+    async def publish_many(self, messages: Sequence[tuple[str, str | bytes]]) -> None:
+        """NOTIFY each ``(channel, payload)`` in one statement (in order); same checks as `publish`."""
+        if not messages:
+            return
+        channels: list[str] = []
+        payloads: list[str] = []
+        for channel, payload in messages:
+            _check_channel(channel)
+            channels.append(channel)
+            payloads.append(_payload_text(payload))
+        await self._db.execute(
+            "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS m(c, p)",
+            [channels, payloads],
+        )
 
     @asynccontextmanager
     async def subscribe(self, channel: str, *, buffer_size: int | None = None) -> AsyncIterator[Subscription]:
