@@ -13,6 +13,10 @@ class Publisher(Protocol):
     async def publish(self, channel: str, payload: str | bytes) -> None: ...
 
 
+#: A NOTIFY to send: (channel, payload).
+Notice = tuple[str, str]
+
+
 # Workspace event kinds (spec §9.4).
 AGT_LIFECYCLE_UPDATE = "agt_lifecycle_update"
 APP_HEALTH = "app_health"
@@ -39,13 +43,27 @@ class Events:
 
     pubsub: Publisher
 
-    async def workspace(
-        self, owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
-    ) -> None:
+    def in_statement(self, db: object) -> bool:
+        """True when this publisher's NOTIFYs may ride inside a statement written on ``db``: the
+        pubsub is PostgreSQL's (`agentd.store.pubsub.PubSub`) on that same database. Hot RPCs then
+        send write and event in one statement (one round trip, and the event cannot outrun the
+        write); any other publisher (tests, tools) gets `publish` calls as before."""
+        return getattr(self.pubsub, "database", None) is db
+
+    @staticmethod
+    def workspace_notice(
+        owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
+    ) -> Notice:
+        """The channel and payload of one workspace event (what `workspace` publishes)."""
         body: dict[str, str] = {"kind": kind, "workspace_id": str(workspace_id)}
         if agent_id is not None:
             body["agent_id"] = str(agent_id)
-        await self.pubsub.publish(workspace_channel(owner_id), json.dumps(body, separators=(",", ":")))
+        return workspace_channel(owner_id), json.dumps(body, separators=(",", ":"))
+
+    async def workspace(
+        self, owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
+    ) -> None:
+        await self.pubsub.publish(*self.workspace_notice(owner_id, kind, workspace_id, agent_id))
 
     async def agent_logs(self, agent_id: uuid.UUID, created_after: int) -> None:
         payload = json.dumps({"created_after": created_after}, separators=(",", ":"))
