@@ -208,9 +208,9 @@ class LogsService:
         # The common call (lines on a real source, PostgreSQL pubsub) is one statement: agent check,
         # insert and events together. Anything else first reads the agent, as coderd does.
         notices: store.LogsNotices | None = None
-        if request.logs and len(raw_source) == 16 and raw_source != NIL_UUID.bytes:
-            if self.scope.events.in_statement(db):
-                notices = self._notices()
+        real_source = len(raw_source) == 16 and raw_source != NIL_UUID.bytes
+        if request.logs and real_source and self.scope.events.in_statement(db):
+            notices = self._notices()
         if notices is None:
             agent = await store.get_logs_agent(db, agent_id)
             if agent is None:

@@ -121,7 +121,8 @@ WITH agent AS (
     END AS foreign_source
 ), new_length AS (
     UPDATE workspace_agents SET logs_length = logs_length + %(output_length)s::integer
-    WHERE id = %(agent_id)s AND NOT deleted AND NOT logs_overflowed AND NOT (SELECT foreign_source FROM source)
+    WHERE id = %(agent_id)s AND NOT deleted AND NOT logs_overflowed
+        AND NOT (SELECT foreign_source FROM source)
     RETURNING logs_length
 ), inserted AS (
     INSERT INTO workspace_agent_logs (agent_id, created_at, output, level, log_source_id)
