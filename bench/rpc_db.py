@@ -204,7 +204,7 @@ def main() -> int:
     for k in kinds:
         if k not in KINDS:
             parser.error(f"unknown kind {k!r}")
-    if "noop" not in kinds:
+    if "noop" not in kinds and not args.profile:
         kinds.insert(0, "noop")
 
     dbname = f"agentd_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
