@@ -31,3 +31,11 @@ bench-mux *ARGS:
 
 bench-rpc *ARGS:
     python bench/rpc.py {{ARGS}}
+
+# Server CPU per RPC kind against PostgreSQL (agentd serve in a subprocess, fresh database).
+bench-rpc-db *ARGS:
+    python bench/rpc_db.py {{ARGS}}
+
+# CPU per query: agentd's trio-asyncio bridge vs plain asyncio vs a trio-native prototype.
+bench-pg-bridge *ARGS:
+    python bench/pg_bridge.py {{ARGS}}

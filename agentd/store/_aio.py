@@ -35,13 +35,13 @@ _READY_W = psycopg.waiting.READY_W
 async def wait_async(
     gen: Any,
     fileno: int,
-    interval: float | None = 0.0,
+    interval: float = 0.0,
     timeout: float | None = None,  # noqa: ASYNC109 - psycopg's signature
 ) -> Any:
     """Drive a psycopg generator to completion: a zero-timeout poll when it wants to write (the
     socket nearly always is writable), else one reader/writer registration per wait, no timer.
     Cancellation raises CancelledError out of the wait, as psycopg's own waiter does."""
-    if timeout is not None or interval is None:
+    if timeout is not None:
         return await _psycopg_wait_async(gen, fileno, interval, timeout)
     loop = asyncio.get_running_loop()
     try:
@@ -78,4 +78,4 @@ async def wait_async(
         raise errors.OperationalError("connection socket closed") from exc
 
 
-psycopg.waiting.wait_async = wait_async  # type: ignore[assignment]
+psycopg.waiting.wait_async = wait_async
