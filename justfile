@@ -39,3 +39,11 @@ fuzz *ARGS:
 # Connect rate and idle cost of one `agentd serve` (needs PostgreSQL: --postgres URL of the server).
 bench-idle *ARGS:
     python bench/idle_connect.py {{ARGS}}
+
+# Server CPU per RPC kind against PostgreSQL (agentd serve in a subprocess, fresh database).
+bench-rpc-db *ARGS:
+    python bench/rpc_db.py {{ARGS}}
+
+# CPU per query: agentd's trio-asyncio bridge vs plain asyncio vs a trio-native prototype.
+bench-pg-bridge *ARGS:
+    python bench/pg_bridge.py {{ARGS}}

@@ -138,11 +138,16 @@ class MetadataBatcher:
                 update: MetadataUpdate | None = None
                 with trio.move_on_at(deadline):
                     update = await self._recv.receive()
-                if update is not None:
+                while update is not None:
                     self._put(update)
                     if len(self._batch) >= self.capacity:
                         await self._flush()
                         deadline = trio.current_time() + self.interval
+                    # Take whatever else is queued without a wait (and its cancel scope) per update.
+                    try:
+                        update = self._recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        update = None
                 if trio.current_time() >= deadline:
                     await self._flush()
                     deadline = trio.current_time() + self.interval

@@ -14,6 +14,10 @@ class Publisher(Protocol):
     async def publish(self, channel: str, payload: str | bytes) -> None: ...
 
 
+#: A NOTIFY to send: (channel, payload).
+Notice = tuple[str, str]
+
+
 # Workspace event kinds (spec §9.4).
 AGT_LIFECYCLE_UPDATE = "agt_lifecycle_update"
 APP_HEALTH = "app_health"
@@ -47,17 +51,29 @@ class Events:
 
     pubsub: Publisher
 
+    def in_statement(self, db: object) -> bool:
+        """True when this publisher's NOTIFYs may ride inside a statement written on ``db``: the
+        pubsub is PostgreSQL's (`agentd.store.pubsub.PubSub`) on that same database. Hot RPCs then
+        send write and event in one statement (one round trip, and the event cannot outrun the
+        write); any other publisher (tests, tools) gets `publish` calls as before."""
+        return getattr(self.pubsub, "database", None) is db
+
+    @staticmethod
+    def workspace_notice(
+        owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
+    ) -> Notice:
+        """The channel and payload of one workspace event (what `workspace` publishes)."""
+        return workspace_channel(owner_id), _workspace_body(kind, workspace_id, agent_id)
+
     async def workspace(
         self, owner_id: uuid.UUID, kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None = None
     ) -> None:
-        await self.pubsub.publish(workspace_channel(owner_id), _workspace_body(kind, workspace_id, agent_id))
+        await self.pubsub.publish(*self.workspace_notice(owner_id, kind, workspace_id, agent_id))
 
     async def workspaces(self, events: Sequence[tuple[uuid.UUID, str, uuid.UUID, uuid.UUID | None]]) -> None:
         """Several workspace events ``(owner_id, kind, workspace_id, agent_id)``: one statement when the
         publisher can (``publish_many``), else one by one."""
-        messages = [
-            (workspace_channel(owner), _workspace_body(kind, ws, agent)) for owner, kind, ws, agent in events
-        ]
+        messages = [self.workspace_notice(owner, kind, ws, agent) for owner, kind, ws, agent in events]
         publish_many = getattr(self.pubsub, "publish_many", None)
         if publish_many is not None:
             await publish_many(messages)

@@ -258,6 +258,13 @@ class LifecycleService:
             changed_at = _changed_at(lifecycle.changed_at)
 
         started_rule, ready_rule = lifecycle_rules(state)
+        bus = self.scope.events
+        # With PostgreSQL's pubsub the update's statement sends the event too (one round trip).
+        notice = None
+        if bus.in_statement(self.scope.db):
+            notice = bus.workspace_notice(
+                ident.owner_id, events.AGT_LIFECYCLE_UPDATE, ident.workspace_id, ident.agent_id
+            )
         try:
             times = await store.update_lifecycle_state(
                 self.scope.db,
@@ -266,18 +273,20 @@ class LifecycleService:
                 changed_at,
                 started_rule=started_rule,
                 ready_rule=ready_rule,
+                notice=notice,
             )
         except StoreError as exc:
             raise RpcError(f"update workspace agent lifecycle state: {exc}") from exc
         if times is None:
             raise self._agent_missing()
 
-        try:
-            await self.scope.events.workspace(
-                ident.owner_id, events.AGT_LIFECYCLE_UPDATE, ident.workspace_id, ident.agent_id
-            )
-        except StoreError as exc:
-            raise RpcError(f"publish workspace update: {exc}") from exc
+        if notice is None:
+            try:
+                await bus.workspace(
+                    ident.owner_id, events.AGT_LIFECYCLE_UPDATE, ident.workspace_id, ident.agent_id
+                )
+            except StoreError as exc:
+                raise RpcError(f"publish workspace update: {exc}") from exc
 
         if state in _TERMINAL_START and ident.parent_id is None:
             await self._observe_build_duration()

@@ -171,9 +171,20 @@ class LogsService:
     """BatchCreateLogs for one agent connection."""
 
     scope: ConnectionScope
+    _notice_texts: store.LogsNotices | None = attrs.field(default=None, init=False)
 
     def handlers(self) -> dict[str, Handler]:
         return {BATCH_CREATE_LOGS: self.batch_create_logs}
+
+    def _notices(self) -> store.LogsNotices:
+        """The connection's event channels and first-logs payload (composed once)."""
+        if self._notice_texts is None:
+            ident = self.scope.ident
+            first = self.scope.events.workspace_notice(
+                ident.owner_id, events.AGT_FIRST_LOGS, ident.workspace_id, ident.agent_id
+            )
+            self._notice_texts = store.LogsNotices(events.agent_logs_channel(ident.agent_id), first)
+        return self._notice_texts
 
     def _agent_missing(self) -> RpcError:
         return RpcError(
@@ -191,16 +202,24 @@ class LogsService:
         self, request: agent_pb2.BatchCreateLogsRequest
     ) -> agent_pb2.BatchCreateLogsResponse:
         db = self.scope.db
-        agent_id = self.scope.ident.agent_id
-        agent = await store.get_logs_agent(db, agent_id)
-        if agent is None:
-            raise self._agent_missing()
-        if agent.logs_overflowed:
-            return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
-        if not request.logs:
-            return agent_pb2.BatchCreateLogsResponse()
-
+        ident = self.scope.ident
+        agent_id = ident.agent_id
         raw_source = request.log_source_id
+        # The common call (lines on a real source, PostgreSQL pubsub) is one statement: agent check,
+        # insert and events together. Anything else first reads the agent, as coderd does.
+        notices: store.LogsNotices | None = None
+        real_source = len(raw_source) == 16 and raw_source != NIL_UUID.bytes
+        if request.logs and real_source and self.scope.events.in_statement(db):
+            notices = self._notices()
+        if notices is None:
+            agent = await store.get_logs_agent(db, agent_id)
+            if agent is None:
+                raise self._agent_missing()
+            if agent.logs_overflowed:
+                return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+            if not request.logs:
+                return agent_pb2.BatchCreateLogsResponse()
+
         if len(raw_source) != 16:
             raise RpcError(
                 f"parse log source ID {go_quote(raw_source)}: invalid UUID (got {len(raw_source)} bytes)"
@@ -235,7 +254,10 @@ class LogsService:
                 # Anything past the budget trips the check the same way; clamping keeps it an int32.
                 output_length=min(output_length, MAX_LOGS_LENGTH + 1),
                 check_source=source_id != store.EXTERNAL_LOG_SOURCE_ID,
+                notices=notices,
             )
+        except store.LogsOverflowed:
+            return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
         except store.LogsLimitExceeded:
             try:
                 await store.set_logs_overflowed(db, agent_id)
@@ -252,6 +274,8 @@ class LogsService:
             raise RpcError(f"insert workspace agent logs: {exc}") from exc
         if inserted is None:
             raise self._agent_missing()
+        if notices is not None:
+            return agent_pb2.BatchCreateLogsResponse()  # the statement sent the events
 
         try:
             await self.scope.events.agent_logs(agent_id, inserted.first_id - 1)

@@ -156,13 +156,16 @@ def next_autostart(schedule: str | None, now: dt.datetime) -> dt.datetime | None
         return None
 
 
-async def bump_activity(db: Database, workspace: WorkspaceIdentity, now: dt.datetime) -> None:
+async def bump_activity(
+    db: Database, workspace: WorkspaceIdentity, now: dt.datetime, *, notice: tuple[str, str] | None = None
+) -> None:
     """The activity bump of spec §9.3 for ``workspace`` at ``now`` (UpdateStats; UpdateAppStatus reuses
-    it): next autostart from the workspace's schedule, 15 s timeout, failures logged and never raised."""
+    it): next autostart from the workspace's schedule, 15 s timeout, failures logged and never raised.
+    ``notice``: an event (channel, payload) the bump's statement sends too (one round trip)."""
     autostart = next_autostart(workspace.autostart_schedule, now)
     with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
         try:
-            await activity_bump_workspace(db, workspace.id, now=now, next_autostart=autostart)
+            await activity_bump_workspace(db, workspace.id, now=now, next_autostart=autostart, notice=notice)
         except StoreError:
             log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
     if scope.cancelled_caught:
@@ -239,10 +242,15 @@ class StatsService:
         if stats.connection_count == 0:
             await trio.lowlevel.checkpoint()
             return
-        if not workspace.is_prebuild:
-            await bump_activity(self.db, workspace, now)
         if self.last_used is not None:
             self.last_used.add(workspace.id)
+        if not workspace.is_prebuild and self.events is not None and self.events.in_statement(self.db):
+            # One round trip: the bump's statement sends stats_update too.
+            notice = self.events.workspace_notice(workspace.owner_id, STATS_UPDATE, workspace.id)
+            await bump_activity(self.db, workspace, now, notice=notice)
+            return
+        if not workspace.is_prebuild:
+            await bump_activity(self.db, workspace, now)
         if self.events is not None:
             try:
                 await self.events.workspace(workspace.owner_id, STATS_UPDATE, workspace.id)

@@ -19,7 +19,7 @@ Queryable = Database | Transaction
 # to a completed `start` build with a deadline, a positive bump, a non-prebuild owner, and only when
 # less than 95 % of the interval is left (throttling repeated bumps). The deadline never decreases
 # and never passes max_deadline (when set).
-_ACTIVITY_BUMP = """
+_ACTIVITY_BUMP_CTE = """
 WITH latest AS (
     SELECT
         b.id AS build_id,
@@ -46,7 +46,8 @@ WITH latest AS (
     WHERE b.workspace_id = %(workspace_id)s
     ORDER BY b.build_number DESC
     LIMIT 1
-)
+)"""
+_ACTIVITY_BUMP_UPDATE = """
 UPDATE workspace_builds AS wb
 SET
     updated_at = %(now)s::timestamptz,
@@ -65,16 +66,37 @@ WHERE wb.id = l.build_id
     AND l.build_deadline - l.bump * 0.95 < %(now)s::timestamptz
     AND l.owner_id <> 'c42fdf75-3097-471c-8c33-fb52454d81c0'::uuid
 """
+_ACTIVITY_BUMP = _ACTIVITY_BUMP_CTE + _ACTIVITY_BUMP_UPDATE
+# The bump and an event in one statement (one round trip): the NOTIFY is sent whether or not a
+# deadline moved, and only if the statement commits.
+_ACTIVITY_BUMP_NOTIFY = (
+    _ACTIVITY_BUMP_CTE
+    + ", bumped AS ("
+    + _ACTIVITY_BUMP_UPDATE
+    + """RETURNING 1
+)
+SELECT (SELECT count(*) FROM bumped) AS bumped, pg_notify(%(channel)s, %(payload)s) AS notice
+"""
+)
 
 
 async def activity_bump_workspace(
-    db: Queryable, workspace_id: uuid.UUID, *, now: dt.datetime, next_autostart: dt.datetime | None
+    db: Queryable,
+    workspace_id: uuid.UUID,
+    *,
+    now: dt.datetime,
+    next_autostart: dt.datetime | None,
+    notice: tuple[str, str] | None = None,
 ) -> bool:
-    """Bump the latest build's deadline for activity at ``now``; True when a deadline was written."""
-    count = await db.execute(
-        _ACTIVITY_BUMP, {"workspace_id": workspace_id, "now": now, "next_autostart": next_autostart}
-    )
-    return count > 0
+    """Bump the latest build's deadline for activity at ``now``; True when a deadline was written.
+
+    ``notice`` (channel, payload): the same statement also sends that NOTIFY (bumped or not).
+    """
+    params = {"workspace_id": workspace_id, "now": now, "next_autostart": next_autostart}
+    if notice is None:
+        return await db.execute(_ACTIVITY_BUMP, params) > 0
+    row = await db.fetchone(_ACTIVITY_BUMP_NOTIFY, {**params, "channel": notice[0], "payload": notice[1]})
+    return row is not None and int(row["bumped"]) > 0
 
 
 async def batch_update_last_used_at(

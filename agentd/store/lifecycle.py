@@ -63,6 +63,11 @@ UPDATE workspace_agents SET
 WHERE id = %(agent_id)s AND NOT deleted
 RETURNING started_at, ready_at
 """
+# The update and its event in one statement: the NOTIFY only when the agent row was updated.
+_LIFECYCLE_NOTIFY_SQL = f"""
+WITH updated AS ({_LIFECYCLE_SQL})
+SELECT u.started_at, u.ready_at, pg_notify(%(channel)s, %(payload)s) AS notice FROM updated AS u
+"""
 
 
 async def update_lifecycle_state(
@@ -73,18 +78,23 @@ async def update_lifecycle_state(
     *,
     started_rule: TimeRule,
     ready_rule: TimeRule,
+    notice: tuple[str, str] | None = None,
 ) -> LifecycleTimes | None:
-    """Set ``lifecycle_state`` and apply the timestamp rules; None when the agent does not exist."""
-    row = await db.fetchone(
-        _LIFECYCLE_SQL,
-        {
-            "state": state,
-            "started_rule": started_rule.value,
-            "ready_rule": ready_rule.value,
-            "changed_at": changed_at,
-            "agent_id": agent_id,
-        },
-    )
+    """Set ``lifecycle_state`` and apply the timestamp rules; None when the agent does not exist.
+
+    ``notice`` (channel, payload): the same statement sends that NOTIFY when it updated the agent.
+    """
+    params = {
+        "state": state,
+        "started_rule": started_rule.value,
+        "ready_rule": ready_rule.value,
+        "changed_at": changed_at,
+        "agent_id": agent_id,
+    }
+    if notice is None:
+        row = await db.fetchone(_LIFECYCLE_SQL, params)
+    else:
+        row = await db.fetchone(_LIFECYCLE_NOTIFY_SQL, {**params, "channel": notice[0], "payload": notice[1]})
     if row is None:
         return None
     return LifecycleTimes(started_at=row["started_at"], ready_at=row["ready_at"])

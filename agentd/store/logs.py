@@ -27,6 +27,8 @@ __all__ = [
     "InsertedLogs",
     "LogsAgent",
     "LogsLimitExceeded",
+    "LogsNotices",
+    "LogsOverflowed",
     "ensure_external_log_source",
     "get_logs_agent",
     "insert_logs",
@@ -47,6 +49,20 @@ class LogsLimitExceeded(Exception):
 
 class ForeignLogSource(Exception):
     """The log source id belongs to another agent (and not to this one); nothing was written."""
+
+
+class LogsOverflowed(Exception):
+    """The agent's logs were already cut off at the budget; nothing was written."""
+
+
+@attrs.frozen
+class LogsNotices:
+    """The events of a batch, sent by the insert statement itself (``pg_notify``) so that one round
+    trip writes and announces the batch: ``agent-logs`` with ``{"created_after": first_id - 1}``, and
+    ``first_logs`` (channel, payload) when the batch is the agent's first output."""
+
+    logs_channel: str
+    first_logs: tuple[str, str]
 
 
 @attrs.frozen
@@ -90,7 +106,9 @@ async def ensure_external_log_source(
 
 
 _INSERT_SQL = """
-WITH source AS (
+WITH agent AS (
+    SELECT logs_overflowed FROM workspace_agents WHERE id = %(agent_id)s AND NOT deleted
+), source AS (
     -- A source id this agent does not have but another agent does is foreign (CASE keeps the
     -- common case, the agent's own source, to one primary-key probe).
     SELECT CASE
@@ -103,7 +121,8 @@ WITH source AS (
     END AS foreign_source
 ), new_length AS (
     UPDATE workspace_agents SET logs_length = logs_length + %(output_length)s::integer
-    WHERE id = %(agent_id)s AND NOT deleted AND NOT (SELECT foreign_source FROM source)
+    WHERE id = %(agent_id)s AND NOT deleted AND NOT logs_overflowed
+        AND NOT (SELECT foreign_source FROM source)
     RETURNING logs_length
 ), inserted AS (
     INSERT INTO workspace_agent_logs (agent_id, created_at, output, level, log_source_id)
@@ -111,12 +130,25 @@ WITH source AS (
     FROM unnest(%(output)s::varchar(1024)[], %(level)s::log_level[]) AS t(output, level)
     WHERE EXISTS (SELECT 1 FROM new_length)
     RETURNING id
+), summary AS (
+    SELECT
+        (SELECT logs_length FROM new_length) - %(output_length)s::integer AS logs_length_before,
+        min(id) AS first_id,
+        count(*) AS count
+    FROM inserted
 )
 SELECT
+    (SELECT logs_overflowed FROM agent) AS overflowed,
     (SELECT foreign_source FROM source) AS foreign_source,
-    (SELECT logs_length FROM new_length) - %(output_length)s::integer AS logs_length_before,
-    (SELECT min(id) FROM inserted) AS first_id,
-    (SELECT count(*) FROM inserted) AS count
+    s.logs_length_before,
+    s.first_id,
+    s.count,
+    -- The events, in the order the service used to publish them (NULL channel: not here).
+    CASE WHEN s.count > 0 AND %(logs_channel)s::text IS NOT NULL
+        THEN pg_notify(%(logs_channel)s, '{"created_after":' || (s.first_id - 1) || '}') END AS logs_notice,
+    CASE WHEN s.count > 0 AND s.logs_length_before = 0 AND %(first_channel)s::text IS NOT NULL
+        THEN pg_notify(%(first_channel)s, %(first_payload)s) END AS first_logs_notice
+FROM summary AS s
 """
 
 
@@ -130,13 +162,16 @@ async def insert_logs(
     level: Sequence[str],
     output_length: int,
     check_source: bool = True,
+    notices: LogsNotices | None = None,
 ) -> InsertedLogs | None:
-    """Insert one batch for ``agent_id`` and count it against the agent's budget.
+    """Insert one batch for ``agent_id`` and count it against the agent's budget, in one statement.
 
-    Returns None when the agent does not exist (nothing written). Raises `LogsLimitExceeded` when the
-    ``max_logs_length`` check rejects the batch and, with ``check_source``, `ForeignLogSource` when
-    ``log_source_id`` is another agent's source; nothing is written in either case. Source ids no agent
-    has are accepted (there is no foreign key, spec §7.9).
+    Returns None when the agent does not exist (nothing written). Raises `LogsOverflowed` when the
+    agent's logs are already cut off, `LogsLimitExceeded` when the ``max_logs_length`` check rejects
+    the batch and, with ``check_source``, `ForeignLogSource` when ``log_source_id`` is another agent's
+    source; nothing is written (or announced) in any of these cases. Source ids no agent has are
+    accepted (there is no foreign key, spec §7.9). With ``notices`` the statement also sends the
+    batch's events, committed with the rows.
     """
     if len(output) != len(level) or not output:
         raise ValueError("insert_logs needs one level per output and at least one row")
@@ -151,14 +186,19 @@ async def insert_logs(
                 "level": list(level),
                 "output_length": output_length,
                 "check_source": check_source,
+                "logs_channel": None if notices is None else notices.logs_channel,
+                "first_channel": None if notices is None else notices.first_logs[0],
+                "first_payload": None if notices is None else notices.first_logs[1],
             },
         )
     except CheckViolation as exc:
         if exc.constraint == MAX_LOGS_LENGTH_CONSTRAINT:
             raise LogsLimitExceeded(str(exc)) from exc
         raise
-    if row is None:
+    if row is None or row["overflowed"] is None:
         return None
+    if row["overflowed"]:
+        raise LogsOverflowed(f"logs of agent {agent_id} are already cut off")
     if row["foreign_source"]:
         raise ForeignLogSource(f"log source {log_source_id} belongs to another agent")
     if row["logs_length_before"] is None:

@@ -160,6 +160,11 @@ class PubSub:
     _stopped: bool = attrs.field(default=False, init=False)
     reconnects: int = attrs.field(default=0, init=False)
 
+    @property
+    def database(self) -> Database:
+        """Where NOTIFYs go: a statement on this database may send them itself (``pg_notify``)."""
+        return self._db
+
     async def publish(self, channel: str, payload: str | bytes, *, tx: Transaction | None = None) -> None:
         """NOTIFY ``channel``; inside ``tx`` the message is sent when that transaction commits.
 

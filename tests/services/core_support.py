@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
@@ -23,6 +23,7 @@ from agentd.components import Components
 from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.store import Database
+from agentd.store import db as db_module
 from agentd.store.errors import StoreError
 from agentd.store.pubsub import MISSED, PubSub, Subscription
 from agentd.testing import TestAgent, serve_agent
@@ -187,3 +188,23 @@ class FailingPublisher:
     async def publish(self, channel: str, payload: str | bytes) -> None:
         await trio.lowlevel.checkpoint()
         raise StoreError("connection lost")
+
+
+@contextmanager
+def round_trips() -> Iterator[list[int]]:
+    """Count the database round trips (store calls reaching PostgreSQL) made inside the block, by
+    wrapping the store's busy watcher: each sequential store call flips it on once."""
+    previous = db_module._busy_watcher
+    count = [0]
+
+    def watch(busy: bool) -> None:
+        if busy:
+            count[0] += 1
+        if previous is not None:
+            previous(busy)
+
+    db_module.set_busy_watcher(watch)
+    try:
+        yield count
+    finally:
+        db_module.set_busy_watcher(previous)

@@ -27,6 +27,7 @@ from tests.services.core_support import (
     listen,
     make_scope,
     owner_channel,
+    round_trips,
     seed,
     token_of,
     workspace_event,
@@ -313,3 +314,18 @@ async def test_write_and_publish_failures_are_reported(db: Database, seeded: See
         await failing.update_lifecycle(request(L.STARTING))
     # The write happened before the publish failed (as in Coder).
     assert (await agent_row(db, seeded.main.agent_id))["state"] == "starting"
+
+
+async def test_update_and_event_are_one_statement(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
+    channel = owner_channel(seeded.main)
+    svc = service(db, seeded, pubsub)
+    async with listen(pubsub, channel) as events:
+        with round_trips() as trips:
+            await svc.update_lifecycle(request(L.STARTING, T0))
+        assert trips == [1]
+        assert await events.drain() == {channel: [workspace_event(seeded.main, "agt_lifecycle_update")]}
+        # A deleted agent: the error, and no event.
+        await db.execute("UPDATE workspace_agents SET deleted = true WHERE id = %s", [seeded.main.agent_id])
+        with pytest.raises(RpcError, match="no rows in result set"):
+            await svc.update_lifecycle(request(L.STARTING, T0))
+        assert await events.drain() == {}

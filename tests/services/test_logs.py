@@ -29,6 +29,7 @@ from tests.services.core_support import (
     logs_channel,
     make_scope,
     owner_channel,
+    round_trips,
     seed,
     token_of,
     workspace_event,
@@ -448,3 +449,50 @@ async def test_publish_failures(db: Database, seeded: Seeded) -> None:
     with pytest.raises(RpcError, match=r"^publish workspace update: connection lost$"):
         await failing.batch_create_logs(batch(source, ("c", Log.INFO)))
     assert await counters(db, seeded.main.agent_id) == (1048576, True)
+
+
+async def test_a_batch_is_one_statement_with_its_events(db: Database, seeded: Seeded, pubsub: PubSub) -> None:
+    svc = service(db, seeded, pubsub)
+    agent = seeded.main.agent_id
+    source = await source_of(db, agent)
+    async with both_channels(pubsub, seeded) as events:
+        with round_trips() as trips:
+            await svc.batch_create_logs(batch(source, ("one", Log.INFO)))
+        assert trips == [1]
+        first = (await log_rows(db, agent))[0]["id"]
+        assert await events.drain() == {
+            logs_channel(seeded.main): [{"created_after": first - 1}],
+            owner_channel(seeded.main): [workspace_event(seeded.main, "agt_first_logs")],
+        }
+        # Overflowed: still one statement, nothing written or published.
+        await db.execute("UPDATE workspace_agents SET logs_overflowed = true WHERE id = %s", [agent])
+        with round_trips() as trips:
+            response = await svc.batch_create_logs(batch(source, ("two", Log.INFO)))
+        assert trips == [1]
+        assert response == agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
+        assert [r["output"] for r in await log_rows(db, agent)] == ["one"]
+        assert await events.drain() == {}
+
+
+async def test_a_batch_cancelled_mid_statement_leaves_nothing(
+    db: Database, seeded: Seeded, pubsub: PubSub
+) -> None:
+    svc = service(db, seeded, pubsub)
+    agent = seeded.main.agent_id
+    source = await source_of(db, agent)
+    before = await counters(db, agent)
+    async with both_channels(pubsub, seeded) as events:
+        async with db.transaction() as tx:
+            # Hold the agent row: the statement blocks on it after reading, before writing anything.
+            await tx.execute("SELECT 1 FROM workspace_agents WHERE id = %s FOR UPDATE", [agent])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(svc.batch_create_logs, batch(source, ("lost", Log.INFO)))
+                while not await db.fetchval(  # noqa: ASYNC110 - polling the server, not a trio state
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    ["%INSERT INTO workspace_agent_logs%"],
+                ):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert await log_rows(db, agent) == []
+        assert await counters(db, agent) == before
+        assert await events.drain() == {}

@@ -38,6 +38,7 @@ from agentd.store import Database, PubSub
 from agentd.store.metadata import metadata_rows
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope, seed
+from tests.services.core_support import round_trips
 from tests.services.test_metadata import seed_with_metadata
 
 Metric = agent_pb2.Stats.Metric
@@ -544,3 +545,29 @@ def test_any_schedule_text_parses_or_is_a_schedule_error(text: str) -> None:
         assert next_autostart(text, T0) is None
         return
     assert s.next_after(T0) > T0
+
+
+async def test_with_postgres_pubsub_bump_and_event_are_one_statement(
+    db: Database, clock: trio.testing.MockClock
+) -> None:
+    """The one-statement path keeps the bump rules (throttle included) and the event."""
+    ident, _ = await seed(db)
+    pubsub = PubSub(db)
+    p = parts(db, ident)
+    svc = attrs.evolve(p.svc, events=Events(pubsub))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pubsub.run)
+        async with pubsub.subscribe(f"workspace_owner:{ident.owner_id}") as sub:
+            await schedule_rules(db, ident, deadline=T0 + dt.timedelta(minutes=58))  # throttled
+            with round_trips() as trips:
+                await svc.update_stats(stats(1))
+            assert trips == [1]
+            assert await deadline(db, ident) == T0 + dt.timedelta(minutes=58)
+            await schedule_rules(db, ident, deadline=T0 + dt.timedelta(minutes=56))  # bumped
+            await svc.update_stats(stats(1))
+            assert await deadline(db, ident) == T0 + dt.timedelta(hours=1)
+            payloads = [await sub.__anext__(), await sub.__anext__()]
+        nursery.cancel_scope.cancel()
+    event = {"kind": "stats_update", "workspace_id": str(ident.workspace_id)}
+    assert [json.loads(x) for x in payloads if isinstance(x, str)] == [event, event]
+    assert p.last_used.pending == 1

@@ -153,3 +153,17 @@ async def test_enum_arrays_load_as_lists(db: Database) -> None:
     ]
     assert await db.fetchval("SELECT 'ready'::workspace_agent_lifecycle_state") == "ready"
     assert await db.fetchval("SELECT '{}'::display_app[]") == []
+
+
+async def test_psycopg_waits_through_agentds_waiter(db: Database) -> None:
+    """The timer-free socket wait is installed, and carries results spanning many socket reads
+    and writes (a large parameter out, a large result back)."""
+    import psycopg.waiting
+
+    from agentd.store import _aio
+
+    assert psycopg.waiting.wait_async is _aio.wait_async
+    big = "x" * 1_000_000
+    assert await db.fetchval("SELECT length(%s::text)", [big]) == 1_000_000
+    rows = await db.fetchall("SELECT g, repeat('y', 100) AS pad FROM generate_series(1, 20000) AS g")
+    assert len(rows) == 20000 and rows[-1]["g"] == 20000
