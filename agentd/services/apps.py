@@ -235,9 +235,9 @@ def ui_sanitize(message: str) -> str:
                 out.append(" ")
                 in_space = True
             continue
-        in_space = False
-        if ch.isprintable():
+        if ch.isprintable():  # a dropped character must not split a whitespace run
             out.append(ch)
+            in_space = False
     return "".join(out).strip()
 
 
