@@ -45,7 +45,10 @@ class Migration:
         return resources.files("agentd").joinpath("migrations", self.script).read_text(encoding="utf-8")
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(2, "0002_agent_api.sql"),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "0002_agent_api.sql"),
+    Migration(3, "0003_tailnet_coordinator.sql"),
+)
 
 CURRENT_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1
 
