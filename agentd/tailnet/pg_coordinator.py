@@ -397,6 +397,8 @@ class PgCoordinator:
     response_buffer: int = RESPONSE_BUFFER_SIZE
     request_buffer: int = REQUEST_BUFFER_SIZE
     refresh_interval: float = REFRESH_INTERVAL
+    #: False only in tests that simulate a crash: stopping then leaves the rows as a killed process would.
+    mark_lost_on_close: bool = True
     id: uuid.UUID = attrs.field(factory=uuid.uuid4)
     _locals: dict[uuid.UUID, _Local] = attrs.field(factory=dict, init=False)
     _ops: list[_Op] = attrs.field(factory=list, init=False)
@@ -465,6 +467,8 @@ class PgCoordinator:
             self._try_send(local, Response(error=ERROR_COORDINATOR_CLOSED))
             self._remove(local)
         self._ops.clear()
+        if not self.mark_lost_on_close:
+            return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + SHUTDOWN_TIMEOUT
             try:
