@@ -143,3 +143,18 @@ def test_agent_stats_refresh_interval_file_flag_and_validation(tmp_path: Path) -
         build_config(config_file=path, environ={})
     with pytest.raises(ConfigError, match="--agent-stats-refresh-interval"):
         build_config(agent_stats_refresh_interval=-1, environ={})
+
+
+def test_coordinator_choice_and_heartbeat(tmp_path: Path) -> None:
+    default = build_config(environ={})
+    assert (default.coordinator, default.coordinator_heartbeat) == ("postgres", 2.0)
+    path = tmp_path / "agentd.toml"
+    path.write_text('coordinator = "memory"\ncoordinator_heartbeat = 0.5\n')
+    config = build_config(config_file=path, environ={})
+    assert (config.coordinator, config.coordinator_heartbeat) == ("memory", 0.5)
+    path.write_text('coordinator = "etcd"\n')
+    with pytest.raises(ConfigError, match='coordinator \'etcd\': expected "memory" or "postgres"'):
+        build_config(config_file=path, environ={})
+    path.write_text("coordinator_heartbeat = 0\n")
+    with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a positive number"):
+        build_config(config_file=path, environ={})
