@@ -13,6 +13,8 @@ map of §8.4).
   change (the other ends of the tunnels, with their coordinator); the transaction ends with one
   ``pg_notify`` per (coordinator, reason) naming those peers on that coordinator's channel
   ``tailnet_c_<id>``. Peers on this replica are marked for a sync directly after the commit.
+  A write transaction first takes the advisory locks of the peers it touches (ascending), so
+  of two racing writes about one peer the later sees the earlier and tells the other side.
 * Syncs: a mapper task reads, for all marked local peers at once, the rows of every tunnel peer
   and diffs them against what each was told: NODE for a live node not sent yet, LOST for a lost
   peer or one whose coordinator stopped beating, DISCONNECTED for a peer that is gone.
@@ -313,6 +315,12 @@ FROM unnest(%(src)s::uuid[], %(dst)s::uuid[]) WITH ORDINALITY AS u(src, dst, n)
 LEFT JOIN tailnet_peers p ON p.id = u.dst AND p.status = 'ok'
 ORDER BY u.n"""
 
+# Writes that touch one peer serialise on its advisory lock, taken in ascending order at the start
+# of each write transaction. Why: in READ COMMITTED, a node update of X and a tunnel C → X committed
+# concurrently would each miss the other's row (neither would tell the other side); with the lock
+# the later one's statements see the earlier one's commit and notify accordingly.
+_LOCK_PEERS = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
+
 _NOTIFY = "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS n(c, p)"
 
 _MAPPINGS = """
@@ -374,6 +382,11 @@ class _Written:
 
     syncs: list[tuple[uuid.UUID, str]] = attrs.Factory(list)
     handshakes: list[tuple[_Op, bool, uuid.UUID | None]] = attrs.Factory(list)
+
+
+def peer_lock_key(peer_id: uuid.UUID) -> int:
+    """The advisory lock key of a peer id: its first 8 bytes as a signed bigint."""
+    return int.from_bytes(peer_id.bytes[:8], "big", signed=True)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -612,7 +625,15 @@ class PgCoordinator:
     async def _write(self, batch: list[_Op]) -> _Written:
         written = _Written()
         targets: list[tuple[uuid.UUID, uuid.UUID, str]] = []
+        keys: set[int] = set()
+        for op in batch:
+            if op.kind != "handshake":
+                keys.add(peer_lock_key(op.peer))
+                if op.other is not None:
+                    keys.add(peer_lock_key(op.other))
         async with self.db.transaction() as tx:
+            if keys:
+                await tx.execute(_LOCK_PEERS, [sorted(keys)])
             start = 0
             while start < len(batch):
                 first = batch[start]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import attrs
 import pytest
@@ -38,7 +38,8 @@ class Replica:
 @asynccontextmanager
 async def replica(db_url: str) -> AsyncIterator[Replica]:
     async with open_database(db_url, max_size=3) as db, trio.open_nursery() as nursery:
-        coordinator = PgCoordinator(db, heartbeat_interval=HEARTBEAT)
+        # No periodic re-sync: a missed notification must fail a test, not heal after 30 s.
+        coordinator = PgCoordinator(db, heartbeat_interval=HEARTBEAT, refresh_interval=3600)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -136,3 +137,30 @@ async def test_crashed_replica_is_lost_within_the_heartbeat_bound(
             await again.send(Request(update_self=node(CLIENT, 5), add_tunnel=AGENT))
             [got] = await updates(agent, 1)
             assert (got.id, got.kind, got.node) == (CLIENT, Kind.NODE, node(CLIENT, 5))
+
+
+async def test_concurrent_node_and_tunnel_writes_are_not_missed(
+    replicas: tuple[Replica, Replica, Replica],
+) -> None:
+    """A node update on A racing a tunnel to it from B: whichever commits second tells the other side."""
+    a, b, _ = replicas
+    pairs = [(uuid.uuid4(), uuid.uuid4()) for _ in range(30)]
+    async with AsyncExitStack() as stack:
+        handles = []
+        for agent_id, client_id in pairs:
+            agent = await stack.enter_async_context(a.coordinator.connect(agent_id, "a", AgentAuth(agent_id)))
+            client = await stack.enter_async_context(
+                b.coordinator.connect(client_id, "c", ClientAuth({agent_id}))
+            )
+            handles.append((agent, client))
+        await trio.sleep(0.5)
+        async with trio.open_nursery() as nursery:
+            for (agent_id, client_id), (agent, client) in zip(pairs, handles, strict=True):
+                nursery.start_soon(agent.send, Request(update_self=node(agent_id)))
+                nursery.start_soon(client.send, Request(update_self=node(client_id), add_tunnel=agent_id))
+        with trio.fail_after(10):
+            for (agent_id, client_id), (agent, client) in zip(pairs, handles, strict=True):
+                [got] = await updates(client, 1)
+                assert (got.id, got.node) == (agent_id, node(agent_id))
+                [got] = await updates(agent, 1)
+                assert (got.id, got.node) == (client_id, node(client_id))
