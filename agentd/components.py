@@ -20,7 +20,7 @@ class Components:
     last_used: Any = None  # agentd.batchers.last_used.LastUsedTracker (spec §9.2)
     connection_logs: Any = None  # agentd.batchers.connection_log.ConnectionLogBatcher (spec §9.7)
     boundary_usage: Any = None  # agentd.batchers.boundary_usage.BoundaryUsageTracker (spec §9.5)
-    coordinator: Any = None  # agentd.tailnet.trio_coordinator.Coordinator (spec §8.4)
+    coordinator: Any = None  # agentd.tailnet.api.TailnetCoordinator: memory or postgres (spec §8.4)
     derp_map: Any = None  # agentd.tailnet.derpmap.DerpMapSource (spec §8.2)
     metrics: Any = None  # agentd.metrics.AgentMetrics (issue 6)
     build_durations: Any = None  # agentd.services.lifecycle.BuildDurationHistogram (spec §7.5)

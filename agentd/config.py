@@ -99,6 +99,11 @@ def _validate_log_level(_inst: object, _attr: attrs.Attribute[str], value: str) 
         raise ConfigError(f"log_level {value!r}: expected one of {', '.join(LOG_LEVELS)}")
 
 
+def _validate_coordinator(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if value not in ("memory", "postgres"):
+        raise ConfigError(f'coordinator {value!r}: expected "memory" or "postgres"')
+
+
 @attrs.frozen
 class Config:
     """Everything `agentd serve` needs; `listen == ()` means the defaults (see `listen_addresses`)."""
@@ -111,6 +116,11 @@ class Config:
     #: Seconds between an agent's UpdateStats reports, told to every agent (Coder's
     #: --agent-stats-refresh-interval; its default is 30 s).
     agent_stats_refresh_interval: float = 30.0
+    #: The tailnet coordinator: "postgres" (state in the database, shared by every replica on it) or
+    #: "memory" (this process only; a little faster, wrong as soon as a second replica shares the database).
+    coordinator: str = attrs.field(default="postgres", validator=_validate_coordinator)
+    #: Seconds between the postgres coordinator's heartbeats; a replica silent for 3 of them is dead.
+    coordinator_heartbeat: float = 2.0
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
     #: Where operator endpoints (/metrics, /healthz) are served, apart from the agent listeners;
@@ -137,6 +147,8 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "agent_stats_refresh_interval": ((int, float), "a number of seconds"),
     "banners": ((dict,), "a table"),
     "metrics_listen": ((str,), 'an address string or "none"'),
+    "coordinator": ((str,), "a string"),
+    "coordinator_heartbeat": ((int, float), "a number of seconds"),
 }
 
 
@@ -181,6 +193,12 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
             out[key] = _stats_interval(value, source)
         elif key == "metrics_listen":
             out[key] = None if value in ("", "none") else _parse_in(source, value, base_dir)
+        elif key == "coordinator_heartbeat":
+            if not value > 0:
+                raise ConfigError(
+                    f"{source}: field 'coordinator_heartbeat' must be a positive number of seconds"
+                )
+            out[key] = float(value)
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 

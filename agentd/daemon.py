@@ -37,6 +37,7 @@ from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
 from agentd.store.pubsub import PubSub
+from agentd.tailnet.api import build_coordinator
 
 log = logging.getLogger("agentd")
 
@@ -127,9 +128,11 @@ class AgentRpcRoute:
             request.responded = True  # Rejected (answered) or Closed
 
 
-def build_components(db: Database, pubsub: PubSub, settings: Settings) -> Components:
+def build_components(
+    db: Database, pubsub: PubSub, settings: Settings, *, coordinator: Any = None
+) -> Components:
     """The process-wide components of DESIGN's task tree, started before agents are accepted and
-    flushed after the last agent session ended."""
+    flushed after the last agent session ended. ``coordinator``: default the in-memory one."""
     import functools
 
     from agentd.batchers.boundary_usage import BoundaryUsageTracker
@@ -159,7 +162,7 @@ def build_components(db: Database, pubsub: PubSub, settings: Settings) -> Compon
         }
     )
     return Components(
-        coordinator=Coordinator(),
+        coordinator=Coordinator() if coordinator is None else coordinator,
         derp_map=DERPMapSource.from_config(
             disable_direct_connections=settings.disable_direct_connections,
             derp_force_websockets=settings.derp_force_websockets,
@@ -314,7 +317,16 @@ class Daemon:
                         db,
                         Events(pubsub),
                         settings=settings,
-                        components=build_components(db, pubsub, settings),
+                        components=build_components(
+                            db,
+                            pubsub,
+                            settings,
+                            coordinator=build_coordinator(
+                                self.config.coordinator,
+                                db,
+                                heartbeat_interval=self.config.coordinator_heartbeat,
+                            ),
+                        ),
                     )
                     server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
                     operator = Server(

@@ -161,3 +161,18 @@ def test_metrics_listen_default_file_flag_and_off(tmp_path: Path) -> None:
         build_config(config_file=_write(tmp_path / "bad.toml", "metrics_listen = 1\n"))
     with pytest.raises(ConfigError, match="expected unix"):
         build_config(metrics_listen="localhost:2112")
+
+
+def test_coordinator_choice_and_heartbeat(tmp_path: Path) -> None:
+    default = build_config(environ={})
+    assert (default.coordinator, default.coordinator_heartbeat) == ("postgres", 2.0)
+    path = tmp_path / "agentd.toml"
+    path.write_text('coordinator = "memory"\ncoordinator_heartbeat = 0.5\n')
+    config = build_config(config_file=path, environ={})
+    assert (config.coordinator, config.coordinator_heartbeat) == ("memory", 0.5)
+    path.write_text('coordinator = "etcd"\n')
+    with pytest.raises(ConfigError, match='coordinator \'etcd\': expected "memory" or "postgres"'):
+        build_config(config_file=path, environ={})
+    path.write_text("coordinator_heartbeat = 0\n")
+    with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a positive number"):
+        build_config(config_file=path, environ={})

@@ -19,10 +19,10 @@ import trio
 from agentd.drpc.errors import UNIMPLEMENTED, UNIMPLEMENTED_TEXT, RpcError
 from agentd.drpc.registry import Handler, ServerStream
 from agentd.proto import tailnet_pb2
+from agentd.tailnet.api import PeerConnection, TailnetCoordinator
 from agentd.tailnet.convert import request_from_proto, response_to_proto
 from agentd.tailnet.coordinator import AgentAuth
 from agentd.tailnet.derpmap import DERPMapSource, with_home_params
-from agentd.tailnet.trio_coordinator import Coordinator, PeerHandle
 
 __all__ = ["TailnetService", "TelemetrySink", "stream_name"]
 
@@ -48,7 +48,7 @@ def stream_name(owner_username: str, workspace_name: str, agent_name: str) -> st
 class TailnetService:
     """Tailnet RPCs for one agent connection; ``handlers()`` goes into the connection's Registry."""
 
-    coordinator: Coordinator
+    coordinator: TailnetCoordinator
     derp_maps: DERPMapSource
     agent_id: uuid.UUID
     peer_name: str
@@ -103,7 +103,7 @@ class TailnetService:
                 log.debug("coordinate %s: response stream broke: %s", self.peer_name, exc)
             nursery.cancel_scope.cancel()
 
-    async def _forward_requests(self, stream: ServerStream, peer: PeerHandle) -> None:
+    async def _forward_requests(self, stream: ServerStream, peer: PeerConnection) -> None:
         try:
             async for message in stream:
                 if not await peer.send(request_from_proto(message)):

@@ -48,6 +48,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "0002_agent_api.sql"),
     Migration(3, "0003_hash_agent_tokens.sql"),
+    Migration(4, "0004_tailnet_coordinator.sql"),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1
