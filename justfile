@@ -31,3 +31,7 @@ bench-mux *ARGS:
 
 bench-rpc *ARGS:
     python bench/rpc.py {{ARGS}}
+
+# Agents one `agentd serve` holds: connect rate, latency, CPU/RSS per agent (bench/scale.py --help).
+bench-scale *ARGS:
+    python bench/scale.py {{ARGS}}
