@@ -126,10 +126,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from agentd.daemon import Daemon
+    from agentd.daemon import Daemon, raise_open_files_limit
 
     config = _config_from(args)
     _setup_logging(config.log_level)
+    raise_open_files_limit()
     trio.run(Daemon(config, reload_config=lambda: _config_from(args)).run)
     return 0
 
