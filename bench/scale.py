@@ -65,7 +65,6 @@ from tests.gopeer import build_go_program  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "workspace.toml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SEED_CONCURRENCY = 16
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -85,7 +84,10 @@ def postgres_server(url: str | None) -> Iterator[TestServer]:
     if url:
         yield TestServer(url)
         return
-    with tempfile.TemporaryDirectory(prefix="agentd-scale-pg-") as tmp, embedded_test_server(Path(tmp)) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-scale-pg-") as tmp,
+        embedded_test_server(Path(tmp)) as server,
+    ):
         yield server
 
 
@@ -117,39 +119,119 @@ def metadata_keys() -> list[str]:
     return [m["key"] for m in bench_spec(0)["agents"][0]["metadata"]]
 
 
-async def _seed(url: str, count: int) -> list[SeededAgent]:
-    """Migrate and create `count` workspaces: the first alone (it creates owner, org, template), the
-    rest `SEED_CONCURRENCY` at a time through agentd.admin.create_workspace."""
-    async with asyncio_loop(), open_database(url, min_size=1, max_size=SEED_CONCURRENCY) as db:
+async def _migrate_and_create_first(url: str) -> tuple[str, str]:
+    """Migrate, then create workspace 0 with agentd.admin.create_workspace: (its ids, as text)."""
+    async with asyncio_loop(), open_database(url, min_size=1, max_size=1) as db:
         await migrate(db)
-        tokens: dict[str, str] = {}
+        created = await create_workspace(db, bench_spec(0))
+    return str(created.workspace_id), str(created.agents[0].id)
 
-        async def one(index: int) -> None:
-            created = await create_workspace(db, bench_spec(index))
-            agent = created.agents[0]
-            tokens[str(agent.id)] = str(agent.token)
 
-        if count:
-            await one(0)
-        limit = trio.CapacityLimiter(SEED_CONCURRENCY)
+#: Rows of workspace 0 that `_clone` copies, by table: the column that selects them.
+_CLONED_ROOTS = {
+    "workspaces": "id",
+    "provisioner_jobs": "id",
+    "workspace_builds": "id",
+    "workspace_resources": "id",
+    "workspace_agents": "id",
+}
 
-        async def limited(index: int) -> None:
-            async with limit:
-                await one(index)
 
-        async with trio.open_nursery() as nursery:
-            for index in range(1, count):
-                nursery.start_soon(limited, index)
-        rows = await db.fetchall(
-            "SELECT DISTINCT ON (workspace_agent_id) workspace_agent_id, id FROM workspace_agent_log_sources"
-            " ORDER BY workspace_agent_id, created_at, id"
-        )
-    sources = {str(r["workspace_agent_id"]): r["id"] for r in rows}
-    return [SeededAgent(tokens[a], uuid.UUID(str(sources[a]))) for a in sorted(tokens)]
+def _clone(conn: psycopg.Connection[Any], workspace_id: str, agent_id: str, count: int) -> None:
+    """Copy workspace 0's rows (workspace, job, build, resource, agent and every row that references
+    the agent) `count - 1` times in one transaction, with INSERT … SELECT over generate_series.
+
+    Copy i maps every uuid key k of a copied row, and every foreign key to a copied table, to
+    md5(k || ':' || i)::uuid, so references stay consistent without a mapping table; the agent's
+    token and the workspace's name become unique the same way. Tables and foreign keys come from
+    pg_catalog, so a schema change is followed without editing this function.
+    """
+    ids = {
+        "workspaces": workspace_id,
+        "workspace_agents": agent_id,
+    }
+    row = conn.execute(
+        "SELECT b.id AS build, b.job_id AS job, r.id AS res FROM workspace_builds b"
+        " JOIN workspace_resources r ON r.job_id = b.job_id WHERE b.workspace_id = %s",
+        [workspace_id],
+    ).fetchone()
+    assert row is not None
+    ids["workspace_builds"], ids["provisioner_jobs"], ids["workspace_resources"] = map(str, row)
+    fks = conn.execute(
+        "SELECT c.conrelid::regclass::text AS tbl, a.attname AS col, c.confrelid::regclass::text AS ref"
+        " FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
+        " WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace"
+    ).fetchall()
+    children = sorted({t for t, _c, ref in fks if ref == "workspace_agents" and t != "workspace_agents"})
+    # a child that references another child (scripts → log sources) is copied after it
+    children.sort(key=lambda t: any(ref in children and ref != t for tt, _c, ref in fks if tt == t))
+    cloned = set(_CLONED_ROOTS) | set(children)
+    order = [*_CLONED_ROOTS, *children]
+    agent_col: dict[str, str] = {}
+    for t, c, ref in fks:  # the owning agent's column, not e.g. devcontainers.subagent_id
+        if ref == "workspace_agents" and t in children and c not in ("subagent_id", "parent_id"):
+            agent_col[t] = c
+    fk_cols = {(t, c) for t, c, ref in fks if ref in cloned}
+
+    def new_key(col: str) -> pgsql.Composable:
+        return pgsql.SQL("md5(t.{}::text || ':' || g.i)::uuid").format(pgsql.Identifier(col))
+
+    with conn.transaction():
+        for table in order:
+            columns = conn.execute(
+                "SELECT column_name, data_type, is_generated, column_default FROM information_schema.columns"
+                " WHERE table_schema = 'public' AND table_name = %s ORDER BY ordinal_position",
+                [table],
+            ).fetchall()
+            names, values = [], []
+            for name, dtype, generated, default in columns:
+                if generated == "ALWAYS" or (default or "").startswith("nextval("):
+                    continue
+                is_key = dtype == "uuid" and (name in ("id", "log_source_id") or (table, name) in fk_cols)
+                if is_key or (table, name) == ("workspace_agents", "auth_token"):
+                    value = new_key(name)
+                elif table == "workspaces" and name == "name":
+                    value = pgsql.SQL("'scale-' || g.i")
+                elif table == "provisioner_jobs" and name == "input":
+                    value = pgsql.SQL(
+                        "replace(t.input::text, {}, md5({} || ':' || g.i)::uuid::text)::jsonb"
+                    ).format(pgsql.Literal(workspace_id), pgsql.Literal(workspace_id))
+                else:
+                    value = pgsql.SQL("t.{}").format(pgsql.Identifier(name))
+                names.append(pgsql.Identifier(name))
+                values.append(value)
+            selector = _CLONED_ROOTS.get(table) or agent_col[table]
+            key = ids[table] if table in _CLONED_ROOTS else agent_id
+            conn.execute(
+                pgsql.SQL(
+                    "INSERT INTO {} ({}) SELECT {} FROM {} t, generate_series(1, {}) AS g(i) WHERE t.{} = {}"
+                ).format(
+                    pgsql.Identifier(table),
+                    pgsql.SQL(", ").join(names),
+                    pgsql.SQL(", ").join(values),
+                    pgsql.Identifier(table),
+                    pgsql.Literal(count - 1),
+                    pgsql.Identifier(selector),
+                    pgsql.Literal(key),
+                )
+            )
 
 
 def seed(url: str, count: int) -> list[SeededAgent]:
-    return trio.run(_seed, url, count)
+    """Migrate, create workspace 0 through agentd.admin, then bulk-copy it to `count` workspaces
+    (one agent each); return every agent's token and the id of one of its log sources."""
+    workspace_id, agent_id = trio.run(_migrate_and_create_first, url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        if count > 1:
+            _clone(conn, workspace_id, agent_id, count)
+        rows = conn.execute(
+            "SELECT DISTINCT ON (a.id) a.auth_token, s.id FROM workspace_agents a"
+            " JOIN workspace_agent_log_sources s ON s.workspace_agent_id = a.id"
+            " ORDER BY a.id, s.created_at, s.id"
+        ).fetchall()
+    if len(rows) != count:
+        raise RuntimeError(f"seeded {len(rows)} agents with a log source, expected {count}")
+    return [SeededAgent(str(token), uuid.UUID(str(source))) for token, source in rows]
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -197,7 +279,11 @@ def write_plan(path: Path, agents: list[SeededAgent]) -> None:
     for agent in agents:
         logs = agent_pb2.BatchCreateLogsRequest(
             log_source_id=agent.log_source_id.bytes,
-            logs=[agent_pb2.Log(created_at={"seconds": now}, output="scale bench line", level=agent_pb2.Log.INFO)],
+            logs=[
+                agent_pb2.Log(
+                    created_at={"seconds": now}, output="scale bench line", level=agent_pb2.Log.INFO
+                )
+            ],
         )
         plan_agents.append({"token": agent.token, "bodies": {"BatchCreateLogs": _b64(logs)}})
     path.write_text(json.dumps({"common": common, "agents": plan_agents}))
@@ -358,7 +444,19 @@ def profiling(pid: int, out: Path | None) -> Iterator[None]:
         yield
         return
     spy = subprocess.Popen(
-        ["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "100", "-p", str(pid), "-o", str(out)],
+        [
+            "py-spy",
+            "record",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--rate",
+            "100",
+            "-p",
+            str(pid),
+            "-o",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -508,7 +606,7 @@ SCALARS = [
     ("connect_rate", "connect rate (agents/s)", "{:.0f}"),
     ("rpc_per_second", "RPC/s", "{:.0f}"),
     ("error_count", "errors (connect + load)", "{:.0f}"),
-    ("server_cpu_ms_per_rpc", "server CPU ms/RPC (load − idle rate)", "{:.2f}"),
+    ("server_cpu_ms_per_rpc", "server CPU ms/RPC (load minus idle rate)", "{:.2f}"),
     ("server_cpu_pct_load", "server CPU % of a core under load", "{:.0f}"),
     ("server_idle_pct_per_1000", "server CPU % of a core per 1,000 idle", "{:.1f}"),
     ("server_cpu_ms_per_connect", "server CPU ms per connect", "{:.2f}"),
@@ -536,7 +634,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for kind in kinds:
         picked = [r["overall"] if kind == "overall" else r["per_method"].get(kind) for r in runs]
         picked = [p for p in picked if p]
-        latencies[kind] = {q: _median([p[q] for p in picked]) for q in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
+        latencies[kind] = {
+            q: _median([p[q] for p in picked]) for q in ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+        }
     out["latency"] = latencies
     out["connect_latency"] = {
         q: _median([r["connect_latency"][q] for r in runs]) for q in ("p50_ms", "p99_ms", "max_ms")
@@ -564,15 +664,29 @@ def render(summaries: list[dict[str, Any]], title: str) -> str:
     rows.append(
         [
             "connect p50/p99/max ms",
-            *["/".join(f"{s['connect_latency'][q]:.0f}" for q in ("p50_ms", "p99_ms", "max_ms")) for s in summaries],
+            *[
+                "/".join(f"{s['connect_latency'][q]:.0f}" for q in ("p50_ms", "p99_ms", "max_ms"))
+                for s in summaries
+            ],
         ]
     )
-    rows.append(["load average at end", *[" ".join(f"{x:.1f}" for x in s["load_average"]) for s in summaries]])
+    rows.append(
+        ["load average at end", *[" ".join(f"{x:.1f}" for x in s["load_average"]) for s in summaries]]
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [title, "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines = [
+        title,
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        ),
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     return "\n".join(lines)
 
 
@@ -583,7 +697,9 @@ def _counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--agents: expected numbers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--agents: expected numbers separated by commas, got {text!r}"
+        ) from None
     if not counts or any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError("--agents: every count must be ≥ 1")
     return counts
@@ -592,17 +708,23 @@ def _counts(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=_counts, action="append", help="agent counts, e.g. 500,1000 (repeatable)")
-    p.add_argument("--rate", type=float, default=0.25, help="RPC/s per agent in the load phase (default 0.25)")
+    p.add_argument(
+        "--rate", type=float, default=0.25, help="RPC/s per agent in the load phase (default 0.25)"
+    )
     p.add_argument("--duration", type=float, default=30.0, help="load phase seconds (default 30)")
     p.add_argument("--idle-seconds", type=float, default=45.0, help="idle phase seconds (default 45)")
     p.add_argument("--dials", type=int, default=32, help="connects in flight (default 32)")
-    p.add_argument("--websocket", action="store_true", help="WebSocket over TCP instead of raw yamux over Unix")
+    p.add_argument(
+        "--websocket", action="store_true", help="WebSocket over TCP instead of raw yamux over Unix"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--coder-cadence", action="store_true", help="Coder agent's RPC cadence and streams")
     mode.add_argument("--saturate", action="store_true", help="every agent calls back to back")
     p.add_argument("--runs", type=int, default=1, help="runs per agent count; the table shows medians")
     p.add_argument("--json", action="store_true", help="print every run and the medians as JSON")
-    p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the server over the load phase into DIR")
+    p.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the server over the load phase into DIR"
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="per-RPC and per-connect deadline (s)")
     p.add_argument(
         "--postgres-url",
@@ -623,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     soft, _hard = raise_nofile_limit()
     need = max(counts) + 256
     if soft < need:
-        raise SystemExit(f"scale.py: RLIMIT_NOFILE hard limit {soft} is below {need} for {max(counts)} agents")
+        raise SystemExit(
+            f"scale.py: RLIMIT_NOFILE hard limit {soft} is below {need} for {max(counts)} agents"
+        )
     mode = "saturate" if args.saturate else "cadence" if args.coder_cadence else "rate"
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -654,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     for cause, n in {**run["connect_errors"], **run["load_errors"]}.items():
-                        print(f"#   {n} × {cause}", file=sys.stderr)
+                        print(f"#   {n} x {cause}", file=sys.stderr)
                     for name, own, share in run.get("profile_top", [])[:25]:
                         print(f"#   {100 * share:5.1f}% {own:6d}  {name}", file=sys.stderr)
             all_runs += runs
