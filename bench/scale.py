@@ -472,18 +472,32 @@ def profiling(pid: int, out: Path | None) -> Iterator[None]:
             spy.wait()
 
 
-def top_functions(raw: Path, n: int = 25) -> list[tuple[str, int, float]]:
-    """(function, own samples, share) from py-spy's raw output: the leaf frame of each stack."""
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def top_functions(raw: Path, n: int = 25) -> dict[str, list[tuple[str, int, float]]]:
+    """From py-spy's raw output (one `frame;frame;... count` line per stack): the functions with the
+    most own samples (leaf frame, line numbers merged) and the share of samples per package."""
     own: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         leaf = stack.rsplit(";", 1)[-1]
-        own[leaf] += int(count)
+        match = _FRAME.match(leaf)
+        func, file = (match["func"], match["file"]) if match else (leaf, "?")
+        own[f"{func} ({file})"] += int(count)
+        parts = file.split("/")
+        packages["/".join(parts[:2]) if parts[0] == "agentd" and len(parts) > 2 else parts[0]] += int(count)
         total += int(count)
-    return [(name, c, c / total) for name, c in own.most_common(n)] if total else []
+    if not total:
+        return {"functions": [], "packages": []}
+    return {
+        "functions": [(name, c, c / total) for name, c in own.most_common(n)],
+        "packages": [(name, c, c / total) for name, c in packages.most_common(12)],
+    }
 
 
 # ------------------------------------------------------------------------------- one run
@@ -722,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--saturate", action="store_true", help="every agent calls back to back")
     p.add_argument("--runs", type=int, default=1, help="runs per agent count; the table shows medians")
     p.add_argument("--json", action="store_true", help="print every run and the medians as JSON")
+    p.add_argument("--save", type=Path, metavar="FILE", help="also write that JSON to FILE")
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the server over the load phase into DIR"
     )
@@ -779,8 +794,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for cause, n in {**run["connect_errors"], **run["load_errors"]}.items():
                         print(f"#   {n} x {cause}", file=sys.stderr)
-                    for name, own, share in run.get("profile_top", [])[:25]:
-                        print(f"#   {100 * share:5.1f}% {own:6d}  {name}", file=sys.stderr)
+                    for section, rows in run.get("profile_top", {}).items():
+                        print(f"# profile ({run['profile']}), own samples by {section}:", file=sys.stderr)
+                        for name, own, share in rows:
+                            print(f"#   {100 * share:5.1f}% {own:6d}  {name}", file=sys.stderr)
             all_runs += runs
             summaries.append(summarize(runs))
     transport = "websocket/TCP" if args.websocket else "raw yamux/unix"
@@ -789,8 +806,11 @@ def main(argv: list[str] | None = None) -> int:
         f"agentd scale: {transport}, {load}, load {args.duration:g} s, idle {args.idle_seconds:g} s,"
         f" {args.dials} dials, median of {args.runs} run(s)"
     )
+    document = json.dumps({"title": title, "summaries": summaries, "runs": all_runs}, indent=2)
+    if args.save:
+        args.save.write_text(document + "\n")
     if args.json:
-        print(json.dumps({"title": title, "summaries": summaries, "runs": all_runs}, indent=2))
+        print(document)
     else:
         print(render(summaries, title))
     return 0
