@@ -20,8 +20,10 @@ not count):
   StreamDERPMaps stream held open per agent from the connect phase on).
 
 "CPU ms per RPC" is load-phase server CPU minus the idle phase's rate over the same time, divided by
-the RPCs completed. PostgreSQL flushes backend statistics about once a second (every 10 s when a
-backend is idle), so short phases blur the transaction rates. ``--profile`` records the server with
+the RPCs completed. PostgreSQL flushes backend statistics about once a second (10 s after a
+backend goes idle), so with an idle phase of ≥ 22 s the transaction counts are read 11 s late: the
+idle window for transactions starts 11 s after the connect phase, the load phase's count is read
+11 s after it ends (less the idle rate over those 11 s). ``--profile`` records the server with
 py-spy over the load phase and prints the functions with the most own samples.
 
     python bench/scale.py --agents 500,1000,2000 [--websocket] [--runs 3] [--json]
@@ -65,6 +67,9 @@ from tests.gopeer import build_go_program  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "workspace.toml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: PostgreSQL 15 backends flush their statistics at most once a second while busy and 10 s after
+#: going idle, so pg_stat_database lags the truth by up to this much.
+PG_STATS_LAG = 11.0
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -94,7 +99,7 @@ def postgres_server(url: str | None) -> Iterator[TestServer]:
 @contextlib.contextmanager
 def fresh_database(server: TestServer) -> Iterator[str]:
     """CREATE DATABASE agentd_scale_<pid>_<hex>; yield its name; DROP it (FORCE) afterwards."""
-    name = server.create_empty(f"agentd_scale_{os.getpid()}")
+    name = server.create_empty("agentd_scale")  # + _<pid>_<hex>
     try:
         yield name
     finally:
@@ -547,13 +552,20 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
                 s0 = sampler.sample()
                 connected = gen.event("connected", timeout=600 + agents)
                 s1 = sampler.sample()
-                time.sleep(opts.idle_seconds)
+                # PostgreSQL's counters trail by up to PG_STATS_LAG: start the idle window for
+                # transactions that much later, so the connect burst does not leak into it
+                settle = PG_STATS_LAG if opts.idle_seconds >= 2 * PG_STATS_LAG else 0.0
+                time.sleep(settle)
+                x1, x1_at = sampler.xacts(), time.monotonic()
+                time.sleep(max(0.0, opts.idle_seconds - (time.monotonic() - s1.at)))
                 s2 = sampler.sample()
                 profile = opts.profile_dir / f"scale-{run_label}.txt" if opts.profile_dir else None
                 with profiling(server.process.pid, profile):
                     gen.send("load")
                     loaded = gen.event("loaded", timeout=opts.duration + 2 * opts.timeout + 60)
                     s3 = sampler.sample()
+                time.sleep(settle)  # the load phase's last transactions reach pg_stat_database
+                x3, x3_at = sampler.xacts(), time.monotonic()
                 gen.send("quit")
                 done = gen.event("done", timeout=60)
             server_alive = server.process.poll() is None
@@ -566,6 +578,7 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
     idle_cpu_rate = (s2.cpu_s - s1.cpu_s) / idle_s
     load_cpu = (s3.cpu_s - s2.cpu_s) - idle_cpu_rate * load_s
     rpcs = loaded["rpcs"] or 1
+    idle_xact_rate = (s2.xacts - x1) / (s2.at - x1_at)
     result: dict[str, Any] = {
         "agents": agents,
         "label": run_label,
@@ -593,9 +606,9 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
         "server_rss_kib_per_agent": (s1.rss_kib - s0.rss_kib) / n,
         "server_rss_before_mib": s0.rss_kib / 1024,
         "server_peak_rss_mib": s3.hwm_kib / 1024,
-        "pg_xact_per_s_idle_per_1000": (s2.xacts - s1.xacts) / idle_s / n * 1000,
-        "pg_xact_per_s_load": (s3.xacts - s2.xacts) / load_s,
-        "pg_xact_per_connect": (s1.xacts - s0.xacts) / n,
+        "pg_xact_per_s_idle_per_1000": idle_xact_rate / n * 1000,
+        "pg_xact_per_s_load": ((x3 - s2.xacts) - idle_xact_rate * (x3_at - s3.at)) / load_s,
+        "pg_xact_per_connect": ((x1 - s0.xacts) - idle_xact_rate * (x1_at - s1.at)) / n,
         "generator_cpu_pct_load": 100 * loaded["cpu_seconds"] / loaded["seconds"],
         "generator_cpu_pct_connect": 100 * connected["cpu_seconds"] / connected["seconds"],
         "generator_cpu_seconds": done["cpu_seconds"],
@@ -749,7 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Stop cleanly (server stopped, database dropped) on SIGTERM, and on SIGINT even when started
+    # in the background, where the shell has set SIGINT to be ignored.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     args = build_parser().parse_args(argv)
     counts = [c for group in (args.agents or [[100]]) for c in group]
     for name in ("rate", "duration", "idle_seconds", "timeout"):
@@ -817,4 +838,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:
+        print(f"scale.py: interrupted ({exc}); server stopped, database dropped", file=sys.stderr)
+        sys.exit(130)
