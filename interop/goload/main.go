@@ -590,7 +590,6 @@ type connectResult struct {
 	Manifest    summary            `json:"manifest_latency"`
 	Errors      map[string]int     `json:"errors"`
 	CPUSeconds  float64            `json:"cpu_seconds"`
-	Goroutines  int                `json:"goroutines"`
 	StreamsOpen map[string]summary `json:"streams_open,omitempty"`
 }
 
