@@ -47,3 +47,7 @@ bench-rpc-db *ARGS:
 # CPU per query: agentd's trio-asyncio bridge vs plain asyncio vs a trio-native prototype.
 bench-pg-bridge *ARGS:
     python bench/pg_bridge.py {{ARGS}}
+
+# Agents one `agentd serve` holds: connect rate, latency, CPU/RSS per agent (bench/scale.py --help).
+bench-scale *ARGS:
+    python bench/scale.py {{ARGS}}

@@ -133,10 +133,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from agentd.daemon import Daemon, tune_gc_for_serving
+    from agentd.daemon import Daemon, raise_open_files_limit, tune_gc_for_serving
 
     config = _config_from(args)
     _setup_logging(config.log_level)
+    raise_open_files_limit()
     tune_gc_for_serving()
     trio.run(Daemon(config, reload_config=lambda: _config_from(args), freeze_gc_when_ready=True).run)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +41,24 @@ from agentd.store.pubsub import PubSub
 from agentd.tailnet.api import build_coordinator
 
 log = logging.getLogger("agentd")
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it: every agent holds a connection
+    (one descriptor), and the usual soft default of 1024 would refuse agents long before the CPU
+    runs out. Daemons that hold thousands of connections are expected to do this themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # e.g. a hard limit of RLIM_INFINITY on some systems
+            log.debug("could not raise the open files limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.debug("raised the open files limit (RLIMIT_NOFILE) from %d to %d", soft, hard)
+        return hard
+    log.debug("open files limit (RLIMIT_NOFILE) is %d", soft)
+    return soft
+
 
 AGENT_RPC_PATH = "/api/v2/workspaceagents/me/rpc"
 HEALTH_CHECK_TIMEOUT = 5.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from agentd.config import Config, ConfigError, TcpAddress, UnixAddress
-from agentd.daemon import AGENT_RPC_PATH, Daemon, Health, build_router
+from agentd.daemon import AGENT_RPC_PATH, Daemon, Health, build_router, raise_open_files_limit
 from agentd.http import HttpApp
 from agentd.store import asyncio_loop, open_database
 
@@ -194,3 +195,20 @@ async def test_sighup_reloads_log_level_and_keeps_running_on_a_bad_file(
             daemon.request_stop()
     finally:
         logging.getLogger().setLevel(root_level)
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """`agentd serve` holds one descriptor per agent, so it lifts the soft limit (often 1024) itself."""
+    original = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = original
+    lowered = min(soft, hard - 1, 256)
+    if lowered < 64:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} too low to lower and raise again")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        with caplog.at_level(logging.DEBUG, logger="agentd"):
+            assert raise_open_files_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert f"from {lowered} to {hard}" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, original)
