@@ -6,6 +6,7 @@ in the file are errors that name the key, so a typo never silently falls back to
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,13 @@ import attrs
 DEFAULT_TCP_PORT = 3113
 DEFAULT_SOCKET_NAME = "agentd.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Every numeric setting's finite range (inclusive). Checked with the rest of the file and the flags
+#: before anything starts, so inf, nan, 1e15 or a negative never reaches a timer.
+#: shutdown_timeout: keep it below the unit's TimeoutStopSec (contrib/agentd.service).
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "shutdown_timeout": (0.0, 3600.0),
+    "agent_stats_refresh_interval": (1.0, 86400.0),
+}
 
 
 class UserError(Exception):
@@ -97,6 +105,19 @@ def _validate_log_level(_inst: object, _attr: attrs.Attribute[str], value: str) 
         raise ConfigError(f"log_level {value!r}: expected one of {', '.join(LOG_LEVELS)}")
 
 
+def check_number(key: str, value: float, source: str | None = None) -> float:
+    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range."""
+    low, high = NUMBER_RANGES[key]
+    if not (math.isfinite(value) and low <= value <= high):
+        where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
+        raise ConfigError(f"{where} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
+    return float(value)
+
+
+def _validate_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    check_number(attr.name, value)
+
+
 @attrs.frozen
 class Config:
     """Everything `agentd serve` needs; `listen == ()` means the defaults (see `listen_addresses`)."""
@@ -105,10 +126,10 @@ class Config:
     postgres_url: str | None = None
     listen: tuple[ListenAddress, ...] = ()
     log_level: str = attrs.field(default="info", validator=_validate_log_level)
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_validate_number)
     #: Seconds between an agent's UpdateStats reports, told to every agent (Coder's
     #: --agent-stats-refresh-interval; its default is 30 s).
-    agent_stats_refresh_interval: float = 30.0
+    agent_stats_refresh_interval: float = attrs.field(default=30.0, validator=_validate_number)
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
 
@@ -167,12 +188,12 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
                     raise ConfigError(f"{source}: field 'listen' must be {type_name}")
                 addresses.append(_parse_in(source, item, base_dir))
             out[key] = tuple(addresses)
-        elif key == "shutdown_timeout":
-            if value < 0:
-                raise ConfigError(f"{source}: field 'shutdown_timeout' must not be negative")
-            out[key] = float(value)
-        elif key == "agent_stats_refresh_interval":
-            out[key] = _stats_interval(value, source)
+        elif key in NUMBER_RANGES:
+            out[key] = check_number(key, value, source)
+        elif key == "log_level" and value not in LOG_LEVELS:
+            raise ConfigError(
+                f"{source}: field 'log_level' is {value!r}, expected one of {', '.join(LOG_LEVELS)}"
+            )
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 
@@ -183,14 +204,6 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
         else:
             out[key] = value
     return out
-
-
-def _stats_interval(value: float, source: str) -> float:
-    if not value > 0:
-        raise ConfigError(
-            f"{source}: field 'agent_stats_refresh_interval' must be a positive number of seconds"
-        )
-    return float(value)
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
@@ -233,9 +246,13 @@ def build_config(
     if log_level is not None:
         values["log_level"] = log_level
     if agent_stats_refresh_interval is not None:
-        values["agent_stats_refresh_interval"] = _stats_interval(
-            agent_stats_refresh_interval, "--agent-stats-refresh-interval"
-        )
+        low, high = NUMBER_RANGES["agent_stats_refresh_interval"]
+        if not (math.isfinite(agent_stats_refresh_interval) and low <= agent_stats_refresh_interval <= high):
+            raise ConfigError(
+                f"--agent-stats-refresh-interval must be a number of seconds in {low:g}..{high:g}, "
+                f"got {agent_stats_refresh_interval:g}"
+            )
+        values["agent_stats_refresh_interval"] = float(agent_stats_refresh_interval)
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")
     return Config(**values)

@@ -261,6 +261,28 @@ def test_bad_flags_and_config_files_are_one_line(tmp_path: Path, capsys: pytest.
     assert "invalid TOML" in _one_error_line(_main(capsys, "serve", "--config", str(config)))
 
 
+@pytest.mark.parametrize(
+    ("file_text", "flags", "needle"),
+    [
+        ("agent_stats_refresh_interval = inf\n", (), "field 'agent_stats_refresh_interval' must be"),
+        ("shutdown_timeout = nan\n", (), "field 'shutdown_timeout' must be a number of seconds in 0..3600"),
+        ("", ("--agent-stats-refresh-interval", "1e15"), "--agent-stats-refresh-interval must be"),
+        ("", ("--agent-stats-refresh-interval", "nan"), "in 1..86400, got nan"),
+        ('log_level = "loud"\n', (), "agentd.toml: field 'log_level' is 'loud'"),
+    ],
+)
+def test_out_of_range_numbers_are_one_line_before_anything_binds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file_text: str, flags: tuple[str, ...], needle: str
+) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(file_text)
+    sock = tmp_path / "a.sock"
+    args = ("serve", "--config", str(config), "--listen", f"unix:{sock}", *flags)
+    assert needle in _one_error_line(_main(capsys, *args))
+    assert not sock.exists()
+    assert not (tmp_path / "postgres").exists()
+
+
 async def test_config_file_values_apply_and_flags_win(db_url: str, tmp_path: Path) -> None:
     config = tmp_path / "agentd.toml"
     config.write_text(
