@@ -10,6 +10,7 @@ process using it (pgserver counts handles per process id in the data directory).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ import trio
 
 __all__ = ["EmbeddedPostgresError", "embedded_postgres"]
 
+_log = logging.getLogger("agentd.embedded")
+
 PGDATA_DIRNAME = "postgres"
 _HANDLES_FILE = ".handle_pids.json"
 
@@ -30,11 +33,15 @@ class EmbeddedPostgresError(Exception):
 
 
 def _import_pgserver() -> Any:
-    # pgserver resolves a runtime directory at import and warns when XDG_RUNTIME_DIR is unset.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """pgserver resolves its runtime directory (its cross-process lock) at import. When platformdirs
+    rejects $XDG_RUNTIME_DIR (unset, or not mode 0700) the lock falls back to /tmp/runtime-UID, which
+    `agentd admin` outside a PrivateTmp unit cannot see: log that warning instead of hiding it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         import pgserver
 
+    for warning in caught:
+        _log.warning("embedded PostgreSQL lock directory: %s", " ".join(str(warning.message).split()))
     return pgserver
 
 
