@@ -55,7 +55,10 @@ def test_runtime_dir_warning_is_surfaced(tmp_path: Path) -> None:
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o755)
     runtime.chmod(0o755)
-    code = "import logging; logging.basicConfig(); from agentd.store.embedded import _import_pgserver; _import_pgserver()"
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from agentd.store.embedded import _import_pgserver; _import_pgserver()"
+    )
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "embedded PostgreSQL lock directory" in result.stderr
