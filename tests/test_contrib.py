@@ -66,3 +66,48 @@ def test_runtime_dir_warning_is_surfaced(tmp_path: Path) -> None:
     runtime.chmod(0o700)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "lock directory" not in result.stderr
+
+
+def test_sandbox_directives_from_issue_13() -> None:
+    unit = _directives("agentd.service")
+    for key in (
+        "SystemCallFilter",
+        "SystemCallArchitectures",
+        "CapabilityBoundingSet",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectClock",
+        "ProtectHostname",
+        "RestrictNamespaces",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "UMask",
+        "RemoveIPC",
+    ):
+        assert key in unit, key
+    assert unit["CapabilityBoundingSet"] == [""]
+    assert unit["UMask"] == ["0027"]
+
+
+def test_one_socket_path_and_mode_everywhere() -> None:
+    sock = _directives("agentd.socket")
+    assert sock["Accept"] == ["no"]
+    assert "/run/agentd.sock" in sock["ListenStream"]
+    assert (sock["SocketMode"], sock["SocketGroup"]) == (["0660"], ["agentd"])
+    readme = (CONTRIB.parent / "README.md").read_text()
+    toml = (CONTRIB / "agentd.toml").read_text()
+    for text in (readme, toml):
+        assert "/run/agentd/agentd.sock" not in text
+        assert "/run/agentd.sock" in text and "0660" in text and "group agentd" in text
+
+
+def test_timeout_stop_sec_covers_shutdown_timeout() -> None:
+    from agentd.config import NUMBER_RANGES, build_config
+
+    stop = float(_directives("agentd.service")["TimeoutStopSec"][0])
+    shipped = build_config(config_file=CONTRIB / "agentd.toml")
+    assert shipped.shutdown_timeout + 30 <= stop
+    assert "TimeoutStopSec" in (CONTRIB / "agentd.toml").read_text()
+    assert "shutdown_timeout" in (CONTRIB / "agentd.service").read_text()
+    assert NUMBER_RANGES["shutdown_timeout"][0] == 0
