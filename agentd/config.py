@@ -130,6 +130,8 @@ class Config:
     #: Seconds between an agent's UpdateStats reports, told to every agent (Coder's
     #: --agent-stats-refresh-interval; its default is 30 s).
     agent_stats_refresh_interval: float = attrs.field(default=30.0, validator=_validate_number)
+    #: As root: let pgserver add g+rx,o+rx to the data dir's parents (--allow-chmod; flag only).
+    allow_chmod: bool = False
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
 
@@ -230,6 +232,7 @@ def build_config(
     listen: Iterable[str] = (),
     log_level: str | None = None,
     agent_stats_refresh_interval: float | None = None,
+    allow_chmod: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults < config file < flags. Flag values are passed as given on the command line."""
@@ -253,6 +256,7 @@ def build_config(
                 f"got {agent_stats_refresh_interval:g}"
             )
         values["agent_stats_refresh_interval"] = float(agent_stats_refresh_interval)
+    values["allow_chmod"] = allow_chmod
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")
     return Config(**values)

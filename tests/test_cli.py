@@ -384,6 +384,7 @@ def private_dir() -> Iterator[Path]:
     """A directory outside /tmp/pytest-of-<user>: pytest resets that one to mode 0700 whenever a test
     run starts, which locks out the unprivileged user pgserver runs PostgreSQL as when we are root."""
     path = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    path.chmod(0o755)  # as root agentd refuses to open it up itself (no --allow-chmod)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -408,6 +409,20 @@ async def test_embedded_default_shared_with_admin_while_serving(private_dir: Pat
         with trio.fail_after(30):
             assert await serving.process.wait() == 0, serving.text
     assert not (data / "postgres" / "postmaster.pid").exists()  # embedded server stopped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pgserver chmods parents only when run as root")
+def test_root_refuses_to_chmod_data_dir_parents(
+    private_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = private_dir / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    line = _one_error_line(_main(capsys, "migrate", "--data-dir", str(closed / "data")))
+    assert f"would chmod g+rx,o+rx {closed} 0700->0755" in line
+    assert "--allow-chmod" in line
+    assert oct(closed.stat().st_mode & 0o777) == "0o700"  # nothing changed
+    assert not (closed / "data").exists()
 
 
 def test_unusable_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
