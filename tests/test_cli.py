@@ -425,6 +425,29 @@ def test_root_refuses_to_chmod_data_dir_parents(
     assert not (closed / "data").exists()
 
 
+async def test_admin_beside_unit_style_serve_shares_the_embedded_server(private_dir: Path) -> None:
+    """Like contrib/agentd.service: XDG_RUNTIME_DIR=/run/agentd (RuntimeDirectoryMode=0700). pgserver's
+    lock lives there, so `agentd admin` with the same runtime dir joins the running server."""
+    run = private_dir / "run"
+    run.mkdir(mode=0o700)
+    run.chmod(0o700)
+    data = private_dir / "data"
+    env = _env(XDG_RUNTIME_DIR=str(run))
+    async with _serve(["--data-dir", str(data), "--listen", "tcp://127.0.0.1:0"], env=env) as serving:
+        pid = (data / "postgres" / "postmaster.pid").read_text().split()[0]
+        result = await _agentd(
+            "admin", "create-workspace", "--file", str(EXAMPLE), "--data-dir", str(data), env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert (run / "python_PostgresServer" / ".lockfile").exists()
+        assert (data / "postgres" / "postmaster.pid").read_text().split()[0] == pid  # same server
+        assert "lock directory" not in serving.text  # platformdirs accepted the runtime dir
+        serving.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await serving.process.wait() == 0, serving.text
+    assert not (data / "postgres" / "postmaster.pid").exists()
+
+
 def test_unusable_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
