@@ -32,8 +32,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
+_ALLOW_CHMOD_HELP = "as root: let the embedded server add g+rx,o+rx to the data dir's parents"
+
+
 def _add_database_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--allow-chmod", action="store_true", help=_ALLOW_CHMOD_HELP)
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="data directory (default $XDG_DATA_HOME/agentd)"
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unix:/path/to.sock or tcp://HOST:PORT; repeatable "
         "(default unix:$DATA_DIR/agentd.sock and tcp://127.0.0.1:3113)",
     )
+    serve.add_argument("--allow-chmod", action="store_true", help=_ALLOW_CHMOD_HELP)
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     serve.add_argument(
         "--agent-stats-refresh-interval",
@@ -119,6 +124,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         log_level=getattr(args, "log_level", None),
         agent_stats_refresh_interval=getattr(args, "agent_stats_refresh_interval", None),
         metrics_listen=getattr(args, "metrics_listen", None),
+        allow_chmod=args.allow_chmod,
     )
 
 

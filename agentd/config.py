@@ -6,6 +6,7 @@ in the file are errors that name the key, so a typo never silently falls back to
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,14 @@ DEFAULT_TCP_PORT = 3113
 DEFAULT_METRICS_PORT = 2112
 DEFAULT_SOCKET_NAME = "agentd.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Every numeric setting's finite range (inclusive). Checked with the rest of the file and the flags
+#: before anything starts, so inf, nan, 1e15 or a negative never reaches a timer.
+#: shutdown_timeout: keep it below the unit's TimeoutStopSec (contrib/agentd.service).
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "shutdown_timeout": (0.0, 3600.0),
+    "agent_stats_refresh_interval": (1.0, 86400.0),
+    "coordinator_heartbeat": (0.1, 60.0),
+}
 
 
 class UserError(Exception):
@@ -104,6 +113,19 @@ def _validate_coordinator(_inst: object, _attr: attrs.Attribute[str], value: str
         raise ConfigError(f'coordinator {value!r}: expected "memory" or "postgres"')
 
 
+def check_number(key: str, value: float, source: str | None = None) -> float:
+    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range."""
+    low, high = NUMBER_RANGES[key]
+    if not (math.isfinite(value) and low <= value <= high):
+        where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
+        raise ConfigError(f"{where} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
+    return float(value)
+
+
+def _validate_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    check_number(attr.name, value)
+
+
 @attrs.frozen
 class Config:
     """Everything `agentd serve` needs; `listen == ()` means the defaults (see `listen_addresses`)."""
@@ -112,15 +134,17 @@ class Config:
     postgres_url: str | None = None
     listen: tuple[ListenAddress, ...] = ()
     log_level: str = attrs.field(default="info", validator=_validate_log_level)
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_validate_number)
     #: Seconds between an agent's UpdateStats reports, told to every agent (Coder's
     #: --agent-stats-refresh-interval; its default is 30 s).
-    agent_stats_refresh_interval: float = 30.0
+    agent_stats_refresh_interval: float = attrs.field(default=30.0, validator=_validate_number)
     #: The tailnet coordinator: "postgres" (state in the database, shared by every replica on it) or
     #: "memory" (this process only; a little faster, wrong as soon as a second replica shares the database).
     coordinator: str = attrs.field(default="postgres", validator=_validate_coordinator)
     #: Seconds between the postgres coordinator's heartbeats; a replica silent for 3 of them is dead.
-    coordinator_heartbeat: float = 2.0
+    coordinator_heartbeat: float = attrs.field(default=2.0, validator=_validate_number)
+    #: As root: let pgserver add g+rx,o+rx to the data dir's parents (--allow-chmod; flag only).
+    allow_chmod: bool = False
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
     banners: tuple[tuple[str, Any], ...] = ()
     #: Where operator endpoints (/metrics, /healthz) are served, apart from the agent listeners;
@@ -185,20 +209,14 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
                     raise ConfigError(f"{source}: field 'listen' must be {type_name}")
                 addresses.append(_parse_in(source, item, base_dir))
             out[key] = tuple(addresses)
-        elif key == "shutdown_timeout":
-            if value < 0:
-                raise ConfigError(f"{source}: field 'shutdown_timeout' must not be negative")
-            out[key] = float(value)
-        elif key == "agent_stats_refresh_interval":
-            out[key] = _stats_interval(value, source)
         elif key == "metrics_listen":
             out[key] = None if value in ("", "none") else _parse_in(source, value, base_dir)
-        elif key == "coordinator_heartbeat":
-            if not value > 0:
-                raise ConfigError(
-                    f"{source}: field 'coordinator_heartbeat' must be a positive number of seconds"
-                )
-            out[key] = float(value)
+        elif key in NUMBER_RANGES:
+            out[key] = check_number(key, value, source)
+        elif key == "log_level" and value not in LOG_LEVELS:
+            raise ConfigError(
+                f"{source}: field 'log_level' is {value!r}, expected one of {', '.join(LOG_LEVELS)}"
+            )
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 
@@ -209,14 +227,6 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
         else:
             out[key] = value
     return out
-
-
-def _stats_interval(value: float, source: str) -> float:
-    if not value > 0:
-        raise ConfigError(
-            f"{source}: field 'agent_stats_refresh_interval' must be a positive number of seconds"
-        )
-    return float(value)
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
@@ -244,6 +254,7 @@ def build_config(
     log_level: str | None = None,
     agent_stats_refresh_interval: float | None = None,
     metrics_listen: str | None = None,
+    allow_chmod: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults < config file < flags. Flag values are passed as given on the command line."""
@@ -260,9 +271,14 @@ def build_config(
     if log_level is not None:
         values["log_level"] = log_level
     if agent_stats_refresh_interval is not None:
-        values["agent_stats_refresh_interval"] = _stats_interval(
-            agent_stats_refresh_interval, "--agent-stats-refresh-interval"
-        )
+        low, high = NUMBER_RANGES["agent_stats_refresh_interval"]
+        if not (math.isfinite(agent_stats_refresh_interval) and low <= agent_stats_refresh_interval <= high):
+            raise ConfigError(
+                f"--agent-stats-refresh-interval must be a number of seconds in {low:g}..{high:g}, "
+                f"got {agent_stats_refresh_interval:g}"
+            )
+        values["agent_stats_refresh_interval"] = float(agent_stats_refresh_interval)
+    values["allow_chmod"] = allow_chmod
     if metrics_listen is not None:
         values["metrics_listen"] = (
             None if metrics_listen in ("", "none") else parse_listen_address(metrics_listen)

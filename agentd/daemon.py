@@ -95,7 +95,7 @@ async def database_url(config: Config) -> AsyncIterator[str]:
     if config.postgres_url is not None:
         yield config.postgres_url
         return
-    async with embedded_postgres(config.data_dir) as url:
+    async with embedded_postgres(config.data_dir, allow_chmod=config.allow_chmod) as url:
         yield url
 
 

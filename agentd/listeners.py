@@ -144,10 +144,23 @@ async def bind_tcp(address: TcpAddress, *, backlog: int = BACKLOG) -> list[Bound
     return out
 
 
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 def adopt_socket(sock: socket.socket) -> BoundListener:
     """Wrap a listening socket handed to us (systemd); we never remove its file."""
     sock.setblocking(False)
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if _is_connected(sock):
+            raise UserError(
+                f"systemd passed fd {sock.fileno()}, a connected socket (Accept=yes): agentd needs "
+                "Accept=no in its .socket unit (it accepts connections itself)"
+            )
         sock.listen(BACKLOG)
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:

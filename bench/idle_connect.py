@@ -104,7 +104,18 @@ def run(args: argparse.Namespace) -> None:
         sock = f"{tmp}/agentd.sock"
         with open(f"{tmp}/serve.log", "w") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "agentd", "serve", "--postgres-url", url, "--listen", f"unix:{sock}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "agentd",
+                    "serve",
+                    "--postgres-url",
+                    url,
+                    "--listen",
+                    f"unix:{sock}",
+                    "--metrics-listen",
+                    "none",
+                ],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -226,6 +226,8 @@ def main() -> int:
                     f"unix:{sock}",
                     "--log-level",
                     "warning",
+                    "--metrics-listen",
+                    "none",
                 ],
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,

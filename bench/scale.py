@@ -386,6 +386,8 @@ def run_server(db_url: str, workdir: Path, extra_env: dict[str, str]) -> Iterato
         f"unix:{sock}",
         "--listen",
         "tcp://127.0.0.1:0",
+        "--metrics-listen",
+        "none",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env={**os.environ, **extra_env})

@@ -21,6 +21,7 @@ import trio
 from agentd.agent import AGENT_VERSION
 from agentd.store import Database
 from tests.test_cli import EXAMPLE, _agentd, _env, _serve
+from tests.test_cli import private_dir as private_dir  # the fixture
 
 pytestmark = pytest.mark.slow
 
@@ -184,3 +185,46 @@ async def test_agent_command_errors_are_one_line() -> None:
     assert bad_url.stderr.decode().startswith("agentd: agent: --url 'http://x': expected unix:")
     no_token = await _agentd("agent", "--url", "unix:/nonexistent.sock", env=_env(CODER_AGENT_TOKEN=""))
     assert no_token.returncode == 1 and "--token" in no_token.stderr.decode()
+
+
+@pytest.mark.parametrize("kill_mode", ["mixed", "control-group"])
+async def test_stop_with_embedded_server_records_disconnects_only_under_killmode_mixed(
+    private_dir: Path, kill_mode: str
+) -> None:
+    """contrib/agentd.service uses KillMode=mixed: SIGTERM to agentd alone, which records each agent's
+    disconnect and then stops its PostgreSQL. systemd's default (control-group) also SIGTERMs every
+    postgres process at once: the disconnect writes fail and the agent stays marked connected."""
+    import psutil
+
+    from agentd.store import open_database
+    from agentd.store.embedded import embedded_postgres
+
+    data, sock = private_dir / "data", private_dir / "agentd.sock"
+    async with _serve(["--data-dir", str(data), "--listen", f"unix:{sock}"]) as serving:
+        created = await _agentd(
+            "admin", "create-workspace", "--file", str(EXAMPLE), "--json", "--data-dir", str(data)
+        )
+        assert created.returncode == 0, created.stderr.decode()
+        main = json.loads(created.stdout)["agents"][0]
+        async with agent_process("--url", f"unix:{sock}", "--token", main["token"]) as agent:
+            await agent.wait_for("lifecycle ready")
+            postmaster = psutil.Process(int((data / "postgres" / "postmaster.pid").read_text().split()[0]))
+            postgres = [postmaster, *postmaster.children(recursive=True)]
+            serving.process.send_signal(signal.SIGTERM)
+            if kill_mode == "control-group":
+                for proc in postgres:
+                    proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(60):
+                await serving.process.wait()
+    if kill_mode == "mixed":
+        assert serving.process.returncode == 0, serving.text
+        assert not (data / "postgres" / "postmaster.pid").exists()  # agentd stopped its server
+    async with embedded_postgres(data) as url, open_database(url) as db:
+        row = await db.fetchone(
+            "SELECT disconnected_at FROM workspace_agents WHERE id = %s", (uuid.UUID(main["id"]),)
+        )
+    assert row is not None
+    if kill_mode == "mixed":
+        assert row["disconnected_at"] is not None, serving.text
+    else:
+        assert row["disconnected_at"] is None, serving.text  # left marked connected

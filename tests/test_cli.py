@@ -183,7 +183,10 @@ async def test_serve_with_systemd_socket_activation(db_url: str, tmp_path: Path)
     listener.listen()
     fd = listener.fileno()
     # LISTEN_PID must be the daemon's pid: the shell sets it to its own and then execs python.
-    command = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{sys.executable}" -m agentd serve --postgres-url "{db_url}"'
+    command = (
+        f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{sys.executable}" -m agentd serve --postgres-url "{db_url}"'
+        " --metrics-listen none"
+    )
     async with _serve(
         [], command=["sh", "-c", command], pass_fds=(3,), preexec_fn=lambda: os.dup2(fd, 3)
     ) as serving:
@@ -261,6 +264,28 @@ def test_bad_flags_and_config_files_are_one_line(tmp_path: Path, capsys: pytest.
     assert line.startswith(f"agentd: {config}: unknown field 'listen_on'")
     config.write_text("listen = [\n")
     assert "invalid TOML" in _one_error_line(_main(capsys, "serve", "--config", str(config)))
+
+
+@pytest.mark.parametrize(
+    ("file_text", "flags", "needle"),
+    [
+        ("agent_stats_refresh_interval = inf\n", (), "field 'agent_stats_refresh_interval' must be"),
+        ("shutdown_timeout = nan\n", (), "field 'shutdown_timeout' must be a number of seconds in 0..3600"),
+        ("", ("--agent-stats-refresh-interval", "1e15"), "--agent-stats-refresh-interval must be"),
+        ("", ("--agent-stats-refresh-interval", "nan"), "in 1..86400, got nan"),
+        ('log_level = "loud"\n', (), "agentd.toml: field 'log_level' is 'loud'"),
+    ],
+)
+def test_out_of_range_numbers_are_one_line_before_anything_binds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file_text: str, flags: tuple[str, ...], needle: str
+) -> None:
+    config = tmp_path / "agentd.toml"
+    config.write_text(file_text)
+    sock = tmp_path / "a.sock"
+    args = ("serve", "--config", str(config), "--listen", f"unix:{sock}", *flags)
+    assert needle in _one_error_line(_main(capsys, *args))
+    assert not sock.exists()
+    assert not (tmp_path / "postgres").exists()
 
 
 async def test_config_file_values_apply_and_flags_win(db_url: str, tmp_path: Path) -> None:
@@ -364,6 +389,7 @@ def private_dir() -> Iterator[Path]:
     """A directory outside /tmp/pytest-of-<user>: pytest resets that one to mode 0700 whenever a test
     run starts, which locks out the unprivileged user pgserver runs PostgreSQL as when we are root."""
     path = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    path.chmod(0o755)  # as root agentd refuses to open it up itself (no --allow-chmod)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -388,6 +414,43 @@ async def test_embedded_default_shared_with_admin_while_serving(private_dir: Pat
         with trio.fail_after(30):
             assert await serving.process.wait() == 0, serving.text
     assert not (data / "postgres" / "postmaster.pid").exists()  # embedded server stopped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pgserver chmods parents only when run as root")
+def test_root_refuses_to_chmod_data_dir_parents(
+    private_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = private_dir / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    line = _one_error_line(_main(capsys, "migrate", "--data-dir", str(closed / "data")))
+    assert f"would chmod g+rx,o+rx {closed} 0700->0755" in line
+    assert "--allow-chmod" in line
+    assert oct(closed.stat().st_mode & 0o777) == "0o700"  # nothing changed
+    assert not (closed / "data").exists()
+
+
+async def test_admin_beside_unit_style_serve_shares_the_embedded_server(private_dir: Path) -> None:
+    """Like contrib/agentd.service: XDG_RUNTIME_DIR=/run/agentd (RuntimeDirectoryMode=0700). pgserver's
+    lock lives there, so `agentd admin` with the same runtime dir joins the running server."""
+    run = private_dir / "run"
+    run.mkdir(mode=0o700)
+    run.chmod(0o700)
+    data = private_dir / "data"
+    env = _env(XDG_RUNTIME_DIR=str(run))
+    async with _serve(["--data-dir", str(data), "--listen", "tcp://127.0.0.1:0"], env=env) as serving:
+        pid = (data / "postgres" / "postmaster.pid").read_text().split()[0]
+        result = await _agentd(
+            "admin", "create-workspace", "--file", str(EXAMPLE), "--data-dir", str(data), env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert (run / "python_PostgresServer" / ".lockfile").exists()
+        assert (data / "postgres" / "postmaster.pid").read_text().split()[0] == pid  # same server
+        assert "lock directory" not in serving.text  # platformdirs accepted the runtime dir
+        serving.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await serving.process.wait() == 0, serving.text
+    assert not (data / "postgres" / "postmaster.pid").exists()
 
 
 def test_unusable_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

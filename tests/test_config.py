@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from agentd.config import (
+    NUMBER_RANGES,
     Config,
     ConfigError,
     TcpAddress,
@@ -107,9 +109,15 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("listen = 5", "field 'listen' must be an array of strings"),
         ("listen = [5]", "field 'listen' must be an array of strings"),
         ('listen = ["ftp://x"]', "listen address 'ftp://x'"),
-        ('log_level = "loud"', "log_level 'loud'"),
+        ('log_level = "loud"', r"bad\.toml: field 'log_level' is 'loud', expected one of debug"),
         ("shutdown_timeout = true", "field 'shutdown_timeout' must be a number"),
-        ("shutdown_timeout = -1", "must not be negative"),
+        ("shutdown_timeout = -1", r"bad\.toml: field 'shutdown_timeout' must be .* in 0\.\.3600, got -1"),
+        ("shutdown_timeout = inf", r"field 'shutdown_timeout' .* in 0\.\.3600, got inf"),
+        ("shutdown_timeout = nan", r"field 'shutdown_timeout' .* got nan"),
+        ("shutdown_timeout = 1e15", r"field 'shutdown_timeout' .* got 1e\+15"),
+        ("agent_stats_refresh_interval = inf", r"'agent_stats_refresh_interval' .* in 1\.\.86400, got inf"),
+        ("agent_stats_refresh_interval = -inf", r"'agent_stats_refresh_interval' .* got -inf"),
+        ("agent_stats_refresh_interval = 1e15", r"'agent_stats_refresh_interval' .* got 1e\+15"),
         ('postgres_url = ""', "postgres_url is empty"),
     ],
 )
@@ -139,10 +147,20 @@ def test_agent_stats_refresh_interval_file_flag_and_validation(tmp_path: Path) -
     flagged = build_config(config_file=path, agent_stats_refresh_interval=2.5, environ={})
     assert flagged.agent_stats_refresh_interval == 2.5
     path.write_text("agent_stats_refresh_interval = 0\n")
-    with pytest.raises(ConfigError, match="agent_stats_refresh_interval' must be a positive"):
+    with pytest.raises(ConfigError, match=r"agentd\.toml: field 'agent_stats_refresh_interval' must be"):
         build_config(config_file=path, environ={})
-    with pytest.raises(ConfigError, match="--agent-stats-refresh-interval"):
-        build_config(agent_stats_refresh_interval=-1, environ={})
+    for bad in (-1.0, 0.0, math.inf, math.nan, 1e15):
+        with pytest.raises(ConfigError, match=r"^--agent-stats-refresh-interval must be .* in 1\.\.86400"):
+            build_config(agent_stats_refresh_interval=bad, environ={})
+
+
+@pytest.mark.parametrize("key", sorted(NUMBER_RANGES))
+def test_every_numeric_setting_has_a_finite_range(key: str) -> None:
+    low, high = NUMBER_RANGES[key]
+    assert math.isfinite(low) and math.isfinite(high) and 0 <= low < high
+    for bad in (math.inf, -math.inf, math.nan, low - 1, high * 10):
+        with pytest.raises(ConfigError, match=f"field '{key}' must be"):
+            Config(**{key: bad})
 
 
 def test_metrics_listen_default_file_flag_and_off(tmp_path: Path) -> None:
@@ -174,5 +192,5 @@ def test_coordinator_choice_and_heartbeat(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match='coordinator \'etcd\': expected "memory" or "postgres"'):
         build_config(config_file=path, environ={})
     path.write_text("coordinator_heartbeat = 0\n")
-    with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a positive number"):
+    with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a number of seconds in"):
         build_config(config_file=path, environ={})

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from agentd.config import TcpAddress, UnixAddress
+from agentd.config import TcpAddress, UnixAddress, UserError
 from agentd.listeners import ListenError, Server, adopt_socket, bind_all, bind_tcp, bind_unix
 
 
@@ -116,6 +116,17 @@ async def test_adopted_socket_is_served_and_its_file_kept(tmp_path: Path) -> Non
     await client.aclose()
     await bound.aclose()
     assert path.exists()  # systemd owns the file
+
+
+def test_connected_socket_from_accept_yes_unit_is_one_line_error() -> None:
+    """Accept=yes (or systemd-socket-activate --accept) passes a connected socket, not a listener."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with (
+        ours,
+        theirs,
+        pytest.raises(UserError, match=r"connected socket \(Accept=yes\): agentd needs Accept=no"),
+    ):
+        adopt_socket(ours)
 
 
 async def test_server_stop_closes_listeners_then_drains_connections(tmp_path: Path) -> None:

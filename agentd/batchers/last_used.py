@@ -67,6 +67,7 @@ class LastUsedTracker:
         self.flushes += 1
         try:
             await batch_update_last_used_at(self.db, ids, self.now())
+            log.debug("flushed last_used_at of %d workspaces", len(ids))
         except trio.Cancelled:
             self._ids |= ids
             raise

@@ -174,6 +174,7 @@ class MetadataBatcher:
         self.flushes += 1
         try:
             await write_and_notify(self.db, self.publisher, updates)
+            log.debug("flushed %d metadata updates", len(updates))
         except trio.Cancelled:
             # Shutdown during a write: the final flush writes them again (the update is idempotent).
             for u in updates:

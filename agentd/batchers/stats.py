@@ -80,6 +80,7 @@ class StatsBatcher:
         self.flushes += 1
         try:
             await insert_agent_stats(self.db, rows)
+            log.debug("flushed %d agent stats rows", len(rows))
         except trio.Cancelled:
             self._rows[:0] = rows  # shutdown mid-write: the final flush inserts them
             raise

@@ -10,7 +10,9 @@ process using it (pgserver counts handles per process id in the data directory).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,8 @@ import trio
 
 __all__ = ["EmbeddedPostgresError", "embedded_postgres"]
 
+_log = logging.getLogger("agentd.embedded")
+
 PGDATA_DIRNAME = "postgres"
 _HANDLES_FILE = ".handle_pids.json"
 
@@ -30,11 +34,15 @@ class EmbeddedPostgresError(Exception):
 
 
 def _import_pgserver() -> Any:
-    # pgserver resolves a runtime directory at import and warns when XDG_RUNTIME_DIR is unset.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """pgserver resolves its runtime directory (its cross-process lock) at import. When platformdirs
+    rejects $XDG_RUNTIME_DIR (unset, or not mode 0700) the lock falls back to /tmp/runtime-UID, which
+    `agentd admin` outside a PrivateTmp unit cannot see: log that warning instead of hiding it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         import pgserver
 
+    for warning in caught:
+        _log.warning("embedded PostgreSQL lock directory: %s", " ".join(str(warning.message).split()))
     return pgserver
 
 
@@ -61,10 +69,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _start(pgdata: Path, cleanup_mode: str | None) -> Any:
+_G_RX_O_RX = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+
+
+def chmod_plan(pgdata: Path) -> list[tuple[Path, int, int]]:
+    """(dir, mode now, mode after) for every existing parent of `pgdata` that pgserver, run as root,
+    would open up with g+rx,o+rx so that its unprivileged PostgreSQL user can traverse it."""
+    plan = []
+    for parent in pgdata.parents:
+        try:
+            mode = stat.S_IMODE(parent.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & _G_RX_O_RX != _G_RX_O_RX:
+            plan.append((parent, mode, mode | _G_RX_O_RX))
+    return plan
+
+
+def _refuse_root_chmod(pgdata: Path) -> None:
+    plan = chmod_plan(pgdata)
+    if plan:
+        changes = ", ".join(f"{d} {old:04o}->{new:04o}" for d, old, new in plan)
+        raise EmbeddedPostgresError(
+            f"running as root, the embedded PostgreSQL runs as an unprivileged user and would chmod "
+            f"g+rx,o+rx {changes}; choose a --data-dir whose parents are already traversable, or pass "
+            "--allow-chmod to accept"
+        )
+
+
+def _start(pgdata: Path, cleanup_mode: str | None, allow_chmod: bool = True) -> Any:
     pgserver = _import_pgserver()
+    pgdata = pgdata.expanduser().resolve()
+    if os.geteuid() == 0 and not allow_chmod:
+        _refuse_root_chmod(pgdata)
     try:
-        pgdata = pgdata.expanduser().resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         if pgdata.exists():
             with pgserver.PostgresServer._lock:
@@ -86,16 +124,18 @@ async def embedded_postgres(
     data_dir: str | os.PathLike[str],
     *,
     delete_on_exit: bool = False,
+    allow_chmod: bool = True,
 ) -> AsyncIterator[str]:
     """Start (or reuse) the PostgreSQL server in ``<data_dir>/postgres``; yield its URL.
 
     The URL names database ``postgres`` over the server's Unix socket. On exit the server is
     stopped unless another process still uses it; ``delete_on_exit`` also removes its data
-    (for throwaway test servers).
+    (for throwaway test servers). As root, ``allow_chmod=False`` refuses data dirs whose parents
+    pgserver would chmod (agentd's commands pass the operator's ``--allow-chmod``).
     """
     pgdata = Path(data_dir) / PGDATA_DIRNAME
     mode: Literal["stop", "delete"] = "delete" if delete_on_exit else "stop"
-    server = await trio.to_thread.run_sync(_start, pgdata, mode)
+    server = await trio.to_thread.run_sync(_start, pgdata, mode, allow_chmod)
     try:
         yield str(server.get_uri())
     finally:

@@ -15,6 +15,7 @@ marker: they may have lost messages and should re-read the state they follow.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
@@ -26,6 +27,8 @@ from psycopg import sql as pgsql
 
 from agentd.store.db import Conn, Database, Transaction
 from agentd.store.errors import PayloadTooLarge, StoreError
+
+log = logging.getLogger("agentd.pubsub")
 
 __all__ = ["MAX_CHANNEL_BYTES", "MAX_PAYLOAD_BYTES", "MISSED", "Missed", "PubSub", "Subscription"]
 
@@ -313,6 +316,7 @@ class PubSub:
                         await self._serve(conn, reconnected=False)
                     else:
                         self.reconnects += 1
+                        log.debug("pubsub: LISTEN connection re-established (reconnect %d)", self.reconnects)
                         await self._serve(conn, reconnected=True)
                 except StoreError:
                     # Lost the connection (terminated backend, network, server restart).

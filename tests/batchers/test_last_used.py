@@ -4,6 +4,7 @@ never backwards, and on shutdown."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 import trio
@@ -37,7 +38,10 @@ async def test_never_moves_backwards(db: Database) -> None:
     assert await last_used(db, ident.workspace_id) == T0
 
 
-async def test_flushes_every_60_s(db: Database, clock: trio.testing.MockClock) -> None:
+async def test_flushes_every_60_s(
+    db: Database, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="agentd.batchers.last_used")
     a, b = await seed_agent(db), await seed_agent(db)
     now = FakeNow()
     tracker = LastUsedTracker(db, now=now)
@@ -51,6 +55,7 @@ async def test_flushes_every_60_s(db: Database, clock: trio.testing.MockClock) -
         assert await last_used(db, a.workspace_id) == ZERO
         await trio.sleep(2)
         assert tracker.flushes == 1 and tracker.pending == 0
+        assert "flushed last_used_at of 2 workspaces" in caplog.messages  # --log-level debug
         assert await last_used(db, a.workspace_id) == T0 == await last_used(db, b.workspace_id)
         now.advance(minutes=1)
         tracker.add(b.workspace_id)
