@@ -1,40 +1,54 @@
-"""The trio-facing database handle: psycopg 3's async API driven through trio-asyncio.
+"""The trio-facing database handle: psycopg 3 driven natively by trio (`agentd.store.trio_pg`).
 
-Every query runs as a short asyncio coroutine on the trio-asyncio loop (``run_aio_coroutine``), so
-the rest of agentd awaits plain trio functions and gets dict rows back. Cancelling the trio task
-cancels the asyncio task; psycopg reacts to that by sending a cancel request to the server and
-draining the connection before it goes back to the pool, so a cancelled ``pg_sleep`` stops on the
-server too and the pooled connection stays usable.
+Every call takes a connection from a small trio pool, runs psycopg's protocol generators with trio
+socket waits, and returns dict rows. Each call is bounded by a client-side deadline,
+``query_timeout_s`` (default `DEFAULT_QUERY_TIMEOUT_S`, 8 s: below the agent's 10 s RPC timeout, so an
+RPC fails with a database error the agent can see rather than its own timeout); it covers waiting for
+a pooled connection and the statement, and fires even when the network drops packets, which the
+server-side ``statement_timeout`` cannot. Connections use TCP keepalives and ``tcp_user_timeout``
+(`trio_pg.KEEPALIVE_PARAMS`) so a dead server is noticed within seconds.
+
+Cancelling a call mid-statement closes its connection at once (never waiting on the network) and
+sends the server a cancel request from the pool's background nursery, so a cancelled ``pg_sleep``
+stops on the server too; the pool opens a replacement on demand.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import attrs
 import psycopg
-import psycopg_pool
 import trio
-import trio_asyncio  # type: ignore[import-untyped]
 from psycopg import sql as pgsql
-from psycopg.rows import DictRow, dict_row
 from psycopg.types import TypeInfo
 
-from agentd.store import _aio, errors
+from agentd.store import errors, trio_pg
 
-assert _aio  # imported for its effect on psycopg
-
-__all__ = ["Database", "Params", "Query", "Transaction", "asyncio_loop", "open_database"]
+__all__ = [
+    "DEFAULT_QUERY_TIMEOUT_S",
+    "Database",
+    "Params",
+    "Query",
+    "Transaction",
+    "asyncio_loop",
+    "open_database",
+]
 
 T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
 # Plain SQL text (what code outside the store passes) or a psycopg.sql composition (store modules).
 Query = str | pgsql.Composable
-Conn = psycopg.AsyncConnection[DictRow]
-Pool = psycopg_pool.AsyncConnectionPool[Conn]
+Conn = trio_pg.TrioConnection
+
+#: Client-side bound on every database call (waiting for a connection + the statement), seconds.
+#: A few seconds below the agent's 10 s RPC timeout: a database that stops answering makes an RPC
+#: fail with a clear "database unavailable" error before the agent gives up on its own.
+DEFAULT_QUERY_TIMEOUT_S = 8.0
 
 _ISOLATION_LEVELS = {
     "read committed": "READ COMMITTED",
@@ -42,8 +56,8 @@ _ISOLATION_LEVELS = {
     "serializable": "SERIALIZABLE",
 }
 
-# Cleanup after a cancelled or failed transaction must not hang forever on a dead server.
-_CLEANUP_TIMEOUT_S = 10.0
+# Cleanup after a failed transaction (ROLLBACK) must not hang on a dead server.
+_CLEANUP_TIMEOUT_S = 2.0
 
 
 def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -61,28 +75,9 @@ def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException |
 
 
 @asynccontextmanager
-async def _open_loop() -> AsyncIterator[Any]:
-    # trio-asyncio runs the loop in a nursery, which wraps whatever the body raises in an
-    # ExceptionGroup; callers of the store should see the one error itself.
-    try:
-        async with trio_asyncio.open_loop() as loop:
-            yield loop
-    except BaseExceptionGroup as group:
-        sole = _sole_exception(group)
-        if sole is None:
-            raise
-        raise sole from None
-
-
-@asynccontextmanager
 async def asyncio_loop() -> AsyncIterator[None]:
-    """Open the process's trio-asyncio loop (once, at the daemon root); psycopg runs on it.
-
-    Tasks started under it (and `open_database` called inside it) share this one loop. A single
-    exception raised by the body propagates as itself, not wrapped in an ExceptionGroup.
-    """
-    async with _open_loop():
-        yield
+    """Kept for compatibility: the store no longer needs an asyncio loop (does nothing)."""
+    yield
 
 
 def describe_url(url: str) -> str:
@@ -106,7 +101,7 @@ def translate_error(exc: BaseException) -> errors.StoreError:
     """Map a psycopg / pool exception onto the store's exception classes."""
     if isinstance(exc, errors.StoreError):
         return exc
-    if isinstance(exc, psycopg_pool.PoolTimeout):
+    if isinstance(exc, trio_pg.PoolTimeout):
         return errors.DatabaseUnavailable(f"no database connection available: {_one_line(str(exc))}")
     if not isinstance(exc, psycopg.Error):
         return errors.StoreError(_one_line(str(exc)))
@@ -145,22 +140,22 @@ def _query(text: str | pgsql.Composable) -> Any:
     return text
 
 
-async def _aio_execute(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> int:
+async def _execute(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> int:
     cur = await conn.execute(_query(text), params)
     return cur.rowcount
 
 
-async def _aio_fetchone(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> DictRow | None:
+async def _fetchone(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> Any:
     cur = await conn.execute(_query(text), params)
     return await cur.fetchone()
 
 
-async def _aio_fetchall(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> list[DictRow]:
+async def _fetchall(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> Any:
     cur = await conn.execute(_query(text), params)
     return await cur.fetchall()
 
 
-async def _aio_copy(conn: Conn, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+async def _copy(conn: Conn, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     stmt = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
         pgsql.Identifier(*table.split(".")), pgsql.SQL(", ").join(pgsql.Identifier(c) for c in columns)
     )
@@ -172,18 +167,6 @@ async def _aio_copy(conn: Conn, table: str, columns: Sequence[str], rows: Iterab
     return n
 
 
-async def _with_pooled(pool: Pool, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    async with pool.connection() as conn:
-        return await fn(conn, *args)
-
-
-async def _rollback_or_close(conn: Conn) -> None:
-    try:
-        await conn.execute("ROLLBACK")
-    except psycopg.Error:
-        await conn.close()
-
-
 _in_flight = 0
 _busy_watcher: Callable[[bool], None] | None = None
 
@@ -192,9 +175,9 @@ def set_busy_watcher(watcher: Callable[[bool], None] | None) -> None:
     """Call ``watcher(True)`` when the first store call starts waiting on PostgreSQL and
     ``watcher(False)`` when the last one ends (LISTEN waits excluded); None removes it.
 
-    Why: trio-asyncio's socket waits look idle to trio, so an autojumping test clock would skip
-    virtual time (and fire deadlines) while a query is merely in flight; agentd.testing's clock uses
-    this to hold still until PostgreSQL has answered.
+    Why: a socket wait looks idle to trio, so an autojumping test clock would skip virtual time
+    (and fire deadlines, including the store's own ``query_timeout_s``) while a query is merely in
+    flight; agentd.testing's clock uses this to hold still until PostgreSQL has answered.
     """
     global _busy_watcher
     _busy_watcher = watcher
@@ -202,50 +185,38 @@ def set_busy_watcher(watcher: Callable[[bool], None] | None) -> None:
         watcher(True)
 
 
-@attrs.define(eq=False)
-class _Runner:
-    """Runs asyncio coroutines on the trio-asyncio loop and translates their errors."""
+def _busy() -> None:
+    global _in_flight
+    _in_flight += 1
+    if _in_flight == 1 and _busy_watcher is not None:
+        _busy_watcher(True)
 
-    loop: Any
 
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        global _in_flight
-        _in_flight += 1
-        if _in_flight == 1 and _busy_watcher is not None:
-            _busy_watcher(True)
-        try:
-            return await self.run_uncounted(fn, *args)
-        finally:
-            _in_flight -= 1
-            if _in_flight == 0 and _busy_watcher is not None:
-                _busy_watcher(False)
-
-    async def run_uncounted(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Like run, for waits that may last forever by design (LISTEN for notifications)."""
-        try:
-            return cast(T, await self.loop.run_aio_coroutine(fn(*args)))
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate_error(exc) from exc
+def _idle() -> None:
+    global _in_flight
+    _in_flight -= 1
+    if _in_flight == 0 and _busy_watcher is not None:
+        _busy_watcher(False)
 
 
 @attrs.define(eq=False)
 class Transaction:
     """One pooled connection inside BEGIN … COMMIT; same query methods as `Database`."""
 
-    _runner: _Runner
+    _db: Database
     _conn: Conn
 
     async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run a statement; return its rowcount."""
-        return await self._runner.run(_aio_execute, self._conn, sql, params or None)
+        return await self._db._run_on(self._conn, _execute, sql, params or None)
 
     async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
-        return await self._runner.run(_aio_fetchone, self._conn, sql, params or None)
+        return await self._db._run_on(self._conn, _fetchone, sql, params or None)
 
     async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
-        return await self._runner.run(_aio_fetchall, self._conn, sql, params or None)
+        return await self._db._run_on(self._conn, _fetchall, sql, params or None)
 
     async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
@@ -254,7 +225,7 @@ class Transaction:
 
     async def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """COPY rows into table(columns) inside this transaction; returns the number of rows."""
-        return await self._runner.run(_aio_copy, self._conn, table, columns, rows)
+        return await self._db._run_on(self._conn, _copy, table, columns, rows)
 
 
 @attrs.define(eq=False)
@@ -265,29 +236,91 @@ class Database:
     parameters the text is sent as is: no placeholder processing, and several ``;``-separated
     statements are allowed (how `migrate` runs schema.sql). Statements outside `transaction`
     autocommit. Rows are dicts; enum values are their labels, enum arrays lists of labels.
+
+    Every call must finish within ``query_timeout_s`` (None: unbounded) or fails with
+    `errors.DatabaseUnavailable`; `with_query_timeout` gives a view with another bound.
     """
 
-    _runner: _Runner
-    _pool: Pool
+    _pool: trio_pg.TrioPool
     url: str
     statement_timeout_ms: int
+    query_timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S
 
     @property
     def display_url(self) -> str:
         """The server address without credentials."""
         return describe_url(self.url)
 
+    def with_query_timeout(self, seconds: float | None) -> Database:
+        """The same pool with another client-side bound per call (e.g. longer for migrations)."""
+        return attrs.evolve(self, query_timeout_s=seconds)
+
+    def _deadline(self) -> float:
+        t = self.query_timeout_s
+        return math.inf if t is None else trio.current_time() + t
+
+    def _timed_out(self, what: str) -> errors.DatabaseUnavailable:
+        return errors.DatabaseUnavailable(
+            f"PostgreSQL at {self.display_url} did not answer {what} within {self.query_timeout_s:g} s"
+        )
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """fn(conn, *args) on a pooled connection, within the call's deadline."""
+        _busy()
+        pool = self._pool
+        conn = None
+        try:
+            with trio.CancelScope(deadline=self._deadline()):
+                conn = await pool.acquire()
+                return await fn(conn, *args)
+            if conn is None:
+                raise errors.DatabaseUnavailable(
+                    f"no database connection available within {self.query_timeout_s:g} s"
+                    f" ({pool.size} of {pool.max_size} in use)"
+                )
+            raise self._timed_out("a query")
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        finally:
+            if conn is not None:
+                pool.release(conn)
+            _idle()
+
+    async def _begin(self, begin: str) -> Conn:
+        """A pooled connection for the caller to keep, with ``begin`` run on it."""
+        _busy()
+        pool = self._pool
+        conn = None
+        try:
+            with trio.CancelScope(deadline=self._deadline()):
+                conn = await pool.acquire()
+                await _execute(conn, begin, None)
+                kept, conn = conn, None
+                return kept
+            if conn is None:
+                raise errors.DatabaseUnavailable(
+                    f"no database connection available within {self.query_timeout_s:g} s"
+                    f" ({pool.size} of {pool.max_size} in use)"
+                )
+            raise self._timed_out("BEGIN")
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        finally:
+            if conn is not None:
+                pool.release(conn)
+            _idle()
+
     async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run one statement in autocommit mode; return its rowcount."""
-        return await self._runner.run(_with_pooled, self._pool, _aio_execute, sql, params or None)
+        return await self._run(_execute, sql, params or None)
 
     async def fetchone(self, sql: Query, params: Params = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
-        return await self._runner.run(_with_pooled, self._pool, _aio_fetchone, sql, params or None)
+        return await self._run(_fetchone, sql, params or None)
 
     async def fetchall(self, sql: Query, params: Params = ()) -> list[dict[str, Any]]:
         """All rows as dicts."""
-        return await self._runner.run(_with_pooled, self._pool, _aio_fetchall, sql, params or None)
+        return await self._run(_fetchall, sql, params or None)
 
     async def fetchval(self, sql: Query, params: Params = ()) -> Any:
         """First column of the first row, or None when there is no row."""
@@ -296,14 +329,15 @@ class Database:
 
     async def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """COPY rows into table(columns) in one round of the COPY protocol (hot bulk inserts)."""
-        return await self._runner.run(_with_pooled, self._pool, _aio_copy, table, columns, rows)
+        return await self._run(_copy, table, columns, rows)
 
     @asynccontextmanager
     async def transaction(self, isolation: str | None = None) -> AsyncIterator[Transaction]:
         """BEGIN on one pooled connection; COMMIT on normal exit, ROLLBACK on any exception.
 
         ``isolation`` is None (server default), "read committed", "repeatable read" or
-        "serializable". Rollback and returning the connection are shielded from cancellation.
+        "serializable". Rollback is shielded from cancellation (and bounded); a connection that
+        cannot roll back is closed. Each statement, BEGIN and COMMIT has its own deadline.
         """
         begin = "BEGIN"
         if isolation is not None:
@@ -311,43 +345,63 @@ class Database:
             if level is None:
                 raise ValueError(f"unknown isolation level {isolation!r}")
             begin = f"BEGIN ISOLATION LEVEL {level}"
-        conn: Conn = await self._runner.run(self._pool.getconn)
+        conn = await self._begin(begin)
         try:
-            await self._runner.run(_aio_execute, conn, begin, None)
-            tx = Transaction(self._runner, conn)
+            tx = Transaction(self, conn)
             try:
                 yield tx
             except BaseException:
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
-                    await self._runner.run(_rollback_or_close, conn)
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_TIMEOUT_S):
+                    await _rollback_or_close(conn)
                 raise
-            await self._runner.run(_aio_execute, conn, "COMMIT", None)
+            await self._run_on(conn, _execute, "COMMIT", None)
         finally:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
-                await self._runner.run(self._pool.putconn, conn)
+            self._pool.release(conn)
 
     async def reload_types(self) -> None:
         """Replace the pooled connections so they learn enum types created since they opened
         (called by `migrate` after changing the schema)."""
-        await self._runner.run(self._pool.drain)
+        self._pool.drain()
+        await trio.lowlevel.checkpoint()
 
     async def _connect(self, *, autocommit: bool = True) -> Conn:
         """A dedicated connection outside the pool (the pubsub LISTEN connection)."""
-        return await self._runner.run(_aio_connect, self.url, self.statement_timeout_ms, autocommit)
+        try:
+            conn = await self._pool.connect()
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        conn._autocommit = autocommit
+        return conn
 
     async def _close_conn(self, conn: Conn) -> None:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
-            await self._runner.run(conn.close)
+        await conn.close()
+        await trio.lowlevel.checkpoint()
 
     async def _run_on(self, conn: Conn, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return await self._runner.run(fn, conn, *args)
+        """fn(conn, *args) on a connection the caller holds, within the call's deadline."""
+        _busy()
+        try:
+            with trio.CancelScope(deadline=self._deadline()):
+                return await fn(conn, *args)
+            raise self._timed_out("a query")
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        finally:
+            _idle()
 
     async def _wait_on(self, conn: Conn, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """_run_on for an open-ended wait (not counted as a query in flight)."""
-        return await self._runner.run_uncounted(fn, conn, *args)
+        """_run_on for an open-ended wait (no deadline, not counted as a query in flight)."""
+        try:
+            return await fn(conn, *args)
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+
+
+async def _rollback_or_close(conn: Conn) -> None:
+    try:
+        await conn.execute("ROLLBACK")
+    except psycopg.Error:
+        conn._interrupted()
 
 
 async def _configure(conn: Conn, statement_timeout_ms: int) -> None:
@@ -362,19 +416,6 @@ async def _configure(conn: Conn, statement_timeout_ms: int) -> None:
         TypeInfo(row["typname"], int(row["oid"]), int(row["typarray"])).register(conn)
 
 
-async def _aio_connect(url: str, statement_timeout_ms: int, autocommit: bool) -> Conn:
-    conn = await psycopg.AsyncConnection.connect(
-        url, autocommit=autocommit, row_factory=dict_row, application_name="agentd"
-    )
-    await _configure(conn, statement_timeout_ms)
-    return conn
-
-
-async def _aio_probe(url: str, connect_timeout_s: float) -> None:
-    conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, round(connect_timeout_s)))
-    await conn.close()
-
-
 @asynccontextmanager
 async def open_database(
     url: str,
@@ -383,67 +424,44 @@ async def open_database(
     max_size: int = 10,
     statement_timeout_ms: int = 30_000,
     connect_timeout_s: float = 10.0,
+    query_timeout_s: float | None = DEFAULT_QUERY_TIMEOUT_S,
 ) -> AsyncIterator[Database]:
     """Open a connection pool to ``url`` and close it on exit.
 
-    Needs a trio-asyncio loop: it uses the one opened by `asyncio_loop` in an enclosing task if
-    there is one, else opens its own for its lifetime. An unreachable server raises
-    `errors.DatabaseUnavailable` with a one-line message naming the server.
+    An unreachable server raises `errors.DatabaseUnavailable` with a one-line message naming the
+    server. ``query_timeout_s`` bounds every call (see `Database`). A single exception raised by the
+    body propagates as itself, not wrapped in an ExceptionGroup.
     """
-    loop = trio_asyncio.current_loop.get()
-    if loop is None:
-        async with (
-            _open_loop() as own_loop,
-            _open_pool(own_loop, url, min_size, max_size, statement_timeout_ms, connect_timeout_s) as db,
-        ):
-            yield db
-    else:
-        async with _open_pool(loop, url, min_size, max_size, statement_timeout_ms, connect_timeout_s) as db:
-            yield db
-
-
-@asynccontextmanager
-async def _open_pool(
-    loop: Any, url: str, min_size: int, max_size: int, statement_timeout_ms: int, connect_timeout_s: float
-) -> AsyncIterator[Database]:
-    runner = _Runner(loop)
     try:
-        await runner.run(_aio_probe, url, connect_timeout_s)
-    except errors.StoreError as exc:
-        raise errors.DatabaseUnavailable(
-            f"cannot connect to PostgreSQL at {describe_url(url)}: {exc}", sqlstate=exc.sqlstate
-        ) from exc
+        conninfo = trio_pg.keepalive_conninfo(url, application_name="agentd")
+    except psycopg.Error as exc:
+        raise errors.DatabaseUnavailable(f"invalid database URL: {_one_line(str(exc))}") from exc
 
     async def configure(conn: Conn) -> None:
         await _configure(conn, statement_timeout_ms)
 
-    def make_pool() -> Pool:
-        return psycopg_pool.AsyncConnectionPool(
-            url,
-            connection_class=psycopg.AsyncConnection[DictRow],
-            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "agentd"},
-            min_size=min_size,
-            max_size=max_size,
-            configure=configure,
-            open=False,
-            name="agentd",
-        )
-
-    async def open_pool() -> Pool:
-        # The pool must be created inside the loop (it grabs the running loop for its workers).
-        pool = make_pool()
-        await pool.open(wait=True, timeout=connect_timeout_s)
-        return pool
-
+    pool = trio_pg.TrioPool(
+        conninfo, configure, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout_s
+    )
     try:
-        pool = await runner.run(open_pool)
-    except errors.StoreError as exc:
+        await pool.open()
+    except (psycopg.Error, trio.TooSlowError) as exc:
+        store_exc = translate_error(exc)
         raise errors.DatabaseUnavailable(
-            f"cannot open a connection pool to {describe_url(url)}: {exc}"
+            f"cannot connect to PostgreSQL at {describe_url(url)}: {store_exc}", sqlstate=store_exc.sqlstate
         ) from exc
     try:
-        yield Database(runner, pool, url, statement_timeout_ms)
-    finally:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT_S
-            await runner.run(pool.close)
+        async with trio.open_nursery() as nursery:
+            pool.attach(nursery)
+            try:
+                yield Database(pool, url, statement_timeout_ms, query_timeout_s)
+            finally:
+                pool.close()
+                pool.attach(None)
+                # Cancel requests still in flight get a moment, then are abandoned.
+                nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + 1.0)
+    except BaseExceptionGroup as group:
+        sole = _sole_exception(group)
+        if sole is None:
+            raise
+        raise sole from None

@@ -1,6 +1,7 @@
 """Cross-replica publish/subscribe over PostgreSQL LISTEN/NOTIFY.
 
-One dedicated LISTEN connection per `PubSub`, owned by the task running `PubSub.run`; it fans
+One dedicated LISTEN connection per `PubSub`, owned by the task running `PubSub.run` (it waits for
+notifications with trio's own socket wait, `trio_pg.wait_notifies`, which is safe to cancel); it fans
 notifications out to any number of `Subscription`s, each with a bounded buffer. When the buffer
 is full, or the LISTEN connection is lost and re-established, subscribers receive the `MISSED`
 marker: they may have lost messages and should re-read the state they follow.
@@ -21,12 +22,12 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import attrs
-import psycopg
 import trio
 from psycopg import sql as pgsql
 
 from agentd.store.db import Conn, Database, Transaction
 from agentd.store.errors import PayloadTooLarge, StoreError
+from agentd.store.trio_pg import wait_notifies
 
 log = logging.getLogger("agentd.pubsub")
 
@@ -130,14 +131,7 @@ class Subscription:
         return len(self._buffer)
 
 
-async def _aio_wait_notifies(conn: Conn) -> list[psycopg.Notify]:
-    received: list[psycopg.Notify] = []
-    async for note in conn.notifies(stop_after=1):
-        received.append(note)
-    return received
-
-
-async def _aio_listen(conn: Conn, listen: list[str], unlisten: list[str]) -> None:
+async def _listen(conn: Conn, listen: list[str], unlisten: list[str]) -> None:
     for channel in listen:
         await conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))
     for channel in unlisten:
@@ -251,7 +245,7 @@ class PubSub:
             if listen or unlisten:
                 self._unlistening = frozenset(unlisten)
                 try:
-                    await self._db._run_on(conn, _aio_listen, listen, unlisten)
+                    await self._db._run_on(conn, _listen, listen, unlisten)
                 finally:
                     self._unlistening = frozenset()
                 self._listening.update(listen)
@@ -279,7 +273,7 @@ class PubSub:
             with trio.CancelScope() as scope:
                 self._wait_scope = scope
                 try:
-                    notes = await self._db._wait_on(conn, _aio_wait_notifies)
+                    notes = await self._db._wait_on(conn, wait_notifies)
                 finally:
                     self._wait_scope = None
             if scope.cancelled_caught:

@@ -178,7 +178,7 @@ class ListenRoundGate:
         original = Database._run_on
 
         async def run_on(db: Database, conn: Any, fn: Any, *args: Any) -> Any:
-            if fn is pubsub_module._aio_listen and not self.paused.is_set():
+            if fn is pubsub_module._listen and not self.paused.is_set():
                 listening, unlistening = args
                 if listen in listening or unlisten in unlistening:
                     self.paused.set()
