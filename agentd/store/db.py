@@ -366,10 +366,13 @@ class Database:
 
     async def _connect(self, *, autocommit: bool = True) -> Conn:
         """A dedicated connection outside the pool (the pubsub LISTEN connection)."""
+        _busy()
         try:
             conn = await self._pool.connect()
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
+        finally:
+            _idle()
         conn._autocommit = autocommit
         return conn
 
@@ -443,6 +446,7 @@ async def open_database(
     pool = trio_pg.TrioPool(
         conninfo, configure, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout_s
     )
+    _busy()  # connecting is waiting on PostgreSQL too (see set_busy_watcher)
     try:
         await pool.open()
     except (psycopg.Error, trio.TooSlowError) as exc:
@@ -450,6 +454,8 @@ async def open_database(
         raise errors.DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe_url(url)}: {store_exc}", sqlstate=store_exc.sqlstate
         ) from exc
+    finally:
+        _idle()
     try:
         async with trio.open_nursery() as nursery:
             pool.attach(nursery)
