@@ -28,6 +28,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "shutdown_timeout": (0.0, 3600.0),
     "agent_stats_refresh_interval": (1.0, 86400.0),
     "coordinator_heartbeat": (0.1, 60.0),
+    "database_timeout": (0.5, 3600.0),
 }
 
 
@@ -143,6 +144,10 @@ class Config:
     coordinator: str = attrs.field(default="postgres", validator=_validate_coordinator)
     #: Seconds between the postgres coordinator's heartbeats; a replica silent for 3 of them is dead.
     coordinator_heartbeat: float = attrs.field(default=2.0, validator=_validate_number)
+    #: Client-side bound, in seconds, on every database call (waiting for a pooled connection and
+    #: the statement); past it the call fails with "database unavailable". Below the agent's 10 s RPC
+    #: timeout so an agent sees the database error, not its own timeout (agentd.store.db).
+    database_timeout: float = attrs.field(default=8.0, validator=_validate_number)
     #: As root: let pgserver add g+rx,o+rx to the data dir's parents (--allow-chmod; flag only).
     allow_chmod: bool = False
     #: Settings fields from the `[banners]` table (agentd.services.banners.banners_from_mapping).
@@ -173,6 +178,7 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "metrics_listen": ((str,), 'an address string or "none"'),
     "coordinator": ((str,), "a string"),
     "coordinator_heartbeat": ((int, float), "a number of seconds"),
+    "database_timeout": ((int, float), "a number of seconds"),
 }
 
 

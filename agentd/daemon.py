@@ -33,7 +33,7 @@ from agentd.listeners import BoundListener, Server, bind_all
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.services.base import Settings
 from agentd.services.events import Events
-from agentd.store import Database, asyncio_loop, open_database
+from agentd.store import Database, open_database
 from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
@@ -61,7 +61,10 @@ def raise_open_files_limit() -> int:
 
 
 AGENT_RPC_PATH = "/api/v2/workspaceagents/me/rpc"
-HEALTH_CHECK_TIMEOUT = 5.0
+#: /healthz gives PostgreSQL this long to answer `SELECT 1` before saying 503: below the 5 s a
+#: health probe (systemd, a load balancer) waits, so a black-holed database is reported in time. The
+#: interrupted query's connection is closed at once (agentd.store.trio_pg), adding no wait.
+HEALTH_CHECK_TIMEOUT = 3.0
 
 #: Cyclic-GC thresholds for a serving process (CPython's default is 700, 10, 10). Each agent session
 #: keeps thousands of long-lived objects (tasks, cancel scopes, services); with the defaults the
@@ -81,9 +84,12 @@ async def open_store(config: Config, *, migrate: bool = True) -> AsyncIterator[D
     """The database `config` names (embedded in the data dir unless postgres_url), migrated, as a pool.
 
     Exiting closes the pool and releases the embedded server (it stops when no other agentd process
-    of the same data directory still uses it). Needs an enclosing `asyncio_loop()`.
+    of the same data directory still uses it).
     """
-    async with database_url(config) as url, open_database(url) as db:
+    async with (
+        database_url(config) as url,
+        open_database(url, query_timeout_s=config.database_timeout) as db,
+    ):
         if migrate:
             await migrate_schema(db)
         yield db
@@ -266,8 +272,7 @@ class Daemon:
                 nursery.start_soon(self._watch_signals, signals)
                 try:
                     with self._force:
-                        async with asyncio_loop():
-                            await self._run(task_status)
+                        await self._run(task_status)
                 finally:
                     nursery.cancel_scope.cancel()
                     self.notifier.close()

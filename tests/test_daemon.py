@@ -17,7 +17,7 @@ import trio.testing
 from agentd.config import Config, ConfigError, TcpAddress, UnixAddress
 from agentd.daemon import AGENT_RPC_PATH, Daemon, Health, build_router, raise_open_files_limit
 from agentd.http import HttpApp
-from agentd.store import asyncio_loop, open_database
+from agentd.store import open_database
 
 
 async def _get(stream: trio.abc.Stream, path: str) -> tuple[int, dict[str, object]]:
@@ -112,15 +112,14 @@ async def test_stop_during_startup_exits_quietly(db_url: str, tmp_path: Path) ->
 
 
 async def test_healthz_is_503_when_the_database_is_unavailable(db_url: str) -> None:
-    async with asyncio_loop():
-        async with open_database(db_url) as db:
-            assert await Health(db).check_database() is None
-        # the pool is closed now: every query fails like a lost server would
-        app = HttpApp(build_router(db))
-        client, server = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(app.handle_connection, server)
-            status, body = await _get(client, "/healthz")
+    async with open_database(db_url) as db:
+        assert await Health(db).check_database() is None
+    # the pool is closed now: every query fails like a lost server would
+    app = HttpApp(build_router(db))
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app.handle_connection, server)
+        status, body = await _get(client, "/healthz")
     assert status == 503
     assert body["status"] == "unavailable"
     database = body["database"]

@@ -85,6 +85,9 @@ async def migrate(db: Database) -> int:
 
 async def _migrate(db: Database) -> bool:
     """Run the migration transaction; return whether it changed the schema."""
+    # No client-side deadline either (waiting for another replica's migration included); a dead
+    # server is still noticed through the connection's TCP keepalives and tcp_user_timeout.
+    db = db.with_query_timeout(None)
     async with db.transaction() as tx:
         # Large upgrades may take longer than the pool's statement_timeout; waiting for another
         # replica's migration counts as statement time too.
