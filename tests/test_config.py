@@ -194,3 +194,13 @@ def test_coordinator_choice_and_heartbeat(tmp_path: Path) -> None:
     path.write_text("coordinator_heartbeat = 0\n")
     with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a number of seconds in"):
         build_config(config_file=path, environ={})
+
+
+def test_database_timeout(tmp_path: Path) -> None:
+    assert build_config(environ={}).database_timeout == 8.0
+    path = tmp_path / "agentd.toml"
+    path.write_text("database_timeout = 2.5\n")
+    assert build_config(config_file=path, environ={}).database_timeout == 2.5
+    path.write_text("database_timeout = 0\n")
+    with pytest.raises(ConfigError, match="'database_timeout' must be a number of seconds in"):
+        build_config(config_file=path, environ={})
