@@ -44,7 +44,7 @@ bench-idle *ARGS:
 bench-rpc-db *ARGS:
     python bench/rpc_db.py {{ARGS}}
 
-# CPU per query: agentd's trio-asyncio bridge vs plain asyncio vs a trio-native prototype.
+# CPU per query: agentd's Database (trio-native) vs plain asyncio vs the trio-native prototype.
 bench-pg-bridge *ARGS:
     python bench/pg_bridge.py {{ARGS}}
 

@@ -151,14 +151,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from agentd.daemon import open_store
-    from agentd.store import asyncio_loop
     from agentd.store.migrate import migrate
 
     config = _config_from(args)
     _setup_logging("warning")
 
     async def run() -> int:
-        async with asyncio_loop(), open_store(config, migrate=False) as db:
+        async with open_store(config, migrate=False) as db:
             return await migrate(db)
 
     version = trio.run(run)
@@ -169,14 +168,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_create_workspace(args: argparse.Namespace) -> int:
     from agentd.admin import create_workspace, load_workspace_spec
     from agentd.daemon import open_store
-    from agentd.store import asyncio_loop
 
     spec = load_workspace_spec(args.file)  # validate before touching any database
     config = _config_from(args)
     _setup_logging("warning")
 
     async def run() -> Any:
-        async with asyncio_loop(), open_store(config) as db:
+        async with open_store(config) as db:
             return await create_workspace(db, spec)
 
     created = trio.run(run)

@@ -28,8 +28,8 @@ Example (pytest-trio; ``db`` is an open ``agentd.store.Database``, e.g. this rep
         assert row["last_connected_at"] is not None and not agent.session.closed
 
 Virtual time and a real database: pytest-trio's ``autojump_clock`` jumps as soon as every task waits
-— including while PostgreSQL is answering — and trio-asyncio runs psycopg's own timeouts (pool
-connect, getconn) on that clock, so they can fire spuriously. ``serve_agent`` itself has no timers
+— including while PostgreSQL is answering — and the store's own deadlines (connect, each call's
+``query_timeout_s``) run on that clock, so they could fire spuriously. ``serve_agent`` itself has no timers
 that mind (its handshake is unbounded in-process), and short tests run fine under ``autojump_clock``;
 for tests that let minutes pass, use :func:`virtual_clock`, which jumps only after a short real
 idle period.
@@ -84,8 +84,8 @@ def virtual_clock(threshold: float = VIRTUAL_CLOCK_THRESHOLD) -> trio.testing.Mo
     """An autojumping MockClock that first lets PostgreSQL answer: use it as pytest-trio's clock with
     ``clock = pytest.fixture(agentd.testing.virtual_clock)``.
 
-    The clock never jumps while a store query is in flight (trio-asyncio's socket waits look idle to
-    trio, so a plain autojump clock would fire deadlines mid-query); the small ``threshold`` covers
+    The clock never jumps while a store query is in flight (socket waits look idle to trio, so a
+    plain autojump clock would fire deadlines mid-query); the small ``threshold`` covers
     the moments between queries, e.g. a NOTIFY on its way to a listener. The most recently created
     virtual clock is the one the store informs.
     """

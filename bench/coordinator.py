@@ -33,7 +33,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agentd.store import asyncio_loop, open_database
+from agentd.store import open_database
 from agentd.store.testing import TestServer
 from agentd.tailnet.api import PeerConnection, TailnetCoordinator
 from agentd.tailnet.coordinator import (
@@ -151,7 +151,6 @@ async def run(url: str, updates: int, burst_n: int) -> None:
     try:
         db_url = server.url_for(dbname)
         async with (
-            asyncio_loop(),
             open_database(db_url, max_size=4) as db_a,
             open_database(db_url, max_size=4) as db_b,
         ):

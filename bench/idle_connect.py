@@ -40,7 +40,7 @@ from agentd.client import RpcClient  # noqa: E402
 from agentd.handshake import upgrade_client  # noqa: E402
 from agentd.mux import MuxSession  # noqa: E402
 from agentd.proto import agent_pb2  # noqa: E402
-from agentd.store import asyncio_loop, open_database  # noqa: E402
+from agentd.store import open_database  # noqa: E402
 from agentd.store.migrate import migrate  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -67,7 +67,7 @@ async def seed(server_url: str, dbname: str, n: int) -> list[uuid.UUID]:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone():
             conn.execute(f'CREATE DATABASE "{dbname}"')
     url = f"{server_url.rstrip('/')}/{dbname}"
-    async with asyncio_loop(), open_database(url) as db:
+    async with open_database(url) as db:
         await migrate(db)
         have = await db.fetchval("SELECT count(*) FROM workspace_agents")
         if have != n:

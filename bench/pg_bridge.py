@@ -1,17 +1,19 @@
 """CPU per query of three ways to drive psycopg from trio (the cost under every database RPC).
 
-* ``agentd Database``   agentd.store's path: psycopg's async API on the trio-asyncio loop, one
-  coroutine per query (pool.connection(), execute, fetch) through ``run_aio_coroutine``
+* ``agentd Database``   agentd.store's path: `agentd.store.trio_pg` (psycopg's AsyncConnection with
+  trio socket waits, a trio pool, a client-side deadline per call); before it, psycopg's async API
+  on a trio-asyncio loop (~180-200 us CPU/query on this machine)
 * ``asyncio (no trio)`` the same psycopg calls on plain asyncio with a psycopg_pool pool: the floor
   of psycopg itself
-* ``trio-native``       a measurement prototype, not used by agentd: psycopg's AsyncConnection run
-  directly by trio, its socket waits replaced by ``trio.lowlevel.wait_readable/writable``, and a
-  trivial trio-side free list of connections instead of psycopg_pool
+* ``trio-native``       the measurement prototype agentd's driver grew from: psycopg's
+  AsyncConnection run directly by trio, its socket waits replaced (globally) by
+  ``trio.lowlevel.wait_readable/writable``, a trivial free list of connections
 
 Each runs ``SELECT $1::int`` sequentially and with 16 tasks over 10 connections, and reports the
 process CPU (time.process_time) per query and queries/s. PostgreSQL runs in its own processes, so
 its CPU is not counted. Prototype caveats: no cancellation (a cancelled wait would leave the
-connection mid-query), no reconnects, no statement_timeout/enum setup.
+connection mid-query), no reconnects, no statement_timeout/enum setup, no deadline — what
+agentd's driver adds on top of it.
 
     python bench/pg_bridge.py [--postgres-url URL] [--queries N]
 """
@@ -62,11 +64,11 @@ async def _trio_run(label: str, query: Callable[[], Awaitable[Any]], n: int, tas
 
 
 async def bench_agentd(url: str, n: int) -> None:
-    from agentd.store import open_database  # imports trio_asyncio, which patches asyncio: after bench_asyncio
+    from agentd.store import open_database
 
     async with open_database(url, max_size=CONNS) as db:
         for tasks in (1, TASKS):
-            await _trio_run("agentd Database (trio-asyncio)", lambda: db.fetchone(QUERY, [1]), n, tasks)
+            await _trio_run("agentd Database (trio_pg)", lambda: db.fetchone(QUERY, [1]), n, tasks)
 
 
 def bench_asyncio(url: str, n: int) -> None:
@@ -116,7 +118,7 @@ async def _trio_wait(gen: Any, fileno: int, interval: float = 0.0, timeout: floa
 
 
 async def bench_native(url: str, n: int) -> None:
-    # Runs after the other two: the patch below would break the trio-asyncio path.
+    # Runs last: the patch below changes psycopg's global async wait.
     psycopg.waiting.wait_async = _trio_wait  # type: ignore[assignment]
     syncs = [psycopg.connect(url, autocommit=True) for _ in range(CONNS)]
     free: list[psycopg.AsyncConnection[Any]] = []

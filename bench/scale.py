@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from agentd.admin import create_workspace, load_workspace_spec  # noqa: E402
 from agentd.proto import agent_pb2, tailnet_pb2  # noqa: E402
-from agentd.store import asyncio_loop, open_database  # noqa: E402
+from agentd.store import open_database  # noqa: E402
 from agentd.store.migrate import migrate  # noqa: E402
 from agentd.store.testing import TestServer, embedded_test_server  # noqa: E402
 from tests.gopeer import build_go_program  # noqa: E402
@@ -128,7 +128,7 @@ def metadata_keys() -> list[str]:
 async def _migrate_and_create_first(url: str) -> tuple[str, str, str]:
     """Migrate, then create workspace 0 with agentd.admin.create_workspace: (its ids and the agent's
     token, as text)."""
-    async with asyncio_loop(), open_database(url, min_size=1, max_size=1) as db:
+    async with open_database(url, min_size=1, max_size=1) as db:
         await migrate(db)
         created = await create_workspace(db, bench_spec(0))
     agent = created.agents[0]

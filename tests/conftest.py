@@ -5,7 +5,7 @@
 * ``db_template`` (session): the name of a database migrated to the current schema, made once.
 * ``db_url``: a fresh database cloned from the template for this test (dropped afterwards).
 * ``empty_db_url``: a fresh, empty (unmigrated) database for migration tests.
-* ``db``: an open `agentd.store.Database` on ``db_url`` inside a trio-asyncio loop (trio tests).
+* ``db``: an open `agentd.store.Database` on ``db_url`` (trio tests).
 * ``pubsub``: a running `agentd.store.PubSub` on ``db`` (its LISTEN task lives until teardown).
 
 These talk to a real server: waits on the database are real I/O that looks idle to trio. The
@@ -27,7 +27,7 @@ import trio
 import trio.testing
 
 import agentd.testing
-from agentd.store import Database, PubSub, asyncio_loop, open_database
+from agentd.store import Database, PubSub, open_database
 from agentd.store.testing import TestServer, test_server
 
 pytest_plugins = ["tests.gopeer"]
@@ -77,7 +77,7 @@ def empty_db_url(pg_server: TestServer) -> Iterator[str]:
 
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[Database]:
-    async with asyncio_loop(), open_database(db_url, min_size=1, max_size=4) as database:
+    async with open_database(db_url, min_size=1, max_size=4) as database:
         yield database
 
 

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from agentd.cli import main
-from agentd.store import Database, asyncio_loop, open_database
+from agentd.store import Database, open_database
 from agentd.store.agents import token_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,7 +369,7 @@ def test_create_workspace_bad_files_create_nothing(
         assert result.stdout == b""
 
     async def counts() -> list[int]:
-        async with asyncio_loop(), open_database(db_url) as db:
+        async with open_database(db_url) as db:
             tables = ("organizations", "templates", "workspaces", "workspace_agents", "provisioner_jobs")
             users = [await db.fetchval("SELECT count(*) FROM users WHERE NOT is_system")]
             return users + [await db.fetchval(f"SELECT count(*) FROM {table}") for table in tables]
