@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+import agentd.testing
 from agentd.services.base import PREBUILDS_USER_ID, WorkspaceCache, WorkspaceIdentity
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
@@ -21,7 +22,7 @@ from tests.test_connection import seed
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump, but only after 0.1 s of real idleness, so database round trips take no virtual time."""
-    return trio.testing.MockClock(autojump_threshold=0.1)
+    return agentd.testing.virtual_clock(0.1)
 
 
 async def start(nursery: trio.Nursery, db: Database, token: uuid.UUID) -> TestAgent:

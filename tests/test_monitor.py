@@ -12,6 +12,7 @@ import attrs
 import pytest
 import trio
 
+import agentd.testing
 from agentd.monitor import (
     BUILD_OUTDATED,
     DISCONNECT,
@@ -38,7 +39,7 @@ def clock() -> trio.testing.MockClock:
     PostgreSQL's answer: each query would then "take" seconds of virtual time and shift the timers
     under test. With a small threshold, queries take no virtual time and sleeps still cost nothing.
     """
-    return trio.testing.MockClock(autojump_threshold=0.1)
+    return agentd.testing.virtual_clock(0.1)
 
 
 def virtual_now() -> dt.datetime:

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.boundary_usage import BoundaryUsageTracker, UsageCounter
 from agentd.store import Database
 from agentd.store.boundary import USAGE_LOCK_KEY, UsageSummary, take_usage_summary
@@ -24,7 +25,7 @@ U1, U2 = (uuid.UUID(int=i) for i in (11, 12))
 def clock() -> trio.testing.MockClock:
     """Jumps over idle timers, but only after the loop has been idle for a while in real time, so a
     database round trip in flight (which looks idle to trio) never makes the shutdown deadline expire."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 async def stats(db: Database) -> list[dict[str, object]]:

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.connection_log import Batch, ConnectionLogBatcher, merge
 from agentd.services.base import AgentIdentity
 from agentd.store import Database
@@ -23,7 +24,7 @@ from tests.services.audit_support import T0, seed_agent
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 def event(

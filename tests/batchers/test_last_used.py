@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.last_used import LastUsedTracker
 from agentd.store import Database
 from agentd.store.activity import batch_update_last_used_at
@@ -19,7 +20,7 @@ from tests.services.audit_support import T0, FakeNow, seed_agent
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 async def last_used(db: Database, workspace_id: object) -> dt.datetime:

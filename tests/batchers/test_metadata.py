@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.metadata import (
     MAX_IDS_PER_MESSAGE,
     MetadataBatcher,
@@ -28,7 +29,7 @@ from tests.services.test_metadata import seed_with_metadata
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 class Recorder:

@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.stats import StatsBatcher
 from agentd.store import Database
 from agentd.store.stats import AgentStatsRow, insert_agent_stats
@@ -22,7 +23,7 @@ from tests.services.audit_support import T0
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 AGENT, WS, TPL, USER = (uuid.uuid4() for _ in range(4))

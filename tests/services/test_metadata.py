@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.batchers.metadata import MetadataBatcher
 from agentd.components import Components
@@ -36,7 +37,7 @@ Result = agent_pb2.WorkspaceAgentMetadata.Result
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 async def seed_with_metadata(

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+import agentd.testing
 from agentd.batchers.last_used import LastUsedTracker
 from agentd.batchers.stats import StatsBatcher
 from agentd.components import Components
@@ -49,7 +50,7 @@ ZERO = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     """Autojump only after real idleness, so database round trips never look like idle time."""
-    return trio.testing.MockClock(autojump_threshold=0.2)
+    return agentd.testing.virtual_clock(0.2)
 
 
 class Recorder:
