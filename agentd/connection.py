@@ -53,7 +53,8 @@ from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import Handler, Registry, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
-from agentd.monitor import Watch
+from agentd.logfmt import quote
+from agentd.monitor import DISCONNECT, Watch
 from agentd.mux import MuxConfig, MuxSession
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import (
@@ -288,7 +289,10 @@ class AgentConnection:
     apis: list[ApiTask] = attrs.field(factory=list, init=False)
     watch: Watch | None = attrs.field(default=None, init=False)
     cache_entry: CacheEntry | None = attrs.field(default=None, init=False)
+    #: trio time the session began serving RPCs (None until then)
+    connected_at: float | None = attrs.field(default=None, init=False)
     _cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _ended: str | None = attrs.field(default=None, init=False)
 
     @template.default
     def _template(self) -> ServiceTemplate:
@@ -369,13 +373,26 @@ class AgentConnection:
                             self.request_budget = RequestBudget(self.rpc_limits.request_buffer_budget)
                             await apis.start(
                                 functools.partial(
-                                    serve_session, limits=self.rpc_limits, budget=self.request_budget
+                                    serve_session,
+                                    limits=self.rpc_limits,
+                                    budget=self.request_budget,
+                                    log_context=f"agent_id={self.ident.agent_id}",
                                 ),
                                 session,
                                 registry,
                             )
+                            self.connected_at = trio.current_time()
+                            if log.isEnabledFor(logging.DEBUG):
+                                log.debug(
+                                    "agent connected agent_id=%s name=%s api_version=%d.%d monitored=%s",
+                                    self.ident.agent_id,
+                                    quote(self.ident.peer_name),
+                                    *self.ident.api_version,
+                                    str(self.monitoring).lower(),
+                                )
                             task_status.started()
                 finally:
+                    self._ended = self.end_reason  # as it is now, not after the (slower) teardown
                     # Before the session's own cancellation can close the transport without a reason.
                     with trio.CancelScope(shield=True):
                         await self._teardown(monitor, refresher, session)
@@ -412,19 +429,51 @@ class AgentConnection:
             if self.session is not None:
                 await self.session.aclose()
         except Exception as exc:
-            log.debug("agent %s: close failed: %s", self.ident.agent_id, exc)
+            log.debug("agent close failed agent_id=%s: %s", self.ident.agent_id, exc)
+
+    @property
+    def end_reason(self) -> str:
+        """Why the session ended (or is ending): the monitor's reason (ping timeout, build outdated
+        ...), "closed by agentd" (``close()``: shutdown), else "disconnect" (the agent or its
+        transport went away)."""
+        if self._ended is not None:
+            return self._ended
+        watch = self.watch
+        if watch is not None and watch.reason != DISCONNECT:
+            return watch.reason
+        if self._cancel.cancel_called:
+            return "closed by agentd"
+        return DISCONNECT
+
+    @property
+    def calls(self) -> int:
+        """RPCs handed to this session's services so far."""
+        return sum(api.calls for api in self.apis)
 
 
 async def serve(connection: AgentConnection) -> None:
-    """Run one agent's session, containing its failure: whatever goes wrong ends this agent only."""
+    """Run one agent's session, containing its failure: whatever goes wrong ends this agent only.
+
+    Logs at debug only (a session is routine; see agentd.logfmt): ``agent connected`` once RPCs are
+    served (from AgentConnection.run) and ``agent disconnected`` with the reason, how long it was
+    connected and how many RPCs its services ran; a failure is an error with its traceback."""
     ident = connection.ident
-    log.info("agent %s (%s) connected, API %d.%d", ident.agent_id, ident.peer_name, *ident.api_version)
+    failed = False
     try:
         await connection.run()
     except Exception:
-        log.exception("agent %s: session failed", ident.agent_id)
+        failed = True
+        log.exception("agent session failed agent_id=%s", ident.agent_id)
     finally:
-        log.info("agent %s disconnected", ident.agent_id)
+        if log.isEnabledFor(logging.DEBUG):
+            connected_at = connection.connected_at
+            log.debug(
+                "agent disconnected agent_id=%s reason=%s connected_s=%s calls=%d",
+                ident.agent_id,
+                quote("session failed" if failed else connection.end_reason),
+                "-" if connected_at is None else f"{trio.current_time() - connected_at:.3f}",
+                connection.calls,
+            )
 
 
 @attrs.define(eq=False)

@@ -27,9 +27,10 @@ from agentd import __version__, systemd
 from agentd.components import Components
 from agentd.config import Config, UserError
 from agentd.connection import AgentSessions, start_components
-from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
+from agentd.handshake import Closed, NotMine, Rejected, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
-from agentd.listeners import BoundListener, Server, bind_all
+from agentd.listeners import BoundListener, Server, bind_all, describe_peer
+from agentd.logfmt import logfmt
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.services.base import Settings
 from agentd.services.events import Events
@@ -41,6 +42,8 @@ from agentd.store.pubsub import PubSub
 from agentd.tailnet.api import build_coordinator
 
 log = logging.getLogger("agentd")
+#: every line about one agent's connection (upgrade, connect, disconnect) comes from this logger
+session_log = logging.getLogger("agentd.connection")
 
 
 def raise_open_files_limit() -> int:
@@ -146,11 +149,31 @@ class AgentRpcRoute:
         outcome = await handle_rpc_request(request.stream, head, lookup=self.sessions.lookup)
         if isinstance(outcome, Upgraded):
             request.responded = True
+            if session_log.isEnabledFor(logging.DEBUG):
+                fields: dict[str, object] = {"agent_id": outcome.agent.ident.agent_id}
+                fields.update(describe_peer(request.stream))
+                fields.update(self._forwarded(request))
+                fields.update(protocol=outcome.protocol.value, api_version=outcome.version, role=outcome.role)
+                session_log.debug("agent upgraded %s", logfmt(fields))
             await self.sessions.serve(outcome)
         elif isinstance(outcome, NotMine):
             await request.send_json(404, json_body("Route not found.", f"No route for {request.path}."))
         else:
             request.responded = True  # Rejected (answered) or Closed
+            if session_log.isEnabledFor(logging.DEBUG):
+                fields = describe_peer(request.stream)
+                fields.update(self._forwarded(request))
+                if isinstance(outcome, Rejected):
+                    fields.update(status=outcome.error.status, error=str(outcome.error))
+                elif isinstance(outcome, Closed):
+                    fields.update(status="closed", error=outcome.reason)
+                session_log.debug("agent upgrade refused %s", logfmt(fields))
+
+    @staticmethod
+    def _forwarded(request: Request) -> dict[str, object]:
+        """A reverse proxy's account of the client (nginx: ``proxy_set_header X-Forwarded-For``)."""
+        forwarded = request.header("x-forwarded-for")
+        return {} if forwarded is None else {"forwarded_for": forwarded}
 
 
 def build_components(

@@ -650,7 +650,7 @@ async def handle_rpc_request(
             version = validate_version(request.version)
             upgrade, response = check_upgrade(request)
         except HttpError as error:
-            log.info("agent RPC request refused: %s", error)
+            # Not logged here: the caller knows the peer (agentd.daemon logs it at debug).
             await _send_error_and_close(stream, error)
             return Rejected(error)
         try:

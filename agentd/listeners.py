@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -142,6 +143,26 @@ async def bind_tcp(address: TcpAddress, *, backlog: int = BACKLOG) -> list[Bound
         host, port = listener.socket.getsockname()[:2]
         out.append(BoundListener(listener, str(TcpAddress(host, port))))
     return out
+
+
+def describe_peer(stream: trio.abc.Stream) -> dict[str, object]:
+    """Who is on an accepted connection, for log lines: ``transport`` (unix or tcp) and ``remote``
+    (``HOST:PORT``; for a unix socket ``unix:PATH`` of the listener, with the peer's pid and uid)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return {"transport": type(stream).__name__}
+    try:
+        if sock.family == socket.AF_UNIX:
+            fields: dict[str, object] = {"transport": "unix", "remote": f"unix:{sock.getsockname() or '?'}"}
+            peercred = getattr(socket, "SO_PEERCRED", None)  # Linux
+            if peercred is not None:
+                pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, 12))
+                fields["peer_pid"], fields["peer_uid"] = pid, uid
+            return fields
+        host, port = sock.getpeername()[:2]
+        return {"transport": "tcp", "remote": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    except OSError as e:  # the peer is already gone
+        return {"transport": "?", "remote": f"? ({e.strerror})"}
 
 
 def _is_connected(sock: socket.socket) -> bool:

@@ -39,6 +39,7 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.logfmt import quote
 from agentd.services.base import AgentIdentity, Now, utcnow
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.store import connection as queries
@@ -114,7 +115,7 @@ class Watch:
             return
         self.ended = True
         self.reason = reason
-        log.info("agent %s: ending session: %s", self.ident.agent_id, reason)
+        log.debug("agent session ending agent_id=%s reason=%s", self.ident.agent_id, quote(reason))
         self.end(reason)
 
     async def pings(
@@ -131,7 +132,7 @@ class Watch:
                 try:
                     await self.pinger.ping()
                 except Exception as exc:
-                    log.debug("agent %s: ping failed: %s", self.ident.agent_id, exc)
+                    log.debug("agent ping failed agent_id=%s: %s", self.ident.agent_id, exc)
                     return
             if scope.cancelled_caught:
                 return
@@ -241,7 +242,6 @@ class ConnectionMonitor:
         watch.ended = True
         if not watch.monitored:
             return
-        log.info("agent %s: connection monitor exiting: %s", watch.ident.agent_id, watch.reason)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.close_timeout
             try:
@@ -249,11 +249,13 @@ class ConnectionMonitor:
                     self.db, watch.ident.agent_id, now=self.now(), replica_id=self.replica_id
                 )
             except Exception as exc:
-                log.warning("agent %s: disconnect update failed: %s", watch.ident.agent_id, exc)
+                log.warning("agent disconnect update failed agent_id=%s: %s", watch.ident.agent_id, exc)
             await self._publish_quietly(watch.ident)
         if scope.cancelled_caught:
             log.warning(
-                "agent %s: disconnect not recorded within %g s", watch.ident.agent_id, self.close_timeout
+                "agent disconnect not recorded within %g s agent_id=%s",
+                self.close_timeout,
+                watch.ident.agent_id,
             )
 
     # ---- process-wide ---------------------------------------------------------------------------
@@ -341,4 +343,4 @@ class ConnectionMonitor:
         try:
             await self._publish(ident)
         except Exception as exc:
-            log.warning("agent %s: publishing the connection update failed: %s", ident.agent_id, exc)
+            log.warning("publishing the connection update failed agent_id=%s: %s", ident.agent_id, exc)

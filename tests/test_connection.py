@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -10,9 +12,10 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
-from agentd.client import UNIMPLEMENTED, RpcError
+from agentd.client import UNIMPLEMENTED, RpcClient, RpcError
 from agentd.components import Components
 from agentd.connection import AgentConnection, ApiTask, CompositionError, ServiceBuilder, build_registry
 from agentd.drpc.registry import CallShape, method_table
@@ -264,7 +267,9 @@ async def test_transport_dying_mid_call_ends_that_agent_only(db: Database) -> No
         outer.cancel_scope.cancel()
 
 
-async def test_failing_load_ends_only_that_session(db: Database, nursery: trio.Nursery) -> None:
+async def test_failing_load_ends_only_that_session(
+    db: Database, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     from agentd.connection import serve
 
     ws = await seed(db)
@@ -296,11 +301,71 @@ async def test_failing_load_ends_only_that_session(db: Database, nursery: trio.N
     )
     client = MuxSession(client_stream, is_client=True)
     await nursery.start(client.run)
+    caplog.set_level(logging.DEBUG, logger="agentd.connection")
     with trio.fail_after(10):
         await serve(connection)  # logs the failure and returns; nothing propagates
     assert connection.session is not None and connection.session.closed
     with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
         await client.accept_stream()  # the agent side sees the session end
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", f"agent session failed agent_id={ident.agent_id}"),
+        (
+            "DEBUG",
+            f'agent disconnected agent_id={ident.agent_id} reason="session failed" connected_s=- calls=0',
+        ),
+    ]
+
+
+@pytest.mark.parametrize("ending", ["agent", "agentd", "monitor"])
+async def test_disconnect_line_says_why(db: Database, caplog: pytest.LogCaptureFixture, ending: str) -> None:
+    """`agent disconnected` (debug) names who ended the session; at info a session logs nothing."""
+    from agentd.connection import serve
+    from agentd.mux import MuxSession
+    from agentd.store.connection import authenticate_agent
+
+    ws = await seed(db)
+    ident = await authenticate_agent(db, ws.agents[0].token)
+    assert ident is not None
+    for level in (logging.INFO, logging.DEBUG):
+        caplog.clear()
+        caplog.set_level(level, logger="agentd")
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        connection = AgentConnection(
+            transport=server_stream,
+            ident=ident,
+            db=db,
+            events=Events(RecordingPublisher()),
+            components=session_components(db),
+            builders={"banners": banners.build},
+        )
+        client = MuxSession(client_stream, is_client=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            nursery.start_soon(serve, connection)
+            with trio.fail_after(10):
+                while connection.connected_at is None:  # noqa: ASYNC110 - serve() has no started
+                    await trio.sleep(0.01)
+                await RpcClient(client).agent.GetAnnouncementBanners(
+                    agent_pb2.GetAnnouncementBannersRequest()
+                )
+                if ending == "agent":
+                    await client.aclose()
+                elif ending == "agentd":
+                    connection.close()
+                else:
+                    assert connection.watch is not None
+                    connection.watch.stop("build is outdated")
+        if level == logging.INFO:
+            assert caplog.records == []
+            continue
+        reason = {"agent": "disconnect", "agentd": '"closed by agentd"', "monitor": '"build is outdated"'}
+        messages = [r.getMessage() for r in caplog.records if r.name == "agentd.connection"]
+        agent_id = f"agent_id={ident.agent_id}"
+        assert (
+            messages[0] == f"agent connected {agent_id} name=alice-dev-main api_version=2.10 monitored=true"
+        )
+        ended = rf"agent disconnected {agent_id} reason={reason[ending]} connected_s=\d+\.\d{{3}} calls=1"
+        assert re.fullmatch(ended, messages[-1])
 
 
 # ---- identity, version, role ------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from time import perf_counter
 
 import attrs
 import trio
 import trio_util  # type: ignore[import-untyped]
 
+from agentd.logfmt import elapsed_ms
 from agentd.services.base import Now, utcnow
 from agentd.store import Database
 from agentd.store import boundary as store
@@ -118,6 +120,7 @@ class BoundaryUsageTracker:
             pending = self.counter.take()
             if pending is None:
                 return False
+            started = perf_counter()
             try:
                 inserted = await store.upsert_usage_stats(
                     self.db, self.counter.flush_args(pending, self.replica_id, self.now())
@@ -126,6 +129,16 @@ class BoundaryUsageTracker:
                 self.counter.failed(pending)
                 raise
             self.counter.committed(pending, inserted=inserted)
+            log.debug(
+                "flush batcher=boundary_usage workspaces=%d users=%d allowed=%d denied=%d new_period=%d"
+                " duration_ms=%.1f",
+                len(pending.workspaces),
+                len(pending.users),
+                pending.allowed,
+                pending.denied,
+                inserted,
+                elapsed_ms(started),
+            )
             return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

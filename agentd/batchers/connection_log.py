@@ -15,11 +15,13 @@ import collections
 import logging
 import math
 import uuid
+from time import perf_counter
 from typing import TypeVar
 
 import attrs
 import trio
 
+from agentd.logfmt import elapsed_ms
 from agentd.store import Database
 from agentd.store.connection_logs import ConnectionLogRow, upsert_connection_logs
 
@@ -108,8 +110,10 @@ class ConnectionLogBatcher:
             self.batch.add(r)
 
     async def _write(self, rows: list[ConnectionLogRow]) -> None:
+        started = perf_counter()
         try:
             await upsert_connection_logs(self.db, rows)
+            log.debug("flush batcher=connection_log rows=%d duration_ms=%.1f", len(rows), elapsed_ms(started))
         except trio.Cancelled:
             self._requeue(rows)  # shutdown mid-write: the final flush writes them (the upsert is idempotent)
             raise
@@ -123,8 +127,15 @@ class ConnectionLogBatcher:
     async def _retry_once(self) -> None:
         for _ in range(len(self.retries)):
             item = self.retries.popleft()
+            started = perf_counter()
             try:
                 await upsert_connection_logs(self.db, item.rows)
+                log.debug(
+                    "flush batcher=connection_log rows=%d duration_ms=%.1f retry=%d",
+                    len(item.rows),
+                    elapsed_ms(started),
+                    item.attempts + 1,
+                )
             except trio.Cancelled:
                 self._requeue(item.rows)
                 raise
@@ -203,7 +214,13 @@ class ConnectionLogBatcher:
         rows = self.batch.take()
         if not rows:
             return
+        started = perf_counter()
         try:
             await upsert_connection_logs(self.db, rows)
+            log.debug(
+                "flush batcher=connection_log rows=%d duration_ms=%.1f final=1",
+                len(rows),
+                elapsed_ms(started),
+            )
         except Exception:
             log.exception("final write of %d connection logs failed; they are lost", len(rows))

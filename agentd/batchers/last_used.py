@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from time import perf_counter
 
 import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.logfmt import elapsed_ms
 from agentd.services.base import Now, utcnow
 from agentd.store import Database
 from agentd.store.activity import batch_update_last_used_at
@@ -65,9 +67,10 @@ class LastUsedTracker:
             return
         ids, self._ids = self._ids, set()
         self.flushes += 1
+        started = perf_counter()
         try:
             await batch_update_last_used_at(self.db, ids, self.now())
-            log.debug("flushed last_used_at of %d workspaces", len(ids))
+            log.debug("flush batcher=last_used workspaces=%d duration_ms=%.1f", len(ids), elapsed_ms(started))
         except trio.Cancelled:
             self._ids |= ids
             raise

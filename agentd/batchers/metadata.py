@@ -17,11 +17,13 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable, Sequence
+from time import perf_counter
 from typing import Protocol
 
 import attrs
 import trio
 
+from agentd.logfmt import elapsed_ms
 from agentd.services.events import METADATA_BATCH_CHANNEL
 from agentd.store import Database
 from agentd.store.errors import QueryCanceled, StoreError
@@ -172,9 +174,10 @@ class MetadataBatcher:
         updates = list(self._batch.values())
         self._batch = {}
         self.flushes += 1
+        started = perf_counter()
         try:
             await write_and_notify(self.db, self.publisher, updates)
-            log.debug("flushed %d metadata updates", len(updates))
+            log.debug("flush batcher=metadata updates=%d duration_ms=%.1f", len(updates), elapsed_ms(started))
         except trio.Cancelled:
             # Shutdown during a write: the final flush writes them again (the update is idempotent).
             for u in updates:

@@ -10,10 +10,12 @@ accepted row, shielded and bounded by 15 s.
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 
 import attrs
 import trio
 
+from agentd.logfmt import elapsed_ms
 from agentd.store import Database
 from agentd.store.errors import QueryCanceled, StoreError
 from agentd.store.stats import AgentStatsRow, insert_agent_stats
@@ -78,9 +80,10 @@ class StatsBatcher:
             return
         rows, self._rows = self._rows[: self.max_buffered], self._rows[self.max_buffered :]
         self.flushes += 1
+        started = perf_counter()
         try:
             await insert_agent_stats(self.db, rows)
-            log.debug("flushed %d agent stats rows", len(rows))
+            log.debug("flush batcher=stats rows=%d duration_ms=%.1f", len(rows), elapsed_ms(started))
         except trio.Cancelled:
             self._rows[:0] = rows  # shutdown mid-write: the final flush inserts them
             raise

@@ -21,7 +21,8 @@ streams this bounds what one peer can make the server hold.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from time import perf_counter
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
@@ -39,10 +40,19 @@ from agentd.drpc.stream import (
     StreamClosedError,
 )
 from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
+from agentd.logfmt import quote
 
 __all__ = ["RequestBudget", "ServerLimits", "StreamAcceptor", "serve_session", "serve_stream"]
 
 log = logging.getLogger("agentd.drpc.server")
+_DEBUG: Final = logging.DEBUG
+
+# How an RPC ended, in its debug line ("rpc ... outcome=..."): answered, answered with a DRPC
+# error (its code and message follow), or ended early (the peer cancelled or went away, or the
+# session ended).
+OK: Final = "ok"
+ERROR: Final = "error"
+CANCELLED: Final = "cancelled"
 
 
 @attrs.frozen
@@ -93,13 +103,17 @@ async def serve_session(
     *,
     limits: ServerLimits | None = None,
     budget: RequestBudget | None = None,
+    log_context: str = "",
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept mux streams until the session closes; serve each in its own task (owned here).
-    ``budget`` (default: a fresh one of ``limits.request_buffer_budget``) is shared by its streams."""
+    ``budget`` (default: a fresh one of ``limits.request_buffer_budget``) is shared by its streams.
+    ``log_context`` (``key=value`` pairs, e.g. ``agent_id=…``) goes into every line logged about the
+    session's streams, among them the debug line of each RPC: name, duration, outcome."""
     limits = limits if limits is not None else ServerLimits()
     if budget is None:
         budget = RequestBudget(limits.request_buffer_budget)
+    tag = _tag(log_context)
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -109,7 +123,7 @@ async def serve_session(
                 return
             # Handlers run in this nursery too (saves a nursery per call); each stream's task
             # still waits for its handler before closing the stream.
-            nursery.start_soon(_serve_in, stream, registry, nursery, limits, budget)
+            nursery.start_soon(_serve_in, stream, registry, nursery, limits, budget, tag)
 
 
 async def _serve_in(
@@ -118,10 +132,11 @@ async def _serve_in(
     nursery: trio.Nursery,
     limits: ServerLimits,
     budget: RequestBudget,
+    tag: str,
 ) -> None:
     timeout = limits.first_packet_timeout
     deadline = None if timeout is None else trio.current_time() + timeout
-    await _StreamServer(transport, registry, limits.max_packet_size, budget, deadline).run(nursery)
+    await _StreamServer(transport, registry, limits.max_packet_size, budget, deadline, tag).run(nursery)
 
 
 async def serve_stream(
@@ -129,9 +144,10 @@ async def serve_stream(
     registry: Registry,
     *,
     max_packet_size: int = MAX_PACKET_SIZE,
+    log_context: str = "",
 ) -> None:
     """Serve RPCs on one transport until EOF, a transport failure or a protocol error; then close it."""
-    server = _StreamServer(transport, registry, max_packet_size)
+    server = _StreamServer(transport, registry, max_packet_size, tag=_tag(log_context))
     async with trio.open_nursery() as nursery:
         await server.run(nursery)
 
@@ -211,6 +227,27 @@ class _HandlerStream:
             raise StopAsyncIteration from None
 
 
+def _tag(log_context: str) -> str:
+    """``log_context`` as the messages' prefix: ``"agent_id=… "`` (or nothing)."""
+    return f"{log_context} " if log_context else ""
+
+
+def _log_rpc(tag: str, path: str, started: float, outcome: str, code: int = 0, message: str = "") -> None:
+    """The debug line of one RPC (only called when debug logging is on)."""
+    ms = (perf_counter() - started) * 1000.0
+    if outcome == ERROR:
+        log.debug(
+            "rpc %smethod=%s duration_ms=%.3f outcome=error code=%d error=%s",
+            tag,
+            path,
+            ms,
+            code,
+            quote(message),
+        )
+    else:
+        log.debug("rpc %smethod=%s duration_ms=%.3f outcome=%s", tag, path, ms, outcome)
+
+
 def _sole_rpc_error(exc: BaseException) -> RpcError | None:
     """The RpcError an exception group (from a handler's nursery) wraps, alone, if it does."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -249,6 +286,7 @@ class _StreamServer:
         "nursery",
         "registry",
         "running",
+        "tag",
         "transport",
     )
 
@@ -259,8 +297,11 @@ class _StreamServer:
         max_size: int,
         budget: RequestBudget | None = None,
         first_deadline: float | None = None,
+        tag: str = "",
     ) -> None:
         self.transport = transport
+        #: what every log line about this stream starts with (``"agent_id=… "``)
+        self.tag = tag
         self.budget = budget
         #: bytes this stream holds in ``budget``
         self._charged = 0
@@ -334,7 +375,9 @@ class _StreamServer:
                     with trio.move_on_at(deadline) as waited:
                         data = await transport.receive_some()
                     if waited.cancelled_caught:
-                        log.debug("no complete drpc packet within the deadline, resetting the stream")
+                        log.debug(
+                            "drpc %sno complete packet within the deadline, resetting the stream", self.tag
+                        )
                         return False, None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return False, None
@@ -343,7 +386,7 @@ class _StreamServer:
             try:
                 events = conn.receive_data(data)
             except ProtocolError as exc:
-                log.debug("drpc protocol error, closing the stream: %s", exc)
+                log.debug("drpc %sprotocol error, closing the stream: %s", self.tag, exc)
                 return False, None
             if deadline is not None and conn.packets:
                 self._first_deadline = None
@@ -353,7 +396,8 @@ class _StreamServer:
                 if pending != self._charged:
                     if not budget.recharge(self._charged, pending):
                         log.debug(
-                            "drpc request buffer budget (%d bytes) exhausted, resetting the stream",
+                            "drpc %srequest buffer budget (%d bytes) exhausted, resetting the stream",
+                            self.tag,
                             budget.limit,
                         )
                         return False, None
@@ -391,11 +435,16 @@ class _StreamServer:
             self.call = None
             route = self.registry.lookup(ev.rpc)
             if route is None:
-                self.conn.send_error(0, unknown_rpc_text(ev.rpc))
+                text = unknown_rpc_text(ev.rpc)
+                if log.isEnabledFor(_DEBUG):
+                    _log_rpc(self.tag, ev.rpc, perf_counter(), ERROR, 0, text)
+                self.conn.send_error(0, text)
                 await self.flush()
                 return
             method, handler = route
             if handler is None:
+                if log.isEnabledFor(_DEBUG):
+                    _log_rpc(self.tag, method.path, perf_counter(), ERROR, UNIMPLEMENTED, UNIMPLEMENTED_TEXT)
                 self.conn.send_error(UNIMPLEMENTED, UNIMPLEMENTED_TEXT)
                 await self.flush()
                 return
@@ -433,7 +482,10 @@ class _StreamServer:
         self._start = (call, request)
 
     async def _fail(self, call: _Call, code: int, message: str) -> None:
+        """The call fails before its handler runs (undecodable request, CloseSend before it)."""
         call.finished = True
+        if log.isEnabledFor(_DEBUG):
+            _log_rpc(self.tag, call.method.path, perf_counter(), ERROR, code, message)
         self.conn.send_error(code, message)
         await self.flush()
 
@@ -450,50 +502,71 @@ class _StreamServer:
         method = call.method
         handler = call.handler
         conn = self.conn
-        with call.scope:
-            try:
-                shape = method.shape
-                if shape is CallShape.UNARY:
-                    result = await handler(request)
-                elif shape is CallShape.SERVER_STREAM:
-                    result = await handler(request, _HandlerStream(self, call))
-                else:
-                    result = await handler(_HandlerStream(self, call))
-                if shape is CallShape.UNARY or shape is CallShape.CLIENT_STREAM:
-                    if not isinstance(result, method.response_type):
-                        raise TypeError(
-                            f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
-                        )
-                    payload = result.SerializeToString()
-                    if len(payload) > self.max_size:
-                        raise RpcError(_too_large(method, len(payload)))
-                    if not conn.active or conn.stream is None or conn.stream.stream_id != call.stream_id:
-                        return
-                    conn.send_message(payload)
-                if conn.active and conn.stream is not None and conn.stream.stream_id == call.stream_id:
-                    conn.close_send()
-            except RpcError as exc:
-                self._queue_error(call, exc.code, exc.message)
-            except StreamClosedError:
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                if self.broken:
-                    return  # the client went away mid-call: not the handler's failure
-                log.exception("RPC %s failed", method.path)
-                self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
-            except Exception as exc:
-                rpc_error = _sole_rpc_error(exc)
-                if rpc_error is not None:
-                    # raised in a task of the handler's own nursery: the answer, not an internal error
-                    self._queue_error(call, rpc_error.code, rpc_error.message)
-                else:
-                    log.exception("RPC %s failed", method.path)
-                    self._queue_error(call, 0, f"{method.path}: {type(exc).__name__}: {exc}")
-            finally:
-                call.finished = True
-                if call.recv is not None:
-                    call.recv.close()
-            await self.flush()
+        # The RPC's debug line: decided once per call; with debug off it costs this check and a few
+        # local stores (nothing is timed or formatted).
+        trace = log.isEnabledFor(_DEBUG)
+        started = perf_counter() if trace else 0.0
+        outcome = OK
+        code = 0
+        message = ""
+        try:
+            with call.scope:
+                try:
+                    shape = method.shape
+                    if shape is CallShape.UNARY:
+                        result = await handler(request)
+                    elif shape is CallShape.SERVER_STREAM:
+                        result = await handler(request, _HandlerStream(self, call))
+                    else:
+                        result = await handler(_HandlerStream(self, call))
+                    if shape is CallShape.UNARY or shape is CallShape.CLIENT_STREAM:
+                        if not isinstance(result, method.response_type):
+                            expected = method.response_type.__name__
+                            raise TypeError(f"handler returned {type(result).__name__}, not {expected}")
+                        payload = result.SerializeToString()
+                        if len(payload) > self.max_size:
+                            raise RpcError(_too_large(method, len(payload)))
+                        if not conn.active or conn.stream is None or conn.stream.stream_id != call.stream_id:
+                            outcome = CANCELLED  # the peer moved on (cancelled, closed or invoked anew)
+                            return
+                        conn.send_message(payload)
+                    if conn.active and conn.stream is not None and conn.stream.stream_id == call.stream_id:
+                        conn.close_send()
+                except RpcError as exc:
+                    outcome, code, message = ERROR, exc.code, exc.message
+                    self._queue_error(call, code, message)
+                except StreamClosedError:
+                    outcome = CANCELLED
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    if self.broken:
+                        outcome = CANCELLED
+                        return  # the client went away mid-call: not the handler's failure
+                    log.exception("rpc %smethod=%s failed", self.tag, method.path)
+                    outcome, message = ERROR, f"{method.path}: {type(exc).__name__}: {exc}"
+                    self._queue_error(call, 0, message)
+                except Exception as exc:
+                    rpc_error = _sole_rpc_error(exc)
+                    if rpc_error is not None:
+                        # raised in a task of the handler's own nursery: the answer, not an internal error
+                        outcome, code, message = ERROR, rpc_error.code, rpc_error.message
+                    else:
+                        log.exception("rpc %smethod=%s failed", self.tag, method.path)
+                        outcome, message = ERROR, f"{method.path}: {type(exc).__name__}: {exc}"
+                    self._queue_error(call, code, message)
+                finally:
+                    call.finished = True
+                    if call.recv is not None:
+                        call.recv.close()
+                await self.flush()
+            if call.scope.cancelled_caught:
+                outcome = CANCELLED  # the peer's Cancel/Close/FIN, or a new Invoke superseding it
+        except BaseException:
+            outcome = CANCELLED  # the session is ending (or the flush failed): nobody got an answer
+            raise
+        finally:
+            if trace:
+                _log_rpc(self.tag, method.path, started, outcome, code, message)
 
     def _queue_error(self, call: _Call, code: int, message: str) -> None:
         st = self.conn.stream

@@ -401,7 +401,7 @@ class AppsService:
                 now=now,
             )
         except StoreError:
-            log.warning("agent %s: failed to notify of task state", self.agent_id, exc_info=True)
+            log.warning("failed to notify of task state agent_id=%s", self.agent_id, exc_info=True)
 
     async def _bump(self, workspace_id: uuid.UUID, now: dt.datetime) -> None:
         """The activity bump (reason: app activity) with its own timeout; failures are logged only."""

@@ -25,23 +25,12 @@ from collections.abc import Mapping
 import attrs
 
 from agentd.drpc.errors import RpcError
+from agentd.logfmt import logfmt
 from agentd.proto import agent_pb2
 from agentd.services.base import AGENT, ConnectionScope, Handler, Now
 from agentd.store import boundary as store
 
 log = logging.getLogger("agentd.boundary")
-
-
-def logfmt(fields: Mapping[str, object]) -> str:
-    """``key=value`` pairs, values quoted when they hold spaces, quotes or ``=`` (an audit line a person
-    and a log shipper can both read)."""
-    parts = []
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(c in text for c in ' "=\t\n'):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 MAX_BATCH = 1000
@@ -171,6 +160,7 @@ class BoundaryLogsService:
                 "session_id": request.session_id,
                 "sequence_number": entry.sequence_number,
                 "workspace_id": str(ident.workspace_id),
+                "agent_id": str(ident.agent_id),
                 "template_id": str(ident.template_id),
                 "template_version_id": str(ident.template_version_id),
                 "http_method": http.method,

@@ -223,7 +223,7 @@ class LifecycleService:
         try:
             info = await store.get_build_metrics(self.scope.db, self.scope.ident.resource_id)
         except StoreError:
-            log.warning("reading build metrics of agent %s failed", self.scope.ident.agent_id, exc_info=True)
+            log.warning("reading build metrics failed agent_id=%s", self.scope.ident.agent_id, exc_info=True)
             return
         if info is None or not info.all_agents_ready or info.last_agent_ready_at is None:
             return

@@ -263,7 +263,7 @@ class LogsService:
                 await store.set_logs_overflowed(db, agent_id)
             except StoreError:
                 # Only a hint for the UI; the agent stops sending anyway once it sees the answer.
-                log.warning("mark logs of agent %s overflowed failed", agent_id, exc_info=True)
+                log.warning("marking logs overflowed failed agent_id=%s", agent_id, exc_info=True)
             await self._publish_workspace(events.AGT_LOGS_OVERFLOW)
             return agent_pb2.BatchCreateLogsResponse(log_limit_exceeded=True)
         except store.ForeignLogSource as exc:
@@ -280,7 +280,7 @@ class LogsService:
         try:
             await self.scope.events.agent_logs(agent_id, inserted.first_id - 1)
         except StoreError:
-            log.warning("publish agent-logs update for agent %s failed", agent_id, exc_info=True)
+            log.warning("publishing agent-logs update failed agent_id=%s", agent_id, exc_info=True)
         if inserted.logs_length_before == 0:
             await self._publish_workspace(events.AGT_FIRST_LOGS)
         return agent_pb2.BatchCreateLogsResponse()

@@ -216,12 +216,12 @@ class ResourcesMonitoringService:
             try:
                 await self._memory(request.datapoints)
             except Exception as exc:
-                log.exception("memory monitor of agent %s failed", self.scope.ident.agent_id)
+                log.exception("memory monitor failed agent_id=%s", self.scope.ident.agent_id)
                 errors.append(f"monitor memory: {exc}")
             try:
                 errors.extend(await self._volumes(request.datapoints))
             except Exception as exc:
-                log.exception("volume monitors of agent %s failed", self.scope.ident.agent_id)
+                log.exception("volume monitors failed agent_id=%s", self.scope.ident.agent_id)
                 errors.append(f"monitor volumes: {exc}")
             if errors:
                 raise RpcError("\n".join(errors))

@@ -161,4 +161,4 @@ async def apply_context_push(db: Database, push: ContextPush) -> bool:
             attempt += 1
             if attempt > MAX_RETRIES:
                 raise
-            log.debug("context push of agent %s: serialization failure, retry %d", push.agent_id, attempt)
+            log.debug("context push: serialization failure, retry %d agent_id=%s", attempt, push.agent_id)

@@ -296,9 +296,10 @@ class PubSub:
             while True:
                 try:
                     conn = await self._db._connect()
-                except StoreError:
+                except StoreError as exc:
                     if not started:
                         raise
+                    log.debug("pubsub reconnect failed retry_in_s=%g: %s", delay, exc)
                     await trio.sleep(delay)
                     delay = min(delay * 2, self.max_reconnect_delay)
                     continue
@@ -310,10 +311,11 @@ class PubSub:
                         await self._serve(conn, reconnected=False)
                     else:
                         self.reconnects += 1
-                        log.debug("pubsub: LISTEN connection re-established (reconnect %d)", self.reconnects)
+                        log.debug("pubsub reconnected reconnects=%d", self.reconnects)
                         await self._serve(conn, reconnected=True)
-                except StoreError:
+                except StoreError as exc:
                     # Lost the connection (terminated backend, network, server restart).
+                    log.debug("pubsub LISTEN connection lost, reconnecting in %g s: %s", delay, exc)
                     self._listening = set()
                 finally:
                     await self._db._close_conn(conn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -162,6 +163,7 @@ async def mux_client(
     services: list[ServiceDescriptor] | None = None,
     transport_pair: Any = None,
     server_config: MuxConfig | None = None,
+    log_context: str = "",
 ) -> AsyncIterator[tuple[RpcClient, MuxSession, MuxSession]]:
     """A MuxSession client ↔ server over a memory stream pair with serve_session on the server."""
     if transport_pair is None:
@@ -172,7 +174,9 @@ async def mux_client(
     async with trio.open_nursery() as nursery:
         await nursery.start(client_session.run)
         await nursery.start(server_session.run)
-        await nursery.start(serve_session, server_session, registry)
+        await nursery.start(
+            functools.partial(serve_session, log_context=log_context), server_session, registry
+        )
         client = RpcClient(client_session, services=services if services is not None else [ECHO])
         yield client, client_session, server_session
         nursery.cancel_scope.cancel()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -391,3 +393,52 @@ async def test_an_rpc_error_from_a_handlers_nursery_is_the_answer_not_an_interna
             await client.echo.Unary(Req(text="fail-in-nursery"))
         assert info.value == RpcError("bad request inside", 3)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_each_rpc_is_one_debug_line_with_its_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    """`--log-level debug`: one line per RPC with the session's context, the method, the duration
+    and how it ended; nothing below error when debug is off."""
+    tag = "agent_id=6f1c1f3e-8a8e-4b8e-9a51-0d1c2b3a4f5e"
+
+    async def session_of_calls() -> None:
+        svc = EchoService()
+        async with mux_client(svc.registry(), log_context=tag) as (client, *_):
+            assert (await client.echo.Unary(Req(n=1))).n == 2
+            for text in ("fail", "crash"):
+                with pytest.raises(RpcError):
+                    await client.echo.Unary(Req(text=text))
+            with pytest.raises(RpcError):
+                await client.echo.Unimpl(Req())
+            with pytest.raises(RpcError):
+                await RpcClient(client._session).agent.GetManifest()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.echo.Unary, Req(text="sleep"))
+                await svc.started.wait()
+                nursery.cancel_scope.cancel()  # the client gives up: cancelled
+            with trio.fail_after(5):
+                await svc.cancelled_event.wait()
+
+    caplog.set_level(logging.INFO, logger="agentd.drpc.server")
+    await session_of_calls()
+    assert [r.getMessage() for r in caplog.records if r.levelno < logging.ERROR] == []
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="agentd.drpc.server")
+    await session_of_calls()
+    unary = "/test.drpc.v1.Echo/Unary"
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    pattern = re.compile(rf"rpc {tag} method=(\S+) duration_ms=\d+\.\d{{3}} outcome=(.*)")
+    assert [(m[1], m[2]) for line in lines if (m := pattern.fullmatch(line))] == [
+        (unary, "ok"),
+        (unary, "error code=42 error=nope"),
+        (unary, f'error code=0 error="{unary}: ValueError: boom"'),
+        ("/test.drpc.v1.Echo/Unimpl", "error code=12 error=Unimplemented"),
+        (
+            "/coder.agent.v2.Agent/GetManifest",
+            'error code=0 error="protocol error: unknown rpc: \\"/coder.agent.v2.Agent/GetManifest\\""',
+        ),
+        (unary, "cancelled"),
+    ], lines
+    # The handler's crash: an error with its traceback, naming the session too.
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"rpc {tag} method={unary} failed"
+    ]

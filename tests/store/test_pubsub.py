@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -119,7 +120,8 @@ async def test_overflow_delivers_missed(db: Database) -> None:
         assert await next_item(sub) == "after"
 
 
-async def test_reconnect_after_backend_terminated(db: Database) -> None:
+async def test_reconnect_after_backend_terminated(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agentd.pubsub")
     async with running(PubSub(db, reconnect_delay=0.05)) as pubsub, pubsub.subscribe("r") as sub:
         await pubsub.publish("r", "before")
         assert await next_item(sub) == "before"
@@ -132,6 +134,9 @@ async def test_reconnect_after_backend_terminated(db: Database) -> None:
         assert pubsub.reconnects == 1
         await pubsub.publish("r", "after")
         assert await next_item(sub) == "after"
+    # --log-level debug shows the loss and the reconnect
+    assert any(m.startswith("pubsub LISTEN connection lost, reconnecting in 0.05 s") for m in caplog.messages)
+    assert "pubsub reconnected reconnects=1" in caplog.messages
 
 
 async def test_subscribe_requires_running_listener(db: Database) -> None:
