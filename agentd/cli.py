@@ -145,7 +145,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     raise_open_files_limit()
     tune_gc_for_serving()
-    trio.run(Daemon(config, reload_config=lambda: _config_from(args), freeze_gc_when_ready=True).run)
+    daemon = Daemon(
+        config,
+        reload_config=lambda: _config_from(args),
+        freeze_gc_when_ready=True,
+        exit_on_overrun=True,
+    )
+    trio.run(daemon.run)
     return 0
 
 

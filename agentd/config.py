@@ -23,7 +23,8 @@ DEFAULT_SOCKET_NAME = "agentd.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Every numeric setting's finite range (inclusive). Checked with the rest of the file and the flags
 #: before anything starts, so inf, nan, 1e15 or a negative never reaches a timer.
-#: shutdown_timeout: keep it below the unit's TimeoutStopSec (contrib/agentd.service).
+#: shutdown_timeout: agentd exits within it + agentd.shutdown.MARGIN; keep that below the unit's
+#: TimeoutStopSec (contrib/agentd.service).
 NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "shutdown_timeout": (0.0, 3600.0),
     "agent_stats_refresh_interval": (1.0, 86400.0),

@@ -50,12 +50,12 @@ import trio
 
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
-from agentd.drpc.registry import Handler, Registry, method_table
+from agentd.drpc.registry import CallShape, Handler, Registry, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.logfmt import quote
 from agentd.monitor import DISCONNECT, Watch
-from agentd.mux import MuxConfig, MuxSession
+from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import (
     AgentIdentity,
@@ -91,6 +91,12 @@ log = logging.getLogger("agentd.connection")
 
 #: WebSocket close code coderd uses when it drops an agent (StatusGoingAway).
 GOING_AWAY = 1001
+#: Calls of these shapes last as long as the agent wants (tailnet Coordinate, StreamDERPMaps,
+#: WorkspaceUpdates): a draining shutdown does not wait for them.
+LONG_LIVED = frozenset({CallShape.SERVER_STREAM, CallShape.BIDI})
+#: How often a draining shutdown looks whether the calls in flight have finished (polled: streams
+#: come and go inside each mux session's sans-I/O core, which has no event to wait on).
+DRAIN_POLL_S = 0.05
 
 ServiceBuilder = Callable[[ConnectionScope], Any]
 
@@ -124,11 +130,13 @@ def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
     """Every handler wrapped to run in its API's task; two APIs claiming one path is refused."""
     handlers: dict[str, Handler] = {}
     owner: dict[str, str] = {}
+    table = method_table()
     for api in apis:
         for path, handler in api.service.handlers().items():
             if path in handlers:
                 raise CompositionError(f"{path} is handled by both {owner[path]} and {api.name}")
-            handlers[path] = api.wrap(handler)
+            method = table.get(path)
+            handlers[path] = api.wrap(handler, long_lived=method is not None and method.shape in LONG_LIVED)
             owner[path] = api.name
     return handlers
 
@@ -195,6 +203,8 @@ class ApiTask:
     name: str
     service: Any
     calls: int = attrs.field(default=0, init=False)
+    #: long-lived (server-streaming, bidi) calls running now
+    streaming: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -212,9 +222,22 @@ class ApiTask:
             finally:
                 self._nursery = None
 
-    def wrap(self, handler: Handler) -> Handler:
-        async def call_in_api_task(*args: Any) -> Any:
-            return await self.call(handler, *args)
+    def wrap(self, handler: Handler, *, long_lived: bool = False) -> Handler:
+        """``long_lived``: a streaming call a draining shutdown does not wait for (counted in
+        ``streaming`` while it runs)."""
+        if long_lived:
+
+            async def call_in_api_task(*args: Any) -> Any:
+                self.streaming += 1
+                try:
+                    return await self.call(handler, *args)
+                finally:
+                    self.streaming -= 1
+
+        else:
+
+            async def call_in_api_task(*args: Any) -> Any:
+                return await self.call(handler, *args)
 
         call_in_api_task.__name__ = getattr(handler, "__name__", "handler")
         call_in_api_task.__qualname__ = f"{self.name}.{call_in_api_task.__name__}"
@@ -322,6 +345,28 @@ class AgentConnection:
         """End the session now (daemon shutdown, tests)."""
         self._cancel.cancel()
 
+    async def go_away(self) -> None:
+        """Shutdown's first step: a yamux GoAway (normal) tells the agent to open no new stream, so no
+        new RPC starts, while the calls in flight go on (later SYNs are answered with RST)."""
+        session = self.session
+        if session is None or session.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await session.go_away(GoAwayCode.NORMAL)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, MuxError):
+            pass
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Mux streams carrying a call that ends by itself, or about to carry one (accepted, Invoke
+        not read yet), or whose answer is still on its way (the agent closes the stream once it has
+        read it): every live stream but those of long-lived streaming calls."""
+        session = self.session
+        if session is None or session.closed:
+            return 0
+        return max(0, session.num_streams - sum(api.streaming for api in self.apis))
+
     def _end(self, reason: str) -> None:
         """The monitor's way to end this session: cancel it; the teardown closes with the reason."""
         self._cancel.cancel()
@@ -407,7 +452,7 @@ class AgentConnection:
         if self.cache_entry is not None:
             refresher.discard(self.cache_entry)
         watch = self.watch
-        with trio.move_on_after(monitor.close_timeout):
+        with monitor.cleanup.shield(monitor.close_timeout):
             tell = watch is not None and (watch.monitored or watch.ended)
             await self._close_with_reason(watch.reason if watch is not None else "disconnect", tell=tell)
         if watch is not None:
@@ -510,6 +555,26 @@ class AgentSessions:
             await serve(connection)
         finally:
             self.live.discard(connection)
+
+    async def go_away_all(self) -> int:
+        """Shutdown: GoAway to every live session (no new RPC starts; calls in flight go on); a
+        session that starts from now on is ended at once. Returns the number of sessions told."""
+        self._closing = True
+        live = list(self.live)
+        for connection in live:
+            await connection.go_away()
+        return len(live)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls of every live session that a draining shutdown waits for."""
+        return sum(connection.calls_in_flight for connection in self.live)
+
+    async def ended(self) -> None:
+        """Return once every live session has ended (the caller bounds the wait)."""
+        while self.live:  # noqa: ASYNC110 - polled, and only while stopping (see DRAIN_POLL_S)
+            await trio.sleep(DRAIN_POLL_S)
+        await trio.lowlevel.checkpoint()
 
     def close_all(self) -> None:
         """Shutdown: end every live session (each monitor still records its disconnect)."""

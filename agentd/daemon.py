@@ -3,9 +3,12 @@
 Start-up order is chosen so that the cheap checks fail first: listeners are bound (a port in use is
 reported before an embedded PostgreSQL is started for nothing), then the database is opened and
 migrated, then connections are accepted and systemd hears READY=1. Shutdown on SIGTERM/SIGINT is
-hypercorn's shape: STOPPING=1, stop accepting and close the listeners (unix socket files removed),
-let open connections finish within `shutdown_timeout`, then close the pool and stop the embedded
-server. A second signal skips the grace period.
+hypercorn's shape, with a bound (agentd.shutdown has the stages and their deadlines): STOPPING=1 and
+``/healthz`` 503 "draining", stop accepting and close the agent listeners (unix socket files
+removed), GoAway to every agent, let the calls in flight finish within `shutdown_timeout`, close the
+transports, write the disconnects and what the batchers hold, close the pool — all within
+`shutdown_timeout` + agentd.shutdown.MARGIN — then stop the embedded server. A second signal ends it
+at once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
+import math
 import resource
 import signal
 import time
@@ -26,7 +30,7 @@ import trio
 from agentd import __version__, systemd
 from agentd.components import Components
 from agentd.config import Config, UserError
-from agentd.connection import AgentSessions, start_components
+from agentd.connection import DRAIN_POLL_S, AgentSessions, start_components
 from agentd.handshake import Closed, NotMine, Rejected, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import BoundListener, Server, bind_all, describe_peer
@@ -34,6 +38,7 @@ from agentd.logfmt import logfmt
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.services.base import Settings
 from agentd.services.events import Events
+from agentd.shutdown import FORCE_GRACE, Backstop, CleanupDeadline, ShutdownPlan
 from agentd.store import Database, open_database
 from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
@@ -108,12 +113,21 @@ async def database_url(config: Config) -> AsyncIterator[str]:
         yield url
 
 
+@attrs.define(eq=False)
+class Draining:
+    """Set once a graceful stop has begun (``/healthz`` then answers 503 "draining")."""
+
+    active: bool = False
+
+
 @attrs.define
 class Health:
-    """Answers `GET /healthz`: 200 when a `SELECT 1` succeeds within the timeout, else 503."""
+    """Answers `GET /healthz`: 200 when a `SELECT 1` succeeds within the timeout, else 503; 503
+    "draining" at once while the daemon stops (a load balancer then sends no one here)."""
 
     db: Database
     timeout: float = HEALTH_CHECK_TIMEOUT
+    draining: Draining = attrs.field(factory=Draining)
 
     async def check_database(self) -> str | None:
         """None when the database answers, else a one-line reason."""
@@ -126,6 +140,9 @@ class Health:
         return f"no answer within {self.timeout:g} s"
 
     async def handle(self, request: Request) -> None:
+        if self.draining.active:
+            await request.send_json(503, {"status": "draining", "version": __version__})
+            return
         error = await self.check_database()
         database: dict[str, Any] = {"ok": error is None}
         if error is not None:
@@ -177,10 +194,16 @@ class AgentRpcRoute:
 
 
 def build_components(
-    db: Database, pubsub: PubSub, settings: Settings, *, coordinator: Any = None
+    db: Database,
+    pubsub: PubSub,
+    settings: Settings,
+    *,
+    coordinator: Any = None,
+    cleanup: CleanupDeadline | None = None,
 ) -> Components:
     """The process-wide components of DESIGN's task tree, started before agents are accepted and
-    flushed after the last agent session ended. ``coordinator``: default the in-memory one."""
+    flushed after the last agent session ended. ``coordinator``: default the in-memory one.
+    ``cleanup``: the deadline that bounds their final writes when the daemon stops."""
     import functools
 
     from agentd.batchers.boundary_usage import BoundaryUsageTracker
@@ -195,8 +218,11 @@ def build_components(
     from agentd.store.connection import workspace_identities
     from agentd.tailnet import Coordinator, DERPMapSource
 
-    metadata_batcher = MetadataBatcher(db, pubsub)
-    stats_batcher = StatsBatcher(db)
+    cleanup = cleanup if cleanup is not None else CleanupDeadline()
+    if hasattr(coordinator, "cleanup"):
+        coordinator.cleanup = cleanup
+    metadata_batcher = MetadataBatcher(db, pubsub, cleanup=cleanup)
+    stats_batcher = StatsBatcher(db, cleanup=cleanup)
     metrics = AgentMetrics(
         extra_counters={
             "agentd_metadata_updates_dropped_total": (
@@ -206,6 +232,11 @@ def build_components(
             "agentd_agent_stats_dropped_total": (
                 "Agent stats rows refused because the stats buffer was full.",
                 lambda: stats_batcher.dropped,
+            ),
+            "agentd_agent_stats_lost_total": (
+                "Acknowledged agent stats rows never written (a failed write, or still unwritten at "
+                "the shutdown deadline).",
+                lambda: stats_batcher.lost,
             ),
         }
     )
@@ -217,12 +248,14 @@ def build_components(
         ),
         metadata_batcher=metadata_batcher,
         stats_batcher=stats_batcher,
-        last_used=LastUsedTracker(db),
-        connection_logs=ConnectionLogBatcher(db=db),
-        boundary_usage=BoundaryUsageTracker(db=db, replica_id=settings.replica_id),
+        last_used=LastUsedTracker(db, cleanup=cleanup),
+        connection_logs=ConnectionLogBatcher(db=db, cleanup=cleanup),
+        boundary_usage=BoundaryUsageTracker(db=db, replica_id=settings.replica_id, cleanup=cleanup),
         metrics=metrics,
         build_durations=BuildDurationHistogram(),
-        connection_monitor=ConnectionMonitor(db=db, events=Events(pubsub), replica_id=settings.replica_id),
+        connection_monitor=ConnectionMonitor(
+            db=db, events=Events(pubsub), replica_id=settings.replica_id, cleanup=cleanup
+        ),
         workspace_cache=WorkspaceCacheRefresher(functools.partial(workspace_identities, db)),
     )
 
@@ -241,20 +274,23 @@ class MetricsRoute:
         await request.send_response(200, body.encode("utf-8"), content_type=METRICS_CONTENT_TYPE)
 
 
-def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
+def build_router(
+    db: Database, sessions: AgentSessions | None = None, draining: Draining | None = None
+) -> Router:
     """The agent listeners' routes: /healthz and the agent endpoint. /metrics is not here: it shows
     owner, workspace and agent names and agent-chosen labels (see `build_operator_router`)."""
     router = Router()
-    router.add("/healthz", Health(db).handle)
+    router.add("/healthz", Health(db, draining=draining or Draining()).handle)
     if sessions is not None:
         router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
     return router
 
 
-def build_operator_router(db: Database, components: Components) -> Router:
-    """The `metrics_listen` listener's routes (operators only): /metrics and /healthz."""
+def build_operator_router(db: Database, components: Components, draining: Draining | None = None) -> Router:
+    """The `metrics_listen` listener's routes (operators only): /metrics and /healthz. It stays open
+    while the daemon drains, so /healthz can say so."""
     router = Router()
-    router.add("/healthz", Health(db).handle)
+    router.add("/healthz", Health(db, draining=draining or Draining()).handle)
     if components.metrics is not None:
         router.add("/metrics", MetricsRoute(components).handle)
     return router
@@ -270,21 +306,39 @@ class Daemon:
     reload_config: Callable[[], Config] | None = None
     # A process of its own (agentd serve): move everything alive at READY out of the GC's reach.
     freeze_gc_when_ready: bool = False
+    # A process of its own (agentd serve): past the shutdown bound, exit without waiting (Backstop).
+    exit_on_overrun: bool = False
     listener_names: list[str] = attrs.field(factory=list, init=False)
     #: where /metrics is served (metrics_listen)
     operator_listener_names: list[str] = attrs.field(factory=list, init=False)
+    #: the final writes' deadline, shared with every component (agentd.shutdown)
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline, init=False)
+    draining: Draining = attrs.field(factory=Draining, init=False)
     _stop: trio.Event = attrs.field(factory=trio.Event, init=False)
     _startup: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _force: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _ready: bool = attrs.field(default=False, init=False)
+    _plan: ShutdownPlan | None = attrs.field(default=None, init=False)
+    _backstop: Backstop = attrs.field(init=False)
+    #: the pool's close is bounded by this scope's deadline (set when the stop reaches it)
+    _pool_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+
+    @_backstop.default
+    def _make_backstop(self) -> Backstop:
+        return Backstop(exit=self.exit_on_overrun)
 
     def request_stop(self) -> None:
         """First call: graceful stop (or abandon start-up). Second call: cancel whatever still runs."""
         if self._stop.is_set():
-            log.warning("second stop request: cancelling open connections now")
+            log.warning("second stop request: cancelling open calls and final writes now")
             self._force.cancel()
+            self.cleanup.expire()
+            if self._plan is not None:
+                self._backstop.arm(trio.current_time() + FORCE_GRACE)
             return
         self._stop.set()
+        self._plan = ShutdownPlan(trio.current_time(), self.config.shutdown_timeout)
+        self._backstop.arm(self._plan.hard_deadline)
         if not self._ready:
             self._startup.cancel()
 
@@ -293,13 +347,18 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals)
+                nursery.start_soon(self._backstop.run)
                 try:
                     with self._force:
                         await self._run(task_status)
                 finally:
+                    self._backstop.disarm()
                     nursery.cancel_scope.cancel()
                     self.notifier.close()
-        log.info("stopped")
+        if self._plan is not None:
+            log.info("stopped after %.1f s", trio.current_time() - self._plan.start)
+        else:
+            log.info("stopped")
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -354,37 +413,61 @@ class Daemon:
             with self._startup:
                 if self.config.postgres_url is None:
                     log.info("starting embedded PostgreSQL in %s", self.config.data_dir)
-                async with open_store(self.config) as db:
-                    settings = Settings(
-                        stats_report_interval=dt.timedelta(seconds=self.config.agent_stats_refresh_interval),
-                        **dict(self.config.banners),
-                    )
-                    pubsub = PubSub(db)
-                    sessions = AgentSessions(
-                        db,
-                        Events(pubsub),
-                        settings=settings,
-                        components=build_components(
-                            db,
-                            pubsub,
-                            settings,
-                            coordinator=build_coordinator(
-                                self.config.coordinator,
-                                db,
-                                heartbeat_interval=self.config.coordinator_heartbeat,
-                            ),
-                        ),
-                    )
-                    server = Server(listeners, HttpApp(build_router(db, sessions)).handle_connection)
-                    operator = Server(
-                        operator_listeners,
-                        HttpApp(build_operator_router(db, sessions.components)).handle_connection,
-                    )
-                    await self._serve(server, sessions, task_status, operator)
+                async with database_url(self.config) as url:
+                    try:
+                        # The pool's close counts toward the stop's bound; stopping an embedded
+                        # server afterwards does not (it is not cut short).
+                        with self._pool_scope:
+                            async with open_database(url) as db:
+                                await migrate_schema(db)
+                                await self._serve_database(db, listeners, operator_listeners, task_status)
+                    finally:
+                        self._backstop.disarm()
         finally:
             with trio.CancelScope(shield=True):
                 for bound in [*listeners, *operator_listeners]:
                     await bound.aclose()
+
+    async def _serve_database(
+        self,
+        db: Database,
+        listeners: list[BoundListener],
+        operator_listeners: list[BoundListener],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        settings = Settings(
+            stats_report_interval=dt.timedelta(seconds=self.config.agent_stats_refresh_interval),
+            **dict(self.config.banners),
+        )
+        pubsub = PubSub(db)
+        sessions = AgentSessions(
+            db,
+            Events(pubsub),
+            settings=settings,
+            components=build_components(
+                db,
+                pubsub,
+                settings,
+                coordinator=build_coordinator(
+                    self.config.coordinator,
+                    db,
+                    heartbeat_interval=self.config.coordinator_heartbeat,
+                ),
+                cleanup=self.cleanup,
+            ),
+        )
+        stats = sessions.components.stats_batcher
+        if stats is not None:
+            self._backstop.reports.append(stats.give_up)
+        server = Server(listeners, HttpApp(build_router(db, sessions, self.draining)).handle_connection)
+        operator = Server(
+            operator_listeners,
+            HttpApp(build_operator_router(db, sessions.components, self.draining)).handle_connection,
+        )
+        await self._serve(server, sessions, task_status, operator)
+        if self._plan is not None:
+            # What is left of the bound is the pool's (it closes when this returns).
+            self._pool_scope.deadline = self._plan.pool_deadline(trio.current_time())
 
     async def _serve(
         self,
@@ -394,35 +477,78 @@ class Daemon:
         operator: Server | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
-            # Process-wide components outlive every agent session: cancelled (and flushed) last.
-            await start_components(sessions.components, nursery)
-            async with trio.open_nursery() as serving:
-                await serving.start(server.run)
+            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
+            # The operator listener outlives agent serving and the final writes: /healthz says
+            # "draining" throughout.
+            async with trio.open_nursery() as operating:
                 if operator is not None:
-                    await serving.start(operator.run)
+                    await operating.start(operator.run)
                     for bound in operator.listeners:
                         log.info("serving /metrics on %s", bound.name)
                         self.operator_listener_names.append(bound.name)
-                self._ready = True
-                for bound in server.listeners:
-                    log.info("listening on %s", bound.name)
-                    self.listener_names.append(bound.name)
-                await self.notifier.notify("READY=1", f"STATUS=serving on {', '.join(self.listener_names)}")
-                nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
-                log.info("agentd %s ready", __version__)
-                if self.freeze_gc_when_ready:
-                    gc.freeze()  # modules, descriptors, the pool: never garbage, never scanned again
-                task_status.started()
-                await self._stop.wait()
-                await self.notifier.notify("STOPPING=1", "STATUS=shutting down")
-                if server.active_connections:
-                    log.info(
-                        "closing listeners; waiting up to %g s for %d open connections",
-                        self.config.shutdown_timeout,
-                        server.active_connections,
-                    )
-                server.stop(self.config.shutdown_timeout)
+                # Process-wide components outlive every agent session: cancelled (and flushed) last.
+                async with trio.open_nursery() as components:
+                    await start_components(sessions.components, components)
+                    async with trio.open_nursery() as serving:
+                        await serving.start(server.run)
+                        self._ready = True
+                        for bound in server.listeners:
+                            log.info("listening on %s", bound.name)
+                            self.listener_names.append(bound.name)
+                        await self.notifier.notify(
+                            "READY=1", f"STATUS=serving on {', '.join(self.listener_names)}"
+                        )
+                        log.info("agentd %s ready", __version__)
+                        if self.freeze_gc_when_ready:
+                            gc.freeze()  # modules, descriptors, the pool: never garbage, never scanned again
+                        task_status.started()
+                        await self._stop.wait()
+                        await self._drain(server, sessions, components.cancel_scope)
                 if operator is not None:
                     operator.stop(0)
-                sessions.close_all()
             nursery.cancel_scope.cancel()
+
+    @staticmethod
+    def _in_flight(server: Server, sessions: AgentSessions) -> int:
+        """What a draining stop waits for: the agents' calls in flight (agentd.connection), and the
+        HTTP requests being read or answered (every connection that is not an agent session; there
+        is one request per connection, its head bounded by agentd.http.HEAD_TIMEOUT)."""
+        return sessions.calls_in_flight + max(0, server.active_connections - len(sessions.live))
+
+    async def _drain(self, server: Server, sessions: AgentSessions, components: trio.CancelScope) -> None:
+        """Stages 1-4 of agentd.shutdown: stop accepting, GoAway, wait for the calls in flight, close."""
+        plan = self._plan
+        assert plan is not None
+        await self.notifier.notify("STOPPING=1", "STATUS=shutting down")
+        self.draining.active = True
+        # Stop accepting now (open connections are ended below, after the drain).
+        server.stop(math.inf)
+        told = await sessions.go_away_all()
+        in_flight = self._in_flight(server, sessions)
+        log.info(
+            "draining: listeners closed, GoAway sent to %d agent sessions; waiting up to %g s for %d calls "
+            "in flight",
+            told,
+            max(0.0, plan.drain_deadline - trio.current_time()),
+            in_flight,
+        )
+        with trio.move_on_at(plan.drain_deadline):
+            # Polled: streams come and go inside each mux session's sans-I/O core, which has no event
+            # to wait on; a poll costs one sum over the live sessions, and only while stopping.
+            while self._in_flight(server, sessions):  # noqa: ASYNC110
+                await trio.sleep(DRAIN_POLL_S)
+        now = trio.current_time()
+        left = self._in_flight(server, sessions)
+        if left:
+            log.warning("shutdown_timeout reached with %d calls in flight: cancelling them", left)
+        elif in_flight:
+            log.info("drained: every call finished (%.1f s)", now - plan.start)
+        self.cleanup.move_to(plan.cleanup_deadline(now))
+        sessions.close_all()
+        server.stop(0)
+        # Once the sessions have ended (normally at once; each writes its disconnect, bounded), the
+        # batchers write what they hold. A session whose teardown is stuck (in a database driver
+        # that cannot cancel) does not hold them back beyond the cleanup deadline.
+        with trio.move_on_at(self.cleanup.at):
+            await sessions.ended()
+        components.cancel()

@@ -24,8 +24,9 @@ in coderd; every session is *watched* (authorisation re-checked).
 * end: the monitor ends a session by cancelling it (:attr:`Watch.end`); it never waits for a peer.
   The connection then closes its transport FIRST (WebSocket close 1001 + reason where it is one),
   and only then :meth:`ConnectionMonitor.close` writes ``disconnected_at`` = now and publishes the
-  event, bounded by ``close_timeout`` (a few seconds): a database that hangs can never hold a closed
-  session open (issue 11 item 3).
+  event, bounded by ``close_timeout`` (a few seconds) and by the daemon's cleanup deadline
+  (agentd.shutdown: a stop bounds these writes, a second signal cuts them): a database that hangs can
+  never hold a closed session open (issue 11 item 3).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from trio_util import periodic  # type: ignore[import-untyped]
 from agentd.logfmt import quote
 from agentd.services.base import AgentIdentity, Now, utcnow
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
+from agentd.shutdown import CleanupDeadline
 from agentd.store import connection as queries
 
 __all__ = [
@@ -161,6 +163,8 @@ class ConnectionMonitor:
     ping_period: float = DEFAULT_PING_PERIOD
     disconnect_timeout: float = attrs.field()
     close_timeout: float = attrs.field()
+    #: the daemon's: bounds the shielded start and disconnect writes while it stops
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     watches: set[Watch] = attrs.field(factory=set, init=False)
     #: Ticks run (each: one UPDATE and one authorisation query, however many sessions).
     ticks: int = attrs.field(default=0, init=False)
@@ -200,8 +204,7 @@ class ConnectionMonitor:
         is never abandoned by a cancelled caller (the caller's teardown then records the disconnect)."""
         start = _Start(ident)
         self._starting.append(start)
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + START_TIMEOUT
+        with self.cleanup.shield(START_TIMEOUT):
             async with self._start_lock:  # FIFO: one batch statement at a time
                 if not start.done.is_set():
                     batch, self._starting = self._starting, []
@@ -242,8 +245,8 @@ class ConnectionMonitor:
         watch.ended = True
         if not watch.monitored:
             return
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.close_timeout
+        log.debug("monitor exiting agent_id=%s reason=%s", watch.ident.agent_id, quote(watch.reason))
+        with self.cleanup.shield(self.close_timeout) as scope:
             try:
                 await queries.mark_disconnected(
                     self.db, watch.ident.agent_id, now=self.now(), replica_id=self.replica_id
@@ -253,7 +256,7 @@ class ConnectionMonitor:
             await self._publish_quietly(watch.ident)
         if scope.cancelled_caught:
             log.warning(
-                "agent disconnect not recorded within %g s agent_id=%s",
+                "agent disconnect not recorded within %g s or by the stop deadline agent_id=%s",
                 self.close_timeout,
                 watch.ident.agent_id,
             )

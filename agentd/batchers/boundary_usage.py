@@ -23,6 +23,7 @@ import trio_util  # type: ignore[import-untyped]
 
 from agentd.logfmt import elapsed_ms
 from agentd.services.base import Now, utcnow
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store import boundary as store
 
@@ -109,6 +110,7 @@ class BoundaryUsageTracker:
     interval: float = FLUSH_INTERVAL_S
     now: Now = utcnow
     counter: UsageCounter = attrs.field(factory=UsageCounter)
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     _flush_lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     def track(self, workspace_id: uuid.UUID, owner_id: uuid.UUID, allowed: int, denied: int) -> None:
@@ -150,7 +152,7 @@ class BoundaryUsageTracker:
                 except Exception:
                     log.exception("flush boundary usage stats")
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT_S):
+            with self.cleanup.shield(SHUTDOWN_FLUSH_TIMEOUT_S):
                 try:
                     await self.flush()
                 except Exception:

@@ -6,7 +6,8 @@ events of one connection merge into one row exactly as the SQL upsert merges row
 first disconnect kept), so the result does not depend on where batch boundaries fall; a disconnect without
 its connect uses its own time for both. Events without a connection id are kept as separate rows. A failed
 write is retried up to ``max_retries`` times ``retry_delay`` apart from a queue of ``retry_slots`` batches
-(the oldest is dropped, with an error logged, when it overflows). Cancelling ``run`` writes what is held.
+(the oldest is dropped, with an error logged, when it overflows). Cancelling ``run`` writes what is held
+(bounded by ``shutdown_timeout`` and the daemon's cleanup deadline, agentd.shutdown).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import attrs
 import trio
 
 from agentd.logfmt import elapsed_ms
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.connection_logs import ConnectionLogRow, upsert_connection_logs
 
@@ -91,6 +93,7 @@ class ConnectionLogBatcher:
     retry_delay: float = RETRY_DELAY_S
     retry_slots: int = RETRY_SLOTS
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT_S
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     batch: Batch = attrs.field(factory=Batch)
     retries: collections.deque[_Retry] = attrs.field(factory=collections.deque)
     _running: bool = attrs.field(default=False, init=False)
@@ -185,7 +188,7 @@ class ConnectionLogBatcher:
                     next_retry = trio.current_time() + self.retry_delay
         finally:
             try:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.shutdown_timeout):
+                with self.cleanup.shield(self.shutdown_timeout):
                     await self._write_everything()
             finally:
                 self._running = False

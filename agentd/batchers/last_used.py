@@ -2,7 +2,8 @@
 
 UpdateStats (and anything else that counts as use) calls ``add(workspace_id)``; every ``interval``
 (60 s) the collected ids get ``last_used_at = now`` in one statement (10 s timeout, never moving the
-value backwards). Cancelling ``run`` (shutdown) writes what is collected, shielded and bounded.
+value backwards). Cancelling ``run`` (shutdown) writes what is collected, shielded and bounded (also by the
+daemon's cleanup deadline, agentd.shutdown).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from trio_util import periodic  # type: ignore[import-untyped]
 
 from agentd.logfmt import elapsed_ms
 from agentd.services.base import Now, utcnow
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.activity import batch_update_last_used_at
 from agentd.store.errors import StoreError
@@ -37,6 +39,7 @@ class LastUsedTracker:
     flush_timeout: float = FLUSH_TIMEOUT_S
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT_S
     now: Now = utcnow
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     flushes: int = attrs.field(default=0, init=False)
     _ids: set[uuid.UUID] = attrs.field(factory=set, init=False)
 
@@ -59,7 +62,7 @@ class LastUsedTracker:
                 with trio.move_on_after(self.flush_timeout):
                     await self._flush()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.shutdown_timeout):
+            with self.cleanup.shield(self.shutdown_timeout):
                 await self._flush()
 
     async def _flush(self) -> None:

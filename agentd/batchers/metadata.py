@@ -7,7 +7,8 @@ with a warning at most every 10 s — when it is full. The batch dedupes by (age
 existing rows followed by NOTIFYs on ``workspace_agent_metadata_batch`` naming the agents of the
 batch (22-character raw-std base64 ids, concatenated, ≤ 363 per message so each stays < 8000 bytes).
 A failed write is logged and not retried (the agent reports again within its interval). Cancelling
-``run`` (shutdown) writes everything accepted so far, shielded and bounded by 15 s.
+``run`` (shutdown) writes everything accepted so far, shielded and bounded by 15 s or the daemon's
+cleanup deadline (agentd.shutdown), whichever comes first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 
 from agentd.logfmt import elapsed_ms
 from agentd.services.events import METADATA_BATCH_CHANNEL
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.errors import QueryCanceled, StoreError
 from agentd.store.metadata import MetadataUpdate, batch_update_metadata
@@ -85,6 +87,8 @@ class MetadataBatcher:
     interval: float = FLUSH_INTERVAL_S
     shutdown_timeout: float = SHUTDOWN_FLUSH_TIMEOUT_S
     drop_warn_interval: float = DROP_WARN_INTERVAL_S
+    #: the daemon's: a stop bounds (and a second signal cuts) the final write
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     #: Updates refused because the buffer was full (or the batcher had stopped).
     dropped: int = attrs.field(default=0, init=False)
     #: Batches written (tests and metrics look at it).
@@ -154,7 +158,7 @@ class MetadataBatcher:
                     await self._flush()
                     deadline = trio.current_time() + self.interval
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.shutdown_timeout):
+            with self.cleanup.shield(self.shutdown_timeout):
                 await self._final_flush()
 
     async def _final_flush(self) -> None:

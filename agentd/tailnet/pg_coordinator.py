@@ -46,6 +46,7 @@ import attrs
 import trio
 
 from agentd.proto import tailnet_pb2
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.db import Transaction
 from agentd.store.errors import StoreError
@@ -413,6 +414,8 @@ class PgCoordinator:
     #: False only in tests that simulate a crash: stopping then leaves the rows as a killed process would.
     mark_lost_on_close: bool = True
     id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+    #: the daemon's stop deadline: bounds (and a second signal cuts) marking the peers lost
+    cleanup: CleanupDeadline = attrs.field(factory=CleanupDeadline)
     _locals: dict[uuid.UUID, _Local] = attrs.field(factory=dict, init=False)
     _ops: list[_Op] = attrs.field(factory=list, init=False)
     _ops_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
@@ -482,8 +485,7 @@ class PgCoordinator:
         self._ops.clear()
         if not self.mark_lost_on_close:
             return
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + SHUTDOWN_TIMEOUT
+        with self.cleanup.shield(SHUTDOWN_TIMEOUT):
             try:
                 async with self.db.transaction() as tx:
                     rows = await tx.fetchall(_LOST_ALL, {"me": self.id})

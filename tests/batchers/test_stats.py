@@ -15,6 +15,7 @@ import trio.testing
 
 import agentd.testing
 from agentd.batchers.stats import StatsBatcher
+from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.stats import AgentStatsRow, insert_agent_stats
 from tests.services.audit_support import T0
@@ -145,7 +146,7 @@ async def test_flush_on_shutdown_loses_nothing(db: Database, clock: trio.testing
     assert not b.add(row(0)) and b.dropped == 1  # stopped
 
 
-async def test_a_failed_insert_is_logged_and_dropped(
+async def test_a_failed_insert_is_logged_and_counted_lost(
     db: Database, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     b = StatsBatcher(db)
@@ -154,5 +155,95 @@ async def test_a_failed_insert_is_logged_and_dropped(
         b.add(row(1, connection_count=2**70))  # out of bigint range: the server refuses the batch
         await trio.sleep(1.5)
         nursery.cancel_scope.cancel()
-    assert await count(db) == 0 and b.pending == 0
-    assert any("insert 1 agent stats rows" in r.getMessage() for r in caplog.records)
+    assert await count(db) == 0 and b.pending == 0 and b.lost == 1
+    assert any("writing 1 agent stats rows failed" in r.getMessage() for r in caplog.records)
+
+
+async def _held_back(db: Database, locked: trio.Event, release: trio.Event) -> None:
+    """Hold a lock that makes every insert into workspace_agent_stats wait."""
+    async with db.transaction() as tx:
+        await tx.execute("LOCK TABLE workspace_agent_stats IN EXCLUSIVE MODE")
+        locked.set()
+        await release.wait()
+
+
+async def _waiting_insert_pid(db: Database) -> int:
+    while True:
+        pid = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO workspace_agent_stats%'"
+        )
+        if pid is not None:
+            return int(pid)
+        await trio.sleep(0.02)
+
+
+async def test_shutdown_flush_retries_a_failed_write(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """Acknowledged rows are retried at shutdown: the first write dies with its connection, the
+    retry (on a new one) lands once the table is free again."""
+    locked, release = trio.Event(), trio.Event()
+    b = StatsBatcher(db, interval=3600)
+
+    async def break_the_first_write() -> None:
+        first = await _waiting_insert_pid(db)
+        await db.execute("SELECT pg_terminate_backend(%s)", (first,))
+        while await _waiting_insert_pid(db) == first:  # noqa: ASYNC110 - PostgreSQL has no event
+            await trio.sleep(0.02)
+        release.set()  # the retry is waiting, on a new connection: let it through
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_held_back, db, locked, release)
+        await locked.wait()
+        outer.start_soon(break_the_first_write)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run)
+            for i in range(5):
+                b.add(row(i))
+            nursery.cancel_scope.cancel()  # the final flush starts and waits for the lock
+    assert await count(db) == 5 and b.lost == 0
+    assert any("(will retry)" in r.getMessage() for r in caplog.records)
+
+
+async def test_shutdown_flush_ends_at_the_cleanup_deadline_and_counts_the_rest(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    locked, release = trio.Event(), trio.Event()
+    cleanup = CleanupDeadline()
+    b = StatsBatcher(db, interval=3600, cleanup=cleanup)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_held_back, db, locked, release)
+        await locked.wait()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run)
+            for i in range(7):
+                b.add(row(i))
+            cleanup.move_to(trio.current_time() + 0.5)
+            nursery.cancel_scope.cancel()
+        release.set()
+    assert await count(db) == 0 and b.lost == 7 and b.pending == 0
+    assert any("7 acknowledged agent stats rows not written" in r.getMessage() for r in caplog.records)
+
+
+async def test_expiring_the_cleanup_deadline_cuts_the_shutdown_flush_at_once(db: Database) -> None:
+    """A second signal: the shielded final write stops now, not at its own 15 s timeout."""
+    locked, release = trio.Event(), trio.Event()
+    cleanup = CleanupDeadline()
+    b = StatsBatcher(db, interval=3600, cleanup=cleanup)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_held_back, db, locked, release)
+        await locked.wait()
+        expired: list[float] = []
+
+        async def second_signal() -> None:
+            await _waiting_insert_pid(db)
+            expired.append(trio.current_time())
+            cleanup.expire()
+
+        outer.start_soon(second_signal)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run)
+            b.add(row(1))
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - expired[0] < 5
+        release.set()
+    assert b.lost == 1
