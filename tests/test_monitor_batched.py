@@ -355,6 +355,15 @@ async def test_transport_is_closed_before_the_disconnect_write_which_a_hung_data
         ended_after = trio.current_time() - started
         assert closed_after < 0.9  # before the bounded write gave up
         assert 0.9 <= ended_after < 3
+        # The abandoned statement is cancelled on the server too (a cancel request sent in the
+        # background): wait until no backend still waits for this row's lock, then release it.
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        with trio.fail_after(5):
+            while await db.fetchval(waiting):  # noqa: ASYNC110 - polling the server's view
+                await trio.sleep(0.02)
     row = await agent_row(db, ws.agents[0].id)
     assert row["disconnected_at"] is None  # the write was abandoned, not left hanging
 
