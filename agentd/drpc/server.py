@@ -116,6 +116,8 @@ async def serve_session(
     tag = _tag(log_context)
     async with trio.open_nursery() as nursery:
         task_status.started()
+        # held, the status would keep nursery.start's temporary nursery alive (~1 KiB per session)
+        del task_status
         while True:
             try:
                 stream = await session.accept_stream()

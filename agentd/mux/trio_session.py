@@ -3,7 +3,8 @@
 Task shape (all under `MuxSession.run`'s nursery):
 - reader: reads the transport in 64 KiB chunks -> `Connection.receive_data` -> wake the waiters
   the events name. On a plain `trio.SocketStream` it waits for readability after a short read and
-  `readv`s into one reused buffer (`_SocketIO`); any other `trio.abc.Stream` uses `receive_some`.
+  `readv`s into one buffer per thread that every session's reader shares (`_SocketIO`,
+  `_SharedRecvBuffer`); any other `trio.abc.Stream` uses `receive_some`.
   It never blocks on anything but the transport read: pings, RSTs and window updates are only
   queued.
 - writer: the one path to the transport. It drains whatever the core queued (frames from every
@@ -23,6 +24,7 @@ import collections
 import math
 import operator
 import os
+import threading
 from typing import Any
 
 import attrs
@@ -64,6 +66,22 @@ from agentd.mux.state import CLOSED, LOCAL_CLOSE, REMOTE_CLOSE, RESET, StreamSta
 #: and shrinking (brk + page faults) once per read as it did with 512 KiB reads (1 brk per read;
 #: 64 KiB: none, and sink CPU per MiB on the receiving side down ~25 %)
 RECV_SIZE = 64 * 1024
+
+
+class _SharedRecvBuffer(threading.local):
+    """The socket fast path's read buffer: one per thread, shared by every session's reader.
+
+    A session only needs the buffer from a read until `Connection.receive_data` returns, which
+    copies out everything it keeps (Data bodies as bytes, a split header into its own bytearray);
+    the reader does both without an await in between, so no other reader of the thread can run in
+    that window. A buffer per session cost 64 KiB of RSS per connected agent, mostly idle.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(RECV_SIZE))
+
+
+_shared_recv = _SharedRecvBuffer()
 #: application writers wait for the writer task once this much is queued (all streams together)
 HIGH_WATER = 1024 * 1024
 #: Data bodies at least this big are written without joining them to the frames around them
@@ -109,8 +127,9 @@ class _SocketIO:
     `SocketStream.receive_some` tries a read first (one EAGAIN per frame on a request/response
     pattern), allocates a fresh buffer per call and yields after every success; `send_all` needs one
     joined buffer per write and yields after it too. Here the reader waits for readability after a
-    short read and reads into one reused buffer, and the writer hands every queued frame to one
-    `writev` (no joining copy) without a scheduler pass unless the socket is full. The socket is
+    short read and reads into one reused buffer (one per thread, `_SharedRecvBuffer`), and the
+    writer hands every queued frame to one `writev` (no joining copy) without a scheduler pass
+    unless the socket is full. The socket is
     still owned (and closed) by the stream; trio's `notify_closing` wakes our waits if it closes.
     """
 
@@ -487,6 +506,8 @@ class MuxSession:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._aux, self._aux_scope)
                 task_status.started()
+                # held, the status would keep nursery.start's temporary nursery alive (~1 KiB)
+                del task_status
         finally:
             self._terminate(None)
             with trio.CancelScope(shield=True):
@@ -778,7 +799,9 @@ class MuxSession:
         conn = self._conn
         receive_some = self._transport.receive_some
         sockio = self._sockio
-        view = memoryview(bytearray(RECV_SIZE if sockio is not None else 0))
+        # shared with the other sessions of this thread: read from only between a read and the
+        # receive_data that follows it, with no await in between (see _SharedRecvBuffer)
+        view = _shared_recv.view if sockio is not None else memoryview(b"")
         short = True
         accept_queue = self._accept_queue
         with trio.CancelScope() as scope:
@@ -803,6 +826,7 @@ class MuxSession:
                 if not data:
                     self._terminate(EOFError("transport closed by peer"))
                     return
+                # no await from the read to here: `data` may be the thread's shared buffer
                 try:
                     events = conn.receive_data(data)
                 except ProtocolError as exc:
