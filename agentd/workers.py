@@ -66,7 +66,7 @@ log = logging.getLogger("agentd.workers")
 #: The environment variable that makes `agentd serve` a worker: JSON of `WorkerSpec`.
 WORKER_ENV = "AGENTD_WORKER"
 #: Beyond `shutdown_timeout`: time for a worker to flush its batchers and close its pool.
-STOP_MARGIN = 15.0
+STOP_MARGIN = 10.0
 #: Workers ping the parent this often (sd_notify WATCHDOG=1 to the parent's socket).
 WORKER_WATCHDOG_INTERVAL = 1.0
 #: A ready worker silent for this long is hung: killed and restarted.
@@ -362,7 +362,8 @@ class Supervisor:
                 finally:
                     nursery.cancel_scope.cancel()
                     self.notifier.close()
-        log.info("stopped")
+        if status == 0:
+            log.info("stopped")
         return status
 
     async def _run(self) -> int:
@@ -490,8 +491,8 @@ class Supervisor:
                 return
             if not worker.ever_ready.is_set() and worker.index == 0 and worker.restarts == 0:
                 # The first start of the first worker failed: a configuration or database problem
-                # that the worker has already reported on stderr. Give up instead of looping.
-                log.error(
+                # that the worker has already reported on stderr (one line). Give up, quietly.
+                log.debug(
                     "worker 0 (pid %d) %s while starting; stopping", worker.pid, _describe_status(status)
                 )
                 self._startup_failed = status if status > 0 else 1
