@@ -205,7 +205,7 @@ class Worker:
     process: trio.Process | None = None
     ready: bool = False
     ever_ready: trio.Event = attrs.field(factory=trio.Event)
-    #: set at every READY=1 (replaced when consumed), for waiting out a reload
+    #: set at every READY=1; `reload` replaces it before forwarding SIGHUP and waits for it
     ready_event: trio.Event = attrs.field(factory=trio.Event)
     last_ping: float = -math.inf
     restarts: int = 0
@@ -536,8 +536,7 @@ class Supervisor:
             worker.last_ping = trio.current_time()
         elif line == "STOPPING=1":
             worker.ready = False
-        elif line == "RELOADING=1":
-            worker.ready_event = trio.Event()
+        # RELOADING=1: `reload` already armed ready_event before forwarding SIGHUP
 
     async def _watchdog(self, interval: float | None) -> None:
         """Ping systemd only while every worker is alive and pinging; kill a worker that hangs."""
@@ -617,10 +616,18 @@ class Supervisor:
                     worker.ready_event = trio.Event()
                     waiting.append(worker)
                     worker.signal(signal.SIGHUP)
-            log.info("forwarded SIGHUP to %d workers", len(waiting))
             with trio.move_on_after(FETCH_TIMEOUT):
                 for worker in waiting:
                     await worker.ready_event.wait()
+            late = [str(w.index) for w in waiting if not w.ready_event.is_set()]
+            if late:
+                log.warning(
+                    "SIGHUP forwarded; worker(s) %s did not confirm within %g s",
+                    ", ".join(late),
+                    FETCH_TIMEOUT,
+                )
+            else:
+                log.info("reloaded %d workers", len(waiting))
         finally:
             await self.notifier.notify("READY=1")
 

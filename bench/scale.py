@@ -648,7 +648,10 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
             server_alive = server.process.poll() is None
             load_avg = os.getloadavg()
         go_log = (workdir / "goload.log").read_text(errors="replace")[-2000:]
-        server_log_tail = server.log_path.read_text(errors="replace")[-2000:]
+        server_log = server.log_path.read_text(errors="replace")
+        server_log_tail = server_log[-2000:]
+        # the parent's own lines: worker deaths, restarts, hung workers killed
+        supervisor_log = [line for line in server_log.splitlines() if " agentd.workers: " in line][-50:]
     n = connected["connected"] or 1
     idle_s = s2.at - s1.at
     load_s = s3.at - s2.at
@@ -694,6 +697,7 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
         "server_alive": server_alive,
         "load_average": load_avg,
         "workers": opts.workers,
+        "supervisor_log": supervisor_log,
         "transport_detail": "websocket/tcp" if opts.websocket else "yamux/tcp" if opts.tcp else "yamux/unix",
     }
     if opts.kill_worker_at is not None:

@@ -404,6 +404,8 @@ async def test_sigterm_stops_every_worker_and_sighup_reaches_them(
         with trio.fail_after(20):
             while not all(f"[worker {i}] agentd: log level is now debug" in host.text for i in (0, 1)):  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            while "agentd.workers: reloaded 2 workers" not in host.text:  # noqa: ASYNC110
+                await trio.sleep(0.05)
         assert host.process.poll() is None
 
         agent = await _dial(nursery, ws.agent("main"), host, unix=True)
