@@ -402,11 +402,11 @@ class Supervisor:
             first = self.workers[0]
             nursery.start_soon(self._supervise, first, listeners, url)
             await self._wait_ready_or_stop([first])
-            if self._startup_failed is None and not self._stopping:
+            if self._startup_failed is None and not self._stop.is_set():
                 for worker in self.workers[1:]:
                     nursery.start_soon(self._supervise, worker, listeners, url)
                 await self._wait_ready_or_stop(self.workers)
-            if self._startup_failed is not None or self._stopping:
+            if self._startup_failed is not None or self._stop.is_set():
                 await self._stop_workers()
                 server.stop(0)
                 nursery.cancel_scope.cancel()

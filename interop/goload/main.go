@@ -532,7 +532,7 @@ func (a *agent) isDown() bool {
 	return a.down
 }
 
-// watch redials (backoff 100 ms doubling to 2 s, jittered) each time the agent's session ends,
+// watch redials (backoff 100 ms doubling to 10 s, jittered, like Coder's agent) each time the agent's session ends,
 // until quit closes; every redial's time from the session ending to GetManifest answered again is
 // recorded as "reconnect".
 func (a *agent) watch(rec *recorder, quit chan struct{}) {
@@ -576,8 +576,8 @@ func (a *agent) watch(rec *recorder, quit chan struct{}) {
 				rec.fail("redial", err)
 			}
 			time.Sleep(backoff/2 + time.Duration(mrand.Int63n(int64(backoff/2))))
-			if backoff *= 2; backoff > 2*time.Second {
-				backoff = 2 * time.Second
+			if backoff *= 2; backoff > 10*time.Second {
+				backoff = 10 * time.Second
 			}
 		}
 		a.mu.Lock()
