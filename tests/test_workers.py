@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -587,3 +588,24 @@ async def test_parent_owns_the_embedded_server(private_dir: Path) -> None:
         with trio.fail_after(40):
             assert await host.process.wait() == 0, host.text
     assert not (data / "postgres" / "postmaster.pid").exists()  # stopped with the parent
+
+
+def test_agent_series_carry_their_report_time_on_request() -> None:
+    from agentd.metrics import AgentLabels, AgentMetrics, ReportedMetric
+
+    clock = [100.0]
+    metrics = AgentMetrics(clock=lambda: clock[0])
+    metrics.update(AgentLabels("u", "w", "a", "t"), [ReportedMetric("load", "gauge", 2.0)])
+    clock[0] += 5.0  # reported 5 s ago
+    plain = [line for line in metrics.render().splitlines() if line.startswith("agentd_agentstats_load")]
+    assert plain == [
+        'agentd_agentstats_load{username="u",workspace_name="w",agent_name="a",template_name="t"} 2'
+    ]
+    [stamped] = [
+        line
+        for line in metrics.render(timestamps=True).splitlines()
+        if line.startswith("agentd_agentstats_load")
+    ]
+    assert stamped.startswith(plain[0] + " ")
+    reported_ms = int(stamped.rsplit(" ", 1)[1])
+    assert abs(reported_ms - (time.time() - 5.0) * 1000) < 2000
