@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default tcp://127.0.0.1:2112)",
     )
 
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the listeners (default 1: one process, no parent)",
+    )
+
     migrate = commands.add_parser("migrate", help="bring the database schema to the current version")
     _add_database_flags(migrate)
 
@@ -125,13 +132,15 @@ def _config_from(args: argparse.Namespace) -> Config:
         agent_stats_refresh_interval=getattr(args, "agent_stats_refresh_interval", None),
         metrics_listen=getattr(args, "metrics_listen", None),
         allow_chmod=args.allow_chmod,
+        workers=getattr(args, "workers", None),
     )
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, *, worker: int | None = None) -> None:
+    where = "" if worker is None else f"[worker {worker}] "
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     # pgserver logs every step at INFO; keep it for debugging only.
@@ -140,10 +149,19 @@ def _setup_logging(level: str) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from agentd.daemon import Daemon, raise_open_files_limit, tune_gc_for_serving
+    from agentd.workers import run_parent, run_worker, worker_spec_from_environ
 
     config = _config_from(args)
-    _setup_logging(config.log_level)
+    spec = worker_spec_from_environ()
+    _setup_logging(config.log_level, worker=None if spec is None else spec.index)
     raise_open_files_limit()
+    if spec is not None:  # a worker of `agentd serve --workers N` (agentd.workers)
+        tune_gc_for_serving()
+        trio.run(run_worker, spec, config, lambda: _config_from(args))
+        return 0
+    if config.workers > 1:
+        command = [sys.executable, "-m", "agentd", *args.argv]
+        return run_parent(config, command, lambda: _config_from(args))
     tune_gc_for_serving()
     daemon = Daemon(
         config,
@@ -244,6 +262,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     command = _COMMANDS[(args.command, getattr(args, "admin_command", None))]
     try:
         return command(args)

@@ -31,6 +31,12 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "coordinator_heartbeat": (0.1, 60.0),
     "database_timeout": (0.5, 3600.0),
 }
+#: Whole-number settings' ranges (inclusive), checked like NUMBER_RANGES.
+#: workers: each one holds its own PostgreSQL pool (up to 10 connections + pubsub + coordinator),
+#: so 64 workers already need ~800 server connections.
+COUNT_RANGES: dict[str, tuple[int, int]] = {
+    "workers": (1, 64),
+}
 
 
 class UserError(Exception):
@@ -128,6 +134,19 @@ def _validate_number(_inst: object, attr: attrs.Attribute[float], value: float) 
     check_number(attr.name, value)
 
 
+def check_count(key: str, value: object, source: str | None = None) -> int:
+    """`value` if it is a whole number in `key`'s range, else a one-line error naming field and range."""
+    low, high = COUNT_RANGES[key]
+    where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where} must be a whole number in {low}..{high}, got {value!r}")
+    return value
+
+
+def _validate_count(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    check_count(attr.name, value)
+
+
 @attrs.frozen
 class Config:
     """Everything `agentd serve` needs; `listen == ()` means the defaults (see `listen_addresses`)."""
@@ -156,6 +175,15 @@ class Config:
     #: Where operator endpoints (/metrics, /healthz) are served, apart from the agent listeners;
     #: None: nowhere ("none" in the file or flag).
     metrics_listen: ListenAddress | None = TcpAddress("127.0.0.1", DEFAULT_METRICS_PORT)
+    #: Worker processes of `agentd serve` (agentd.workers). 1: one process, no parent, as before.
+    workers: int = attrs.field(default=1, validator=_validate_count)
+
+    def __attrs_post_init__(self) -> None:
+        if self.workers > 1 and self.coordinator == "memory":
+            raise ConfigError(
+                f'workers = {self.workers} needs coordinator = "postgres": with "memory" each worker '
+                "would be a tailnet of its own"
+            )
 
     def default_listen_addresses(self) -> tuple[ListenAddress, ...]:
         return (UnixAddress(self.data_dir / DEFAULT_SOCKET_NAME), TcpAddress("127.0.0.1", DEFAULT_TCP_PORT))
@@ -180,6 +208,7 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "coordinator": ((str,), "a string"),
     "coordinator_heartbeat": ((int, float), "a number of seconds"),
     "database_timeout": ((int, float), "a number of seconds"),
+    "workers": ((int,), "a whole number"),
 }
 
 
@@ -220,6 +249,8 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
             out[key] = None if value in ("", "none") else _parse_in(source, value, base_dir)
         elif key in NUMBER_RANGES:
             out[key] = check_number(key, value, source)
+        elif key in COUNT_RANGES:
+            out[key] = check_count(key, value, source)
         elif key == "log_level" and value not in LOG_LEVELS:
             raise ConfigError(
                 f"{source}: field 'log_level' is {value!r}, expected one of {', '.join(LOG_LEVELS)}"
@@ -262,6 +293,7 @@ def build_config(
     agent_stats_refresh_interval: float | None = None,
     metrics_listen: str | None = None,
     allow_chmod: bool = False,
+    workers: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Defaults < config file < flags. Flag values are passed as given on the command line."""
@@ -290,6 +322,11 @@ def build_config(
         values["metrics_listen"] = (
             None if metrics_listen in ("", "none") else parse_listen_address(metrics_listen)
         )
+    if workers is not None:
+        low, high = COUNT_RANGES["workers"]
+        if not low <= workers <= high:
+            raise ConfigError(f"--workers must be a whole number in {low}..{high}, got {workers}")
+        values["workers"] = workers
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")
     return Config(**values)

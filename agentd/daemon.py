@@ -20,7 +20,7 @@ import math
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -267,7 +267,8 @@ class MetricsRoute:
     components: Components
 
     async def handle(self, request: Request) -> None:
-        parts = [self.components.metrics.render()]
+        # ?timestamps=1: agentd.workers' parent merging its workers' expositions
+        parts = [self.components.metrics.render(timestamps=request.query_value("timestamps") == "1")]
         if self.components.build_durations is not None:
             parts.append(self.components.build_durations.render())
         body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
@@ -308,6 +309,8 @@ class Daemon:
     freeze_gc_when_ready: bool = False
     # A process of its own (agentd serve): past the shutdown bound, exit without waiting (Backstop).
     exit_on_overrun: bool = False
+    #: Supplies the agent listeners instead of binding `config.listen`/systemd's (agentd.workers).
+    bind_listeners: Callable[[], Awaitable[list[BoundListener]]] | None = None
     listener_names: list[str] = attrs.field(factory=list, init=False)
     #: where /metrics is served (metrics_listen)
     operator_listener_names: list[str] = attrs.field(factory=list, init=False)
@@ -403,9 +406,12 @@ class Daemon:
                 await self.notifier.notify("READY=1")
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        inherited = systemd.listen_fds()
-        addresses = self.config.listen_addresses(socket_activated=bool(inherited))
-        listeners = await bind_all(addresses, inherited)
+        if self.bind_listeners is not None:
+            listeners = await self.bind_listeners()
+        else:
+            inherited = systemd.listen_fds()
+            addresses = self.config.listen_addresses(socket_activated=bool(inherited))
+            listeners = await bind_all(addresses, inherited)
         operator_listeners: list[BoundListener] = []
         try:
             if self.config.metrics_listen is not None:

@@ -215,17 +215,25 @@ class AgentMetrics:
         self._expire(self.clock())
         return {k: s.value for k, s in self._series.items()}
 
-    def render(self) -> str:
-        """The Prometheus text exposition of every live series and the bookkeeping counters."""
-        self._expire(self.clock())
+    def render(self, *, timestamps: bool = False) -> str:
+        """The Prometheus text exposition of every live series and the bookkeeping counters.
+
+        ``timestamps``: end each agent-reported sample with the wall-clock time (ms) it was reported,
+        so that agentd.workers can keep the newest when an agent moved between workers."""
+        now = self.clock()
+        self._expire(now)
+        wall_ms = time.time() * 1000.0
         lines: list[str] = []
-        by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float]]] = {}
+        by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float, str]]] = {}
         for (name, labels), sample in sorted(self._series.items()):
-            by_name.setdefault(AGENT_METRIC_PREFIX + name, []).append((labels, sample.value))
+            suffix = f" {int(wall_ms - (now - sample.updated) * 1000.0)}" if timestamps else ""
+            by_name.setdefault(AGENT_METRIC_PREFIX + name, []).append((labels, sample.value, suffix))
         for name, series in by_name.items():
             lines.append(f"# HELP {name} Reported by workspace agents.")
             lines.append(f"# TYPE {name} {self._types[name[len(AGENT_METRIC_PREFIX) :]]}")
-            lines.extend(f"{name}{_labels(labels)} {format_value(value)}" for labels, value in series)
+            lines.extend(
+                f"{name}{_labels(labels)} {format_value(value)}{suffix}" for labels, value, suffix in series
+            )
         counters: list[tuple[str, str, float]] = [
             (
                 "agentd_agent_metrics_rejected_series_total",

@@ -26,7 +26,15 @@ idle window for transactions starts 11 s after the connect phase, the load phase
 11 s after it ends (less the idle rate over those 11 s). ``--profile`` records the server with
 py-spy over the load phase and prints the functions with the most own samples.
 
+``--workers N`` runs `agentd serve --workers N` (CPU and RSS are summed over the parent and its
+workers; ``--tcp`` dials raw yamux over TCP, where SO_REUSEPORT spreads agents evenly over the
+workers). ``--kill-worker-at S`` SIGKILLs one worker S seconds into the load phase; the generator
+redials every agent whose session ended (as Coder's agent does) and the run reports how many agents
+lost their session, their reconnect times, their failed calls meanwhile ("failover errors"), and
+the errors everyone else saw.
+
     python bench/scale.py --agents 500,1000,2000 [--websocket] [--runs 3] [--json]
+    python bench/scale.py --agents 5000 --workers 2 --tcp [--kill-worker-at 10]
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -337,9 +346,21 @@ def proc_memory_kib(pid: int) -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
+def server_pids(pid: int) -> list[int]:
+    """`pid` and its children (the workers of `agentd serve --workers N`), from /proc."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 @attrs.define
 class Sampler:
-    """Samples the server process and the bench database's transaction counter."""
+    """Samples the server processes (the parent and its workers: CPU and RSS summed; the CPU of a
+    worker that died is lost from the sum) and the bench database's transaction counter."""
 
     pid: int
     admin: psycopg.Connection[Any]
@@ -353,8 +374,15 @@ class Sampler:
         return int(row[0]) if row else 0
 
     def sample(self) -> Sample:
-        rss, hwm = proc_memory_kib(self.pid)
-        return Sample(time.monotonic(), proc_cpu_seconds(self.pid), rss, hwm, self.xacts())
+        cpu, rss, hwm = 0.0, 0, 0
+        for pid in server_pids(self.pid):
+            try:
+                p_rss, p_hwm = proc_memory_kib(pid)
+                cpu += proc_cpu_seconds(pid)
+            except (OSError, KeyError):
+                continue  # a worker that just died
+            rss, hwm = rss + p_rss, hwm + p_hwm
+        return Sample(time.monotonic(), cpu, rss, hwm, self.xacts())
 
 
 # ------------------------------------------------------------------------------- processes
@@ -369,8 +397,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(db_url: str, workdir: Path, extra_env: dict[str, str]) -> Iterator[Server]:
-    """`python -m agentd serve` on a Unix socket and an ephemeral TCP port; SIGTERM on exit."""
+def run_server(db_url: str, workdir: Path, extra_env: dict[str, str], workers: int = 1) -> Iterator[Server]:
+    """`python -m agentd serve [--workers N]` on a Unix socket and an ephemeral TCP port; SIGTERM on exit."""
     sock = workdir / "agentd.sock"
     log_path = workdir / "server.log"
     command = [
@@ -388,7 +416,10 @@ def run_server(db_url: str, workdir: Path, extra_env: dict[str, str]) -> Iterato
         "tcp://127.0.0.1:0",
         "--metrics-listen",
         "none",
+        "--workers",
+        str(workers),
     ]
+    ready = " ready" if workers == 1 else f"ready: {workers} workers"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env={**os.environ, **extra_env})
     try:
@@ -398,7 +429,7 @@ def run_server(db_url: str, workdir: Path, extra_env: dict[str, str]) -> Iterato
             text = log_path.read_text(errors="replace")
             if port is None and (m := re.search(r"listening on tcp://[\d.]+:(\d+)", text)):
                 port = int(m.group(1))
-            if port is not None and " ready" in text:
+            if port is not None and ready in text:
                 break
             if process.poll() is not None:
                 raise RuntimeError(f"agentd serve exited with {process.returncode}:\n{text[-3000:]}")
@@ -534,6 +565,25 @@ class Options:
     mode: str
     profile_dir: Path | None
     timeout: float
+    tcp: bool = False
+    workers: int = 1
+    kill_worker_at: float | None = None
+
+
+def kill_worker_later(parent: int, delay: float, record: dict[str, Any]) -> threading.Timer:
+    """SIGKILL one worker of `parent` after `delay` s (worker 0's slot: the lowest pid)."""
+
+    def kill() -> None:
+        workers = sorted(server_pids(parent)[1:])
+        if not workers:
+            record["error"] = "no worker to kill"
+            return
+        os.kill(workers[0], signal.SIGKILL)
+        record.update(pid=workers[0], at=time.monotonic())
+
+    timer = threading.Timer(delay, kill)
+    timer.start()
+    return timer
 
 
 def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label: str) -> dict[str, Any]:
@@ -550,7 +600,7 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
         seed_s = time.monotonic() - t0
         plan = workdir / "plan.json"
         write_plan(plan, seeded)
-        with run_server(db_url, workdir, {}) as server:
+        with run_server(db_url, workdir, {}, opts.workers) as server:
             sampler = Sampler(server.process.pid, admin, dbname)
             args = [
                 f"-plan={plan}",
@@ -560,8 +610,12 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
                 f"-mode={opts.mode}",
                 f"-timeout={opts.timeout}s",
             ]
+            if opts.kill_worker_at is not None:
+                args += ["-redial"]
             if opts.websocket:
                 args += ["-websocket", f"-tcp=127.0.0.1:{server.tcp_port}"]
+            elif opts.tcp:
+                args += [f"-tcp=127.0.0.1:{server.tcp_port}"]
             else:
                 args += [f"-unix={server.socket}"]
             with open(workdir / "goload.log", "wb") as goerr, run_generator(binary, args, goerr) as gen:
@@ -576,10 +630,17 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
                 time.sleep(max(0.0, opts.idle_seconds - (time.monotonic() - s1.at)))
                 s2 = sampler.sample()
                 profile = opts.profile_dir / f"scale-{run_label}.txt" if opts.profile_dir else None
+                killed: dict[str, Any] = {}
                 with profiling(server.process.pid, profile):
                     gen.send("load")
+                    load_started = time.monotonic()
+                    timer = None
+                    if opts.kill_worker_at is not None:
+                        timer = kill_worker_later(server.process.pid, opts.kill_worker_at, killed)
                     loaded = gen.event("loaded", timeout=opts.duration + 2 * opts.timeout + 60)
                     s3 = sampler.sample()
+                    if timer is not None:
+                        timer.cancel()
                 time.sleep(settle)  # the load phase's last transactions reach pg_stat_database
                 x3, x3_at = sampler.xacts(), time.monotonic()
                 gen.send("quit")
@@ -587,7 +648,10 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
             server_alive = server.process.poll() is None
             load_avg = os.getloadavg()
         go_log = (workdir / "goload.log").read_text(errors="replace")[-2000:]
-        server_log_tail = server.log_path.read_text(errors="replace")[-2000:]
+        server_log = server.log_path.read_text(errors="replace")
+        server_log_tail = server_log[-2000:]
+        # the parent's own lines: worker deaths, restarts, hung workers killed
+        supervisor_log = [line for line in server_log.splitlines() if " agentd.workers: " in line][-50:]
     n = connected["connected"] or 1
     idle_s = s2.at - s1.at
     load_s = s3.at - s2.at
@@ -632,7 +696,19 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
         "load_seconds": load_s,
         "server_alive": server_alive,
         "load_average": load_avg,
+        "workers": opts.workers,
+        "supervisor_log": supervisor_log,
+        "transport_detail": "websocket/tcp" if opts.websocket else "yamux/tcp" if opts.tcp else "yamux/unix",
     }
+    if opts.kill_worker_at is not None:
+        result["failover"] = {
+            "killed_pid": killed.get("pid"),
+            "killed_at_s": killed["at"] - load_started if "at" in killed else None,
+            "lost_agents": loaded.get("lost_agents"),
+            "reconnect": loaded.get("reconnect"),
+            "failover_errors": loaded.get("failover_errors"),
+            "errors_elsewhere": loaded["error_count"],
+        }
     if profile is not None and profile.exists():
         result["profile"] = str(profile)
         result["profile_top"] = top_functions(profile)
@@ -769,6 +845,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the server over the load phase into DIR"
     )
+    p.add_argument("--tcp", action="store_true", help="raw yamux over TCP instead of the Unix socket")
+    p.add_argument(
+        "--workers", type=int, default=1, help="agentd serve --workers N (CPU and RSS summed over all)"
+    )
+    p.add_argument(
+        "--kill-worker-at",
+        type=float,
+        metavar="SECONDS",
+        help="SIGKILL one worker this far into the load phase; agents redial (needs --workers > 1)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="per-RPC and per-connect deadline (s)")
     p.add_argument(
         "--postgres-url",
@@ -792,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rate", "duration", "idle_seconds", "timeout"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"scale.py: --{name.replace('_', '-')} must be positive")
+    if args.kill_worker_at is not None and args.workers < 2:
+        raise SystemExit("scale.py: --kill-worker-at needs --workers 2 or more")
     if args.dials < 1 or args.runs < 1:
         raise SystemExit("scale.py: --dials and --runs must be ≥ 1")
     soft, _hard = raise_nofile_limit()
@@ -812,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
         mode=mode,
         profile_dir=args.profile,
         timeout=args.timeout,
+        tcp=args.tcp,
+        workers=args.workers,
+        kill_worker_at=args.kill_worker_at,
     )
     binary = build_go_program("goload")
     all_runs: list[dict[str, Any]] = []
@@ -831,13 +922,17 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for cause, n in {**run["connect_errors"], **run["load_errors"]}.items():
                         print(f"#   {n} x {cause}", file=sys.stderr)
+                    if "failover" in run:
+                        print(f"# failover: {json.dumps(run['failover'])}", file=sys.stderr)
                     for section, rows in run.get("profile_top", {}).items():
                         print(f"# profile ({run['profile']}), own samples by {section}:", file=sys.stderr)
                         for name, own, share in rows:
                             print(f"#   {100 * share:5.1f}% {own:6d}  {name}", file=sys.stderr)
             all_runs += runs
             summaries.append(summarize(runs))
-    transport = "websocket/TCP" if args.websocket else "raw yamux/unix"
+    transport = "websocket/TCP" if args.websocket else "raw yamux/TCP" if args.tcp else "raw yamux/unix"
+    if args.workers > 1:
+        transport += f", {args.workers} workers"
     load = f"{args.rate} RPC/s per agent" if mode == "rate" else mode
     title = (
         f"agentd scale: {transport}, {load}, load {args.duration:g} s, idle {args.idle_seconds:g} s,"

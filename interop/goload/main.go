@@ -81,6 +81,7 @@ var (
 	flagMode      = flag.String("mode", "rate", "rate | saturate | cadence")
 	flagTimeout   = flag.Duration("timeout", 60*time.Second, "per-RPC and per-connect deadline")
 	flagSeed      = flag.Int64("seed", 1, "random phase seed")
+	flagRedial    = flag.Bool("redial", false, "redial an agent whose session ends during the load phase (like Coder's agent) and report how long it took")
 )
 
 // ------------------------------------------------------------------ statistics
@@ -351,7 +352,7 @@ func (e *upgradeError) Error() string { return "upgrade refused: " + e.status }
 func dial(token string) (io.ReadWriteCloser, error) {
 	var conn net.Conn
 	var err error
-	if *flagWebSocket {
+	if *flagWebSocket || *flagTCP != "" {
 		conn, err = net.DialTimeout("tcp", *flagTCP, *flagTimeout)
 	} else {
 		conn, err = net.DialTimeout("unix", *flagUnix, *flagTimeout)
@@ -513,12 +514,83 @@ type agent struct {
 	session *yamux.Session
 	conn    io.ReadWriteCloser
 	streams []*yamux.Stream
+	// -redial: mu guards session and down; lost counts the sessions that ended under load
+	mu   sync.Mutex
+	down bool
+	lost int
+}
+
+func (a *agent) current() *yamux.Session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.session
+}
+
+func (a *agent) isDown() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.down
+}
+
+// watch redials (backoff 100 ms doubling to 10 s, jittered, like Coder's agent) each time the agent's session ends,
+// until quit closes; every redial's time from the session ending to GetManifest answered again is
+// recorded as "reconnect".
+func (a *agent) watch(rec *recorder, quit chan struct{}) {
+	for {
+		s := a.current()
+		if s == nil {
+			return
+		}
+		select {
+		case <-s.CloseChan():
+		case <-quit:
+			return
+		}
+		lostAt := time.Now()
+		a.mu.Lock()
+		a.down = true
+		a.lost++
+		a.mu.Unlock()
+		backoff := 100 * time.Millisecond
+		for {
+			select {
+			case <-quit:
+				return
+			default:
+			}
+			if conn, err := dial(a.token); err == nil {
+				if session, err := yamux.Client(conn, yamuxConfig()); err == nil {
+					a.mu.Lock()
+					a.session, a.conn = session, conn
+					a.mu.Unlock()
+					if err := a.unary("GetManifest"); err == nil {
+						break
+					} else {
+						rec.fail("redial GetManifest", err)
+					}
+					session.Close()
+				} else {
+					conn.Close()
+				}
+			} else {
+				rec.fail("redial", err)
+			}
+			time.Sleep(backoff/2 + time.Duration(mrand.Int63n(int64(backoff/2))))
+			if backoff *= 2; backoff > 10*time.Second {
+				backoff = 10 * time.Second
+			}
+		}
+		a.mu.Lock()
+		a.down = false
+		a.mu.Unlock()
+		rec.ok("reconnect", time.Since(lostAt))
+	}
 }
 
 // unary makes one call on a fresh yamux stream: Invoke+Message+CloseSend in one write, read the
 // reply, then Close and FIN (what a Go drpcconn does on Coder's multiplexed connection).
 func (a *agent) unary(method string) error {
-	stream, err := a.session.OpenStream()
+	stream, err := a.current().OpenStream()
 	if err != nil {
 		return err
 	}
@@ -680,6 +752,10 @@ type loadResult struct {
 	ErrorCount   int                `json:"error_count"`
 	DeadSessions int                `json:"dead_sessions"`
 	CPUSeconds   float64            `json:"cpu_seconds"`
+	// -redial: agents whose session ended, their redial times, and their calls that failed meanwhile
+	LostAgents     int            `json:"lost_agents"`
+	Reconnect      summary        `json:"reconnect"`
+	FailoverErrors map[string]int `json:"failover_errors"`
 }
 
 type schedule struct {
@@ -694,10 +770,30 @@ func runLoad(agents []*agent) loadResult {
 	deadline := start.Add(*flagDuration)
 	cpu0 := cpuSeconds()
 	var wg sync.WaitGroup
+	failover := newRecorder() // -redial: calls skipped or failed because the agent's session ended
+	quit := make(chan struct{})
+	var watchers sync.WaitGroup
+	if *flagRedial {
+		for _, a := range agents {
+			if a.session != nil {
+				watchers.Add(1)
+				go func(a *agent) { defer watchers.Done(); a.watch(failover, quit) }(a)
+			}
+		}
+	}
 	call := func(a *agent, method string) {
+		if *flagRedial && a.isDown() {
+			failover.fail(method, errors.New("skipped: redialing"))
+			return
+		}
+		s := a.current()
 		t0 := time.Now()
 		if err := a.unary(method); err != nil {
-			rec.fail(method, err)
+			if *flagRedial && s.IsClosed() {
+				failover.fail(method, err)
+			} else {
+				rec.fail(method, err)
+			}
 		} else {
 			rec.ok(method, time.Since(t0))
 		}
@@ -755,15 +851,24 @@ func runLoad(agents []*agent) loadResult {
 		}
 	}
 	wg.Wait()
+	close(quit)
+	watchers.Wait()
 	elapsed := time.Since(start).Seconds()
 	per, overall, errs := rec.report()
+	lostAgents := 0
+	for _, a := range agents {
+		if a.lost > 0 {
+			lostAgents++
+		}
+	}
+	fPer, _, fErrs := failover.report()
 	count := 0
 	for _, v := range errs {
 		count += v
 	}
 	dead := 0
 	for _, a := range agents {
-		if a.session != nil && a.session.IsClosed() {
+		if s := a.current(); s != nil && s.IsClosed() {
 			dead++
 		}
 	}
@@ -771,13 +876,14 @@ func runLoad(agents []*agent) loadResult {
 		Event: "loaded", Mode: *flagMode, Seconds: elapsed, RPCs: overall.N,
 		RPCPerSecond: float64(overall.N) / elapsed, Overall: overall, PerMethod: per,
 		Errors: errs, ErrorCount: count, DeadSessions: dead, CPUSeconds: cpuSeconds() - cpu0,
+		LostAgents: lostAgents, Reconnect: fPer["reconnect"], FailoverErrors: fErrs,
 	}
 }
 
 func main() {
 	flag.Parse()
-	if *flagPlan == "" || (*flagWebSocket && *flagTCP == "") || (!*flagWebSocket && *flagUnix == "") {
-		fmt.Fprintln(os.Stderr, "goload: -plan and -unix (or -websocket with -tcp) are required")
+	if *flagPlan == "" || (*flagWebSocket && *flagTCP == "") || (*flagUnix == "" && *flagTCP == "") {
+		fmt.Fprintln(os.Stderr, "goload: -plan and -unix or -tcp (with -websocket: -tcp) are required")
 		os.Exit(2)
 	}
 	if *flagMode != "rate" && *flagMode != "saturate" && *flagMode != "cadence" {
