@@ -483,7 +483,6 @@ class Daemon:
         operator: Server | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
             # The operator listener outlives agent serving and the final writes: /healthz says
             # "draining" throughout.
             async with trio.open_nursery() as operating:
@@ -505,6 +504,9 @@ class Daemon:
                             "READY=1", f"STATUS=serving on {', '.join(self.listener_names)}"
                         )
                         log.info("agentd %s ready", __version__)
+                        # Watchdog pings start after READY=1 (systemd expects that order) and run
+                        # through the drain, in the outer nursery.
+                        nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
                         if self.freeze_gc_when_ready:
                             gc.freeze()  # modules, descriptors, the pool: never garbage, never scanned again
                         task_status.started()

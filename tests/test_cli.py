@@ -245,7 +245,16 @@ def test_serve_unreachable_database_is_one_line_and_leaves_no_socket(
 ) -> None:
     path = tmp_path / "agentd.sock"
     result = _main(
-        capsys, "serve", "--postgres-url", UNREACHABLE, "--listen", f"unix:{path}", "--log-level", "error"
+        capsys,
+        "serve",
+        "--postgres-url",
+        UNREACHABLE,
+        "--listen",
+        f"unix:{path}",
+        "--metrics-listen",
+        "none",
+        "--log-level",
+        "error",
     )
     line = _one_error_line(result)
     assert line.startswith("agentd: cannot connect to PostgreSQL at ")
