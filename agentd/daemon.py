@@ -65,9 +65,9 @@ HEALTH_CHECK_TIMEOUT = 5.0
 
 #: Cyclic-GC thresholds for a serving process (CPython's default is 700, 10, 10). Each agent session
 #: keeps thousands of long-lived objects (tasks, cancel scopes, services); with the defaults the
-#: collections took 5.2 s of the ~5.1 s of server CPU that 1,000 connects (plus the first idle
-#: minute) cost, and about half the idle CPU. Young garbage is mostly freed by reference counting;
-#: cycles are still collected, only less often.
+#: collections scanning them dominated the server CPU of mass connects and of idle agents
+#: (bench/idle_connect.py). Young garbage is mostly freed by reference counting; cycles are still
+#: collected, only less often.
 SERVING_GC_THRESHOLDS = (50_000, 20, 100)
 
 
