@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from agentd.components import Components
@@ -167,16 +168,15 @@ class ServiceTemplate:
 
 
 class _Call:
-    """One call handed to an API task: its cancel scope, completion and outcome."""
+    """One call handed to an API task: its cancel scope, completion and outcome (None: it neither
+    returned nor raised an Exception, i.e. it was cancelled)."""
 
-    __slots__ = ("done", "error", "result", "returned", "scope")
+    __slots__ = ("done", "outcome", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.done = trio.Event()
-        self.returned = False
-        self.result: Any = None
-        self.error: BaseException | None = None
+        self.outcome: outcome.Outcome[Any] | None = None
 
 
 @attrs.define(eq=False)
@@ -234,25 +234,21 @@ class ApiTask:
             with trio.CancelScope(shield=True):
                 await call.done.wait()
             raise
-        if call.error is not None:
-            error, call.error = call.error, None
-            raise error
-        if not call.returned:
+        if call.outcome is None:
             raise RpcError(f"the {self.name} API of this connection stopped")
-        return call.result
+        return call.outcome.unwrap()
 
     @staticmethod
     async def _run_call(call: _Call, handler: Handler, args: tuple[Any, ...]) -> None:
         try:
             with call.scope:
                 try:
-                    call.result = await handler(*args)
-                    call.returned = True
+                    call.outcome = outcome.Value(await handler(*args))
                 except DataError as exc:
                     # a value the database cannot take (e.g. a NUL in a string): the caller's input
-                    call.error = RpcError(f"invalid input: {exc}")
+                    call.outcome = outcome.Error(RpcError(f"invalid input: {exc}"))
                 except Exception as exc:
-                    call.error = exc
+                    call.outcome = outcome.Error(exc)
         finally:
             call.done.set()
 
