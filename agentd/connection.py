@@ -55,6 +55,7 @@ from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.monitor import Watch
 from agentd.mux import MuxConfig, MuxSession
+from agentd.server_metrics import ServerMetrics
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import (
     AgentIdentity,
@@ -116,7 +117,12 @@ def load_service_builders(modules: Iterable[str] = SERVICE_MODULES) -> dict[str,
 
 def compose_services(scope: ConnectionScope, builders: Mapping[str, ServiceBuilder]) -> list[ApiTask]:
     """One ApiTask per service, built for this connection's scope."""
-    return [ApiTask(name, build(scope)) for name, build in builders.items()]
+    stats = _server_metrics(scope)
+    return [ApiTask(name, build(scope), stats) for name, build in builders.items()]
+
+
+def _server_metrics(scope: ConnectionScope) -> ServerMetrics | None:
+    return getattr(scope.components, "server_metrics", None)
 
 
 def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
@@ -127,7 +133,7 @@ def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
         for path, handler in api.service.handlers().items():
             if path in handlers:
                 raise CompositionError(f"{path} is handled by both {owner[path]} and {api.name}")
-            handlers[path] = api.wrap(handler)
+            handlers[path] = api.wrap(handler, path.rsplit("/", 1)[-1])
             owner[path] = api.name
     return handlers
 
@@ -158,7 +164,8 @@ class ServiceTemplate:
 
     def compose(self, scope: ConnectionScope) -> tuple[list[ApiTask], Registry]:
         """This connection's ApiTasks and registry."""
-        apis = [ApiTask(name, build(scope)) for name, build in self.builders.items()]
+        stats = _server_metrics(scope)
+        apis = [ApiTask(name, build(scope), stats) for name, build in self.builders.items()]
         handlers = _handlers(apis)
         if self._handled is None or self._handled != handlers.keys():
             registry = Registry.build(handlers=handlers, unimplemented=set(method_table()) - set(handlers))
@@ -192,6 +199,8 @@ class ApiTask:
 
     name: str
     service: Any
+    #: the process's RPC counters and latencies (None: not counted)
+    stats: ServerMetrics | None = None
     calls: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
@@ -210,21 +219,22 @@ class ApiTask:
             finally:
                 self._nursery = None
 
-    def wrap(self, handler: Handler) -> Handler:
+    def wrap(self, handler: Handler, method: str = "") -> Handler:
         async def call_in_api_task(*args: Any) -> Any:
-            return await self.call(handler, *args)
+            return await self.call(handler, *args, method=method)
 
         call_in_api_task.__name__ = getattr(handler, "__name__", "handler")
         call_in_api_task.__qualname__ = f"{self.name}.{call_in_api_task.__name__}"
         return call_in_api_task
 
-    async def call(self, handler: Handler, *args: Any) -> Any:
+    async def call(self, handler: Handler, *args: Any, method: str = "") -> Any:
         nursery = self._nursery
         if nursery is None:
             await trio.lowlevel.checkpoint()
             raise RpcError(f"the {self.name} API of this connection is not running")
         call = _Call()
         self.calls += 1
+        start = trio.current_time()
         nursery.start_soon(self._run_call, call, handler, args)
         try:
             await call.done.wait()
@@ -234,6 +244,8 @@ class ApiTask:
             with trio.CancelScope(shield=True):
                 await call.done.wait()
             raise
+        if self.stats is not None:
+            self.stats.record_call(self.name, method, trio.current_time() - start, call.outcome)
         if call.outcome is None:
             raise RpcError(f"the {self.name} API of this connection stopped")
         return call.outcome.unwrap()
@@ -452,9 +464,12 @@ class AgentSessions:
         if self._closing:
             connection.close()
         self.live.add(connection)
+        metrics = self.components.server_metrics
+        metrics.session_started()
         try:
             await serve(connection)
         finally:
+            metrics.session_ended()
             self.live.discard(connection)
 
     def close_all(self) -> None:

@@ -205,7 +205,7 @@ class MetricsRoute:
     components: Components
 
     async def handle(self, request: Request) -> None:
-        parts = [self.components.metrics.render()]
+        parts = [self.components.metrics.render(), self.components.server_metrics.render(self.components)]
         if self.components.build_durations is not None:
             parts.append(self.components.build_durations.render())
         body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
