@@ -59,7 +59,6 @@ class ServerMetrics:
     #: agent sessions open now / started since the process started
     sessions_open: int = 0
     sessions_total: int = 0
-    _calls: dict[tuple[str, str], int] = attrs.field(factory=dict, init=False)
     _errors: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
     _durations: dict[tuple[str, str], _Histogram] = attrs.field(factory=dict, init=False)
 
@@ -73,7 +72,6 @@ class ServerMetrics:
     def record_call(self, api: str, method: str, seconds: float, result: outcome.Outcome[Any] | None) -> None:
         """One finished call of ``method`` on ``api``: its latency and, if it failed, why."""
         key = (api, method)
-        self._calls[key] = self._calls.get(key, 0) + 1
         histogram = self._durations.get(key)
         if histogram is None:
             histogram = self._durations[key] = _Histogram()
@@ -87,7 +85,8 @@ class ServerMetrics:
             self._errors[error_key] = self._errors.get(error_key, 0) + 1
 
     def calls(self, api: str, method: str) -> int:
-        return self._calls.get((api, method), 0)
+        histogram = self._durations.get((api, method))
+        return 0 if histogram is None else histogram.count
 
     def errors(self, api: str, method: str, kind: str) -> int:
         return self._errors.get((api, method, kind), 0)
@@ -106,8 +105,8 @@ class ServerMetrics:
         out.append(f"agentd_agent_sessions_total {self.sessions_total}")
 
         family("agentd_rpc_calls_total", "counter", "Agent RPCs served, by API and method.")
-        for (api, method), n in sorted(self._calls.items()):
-            out.append(f'agentd_rpc_calls_total{{api="{_label(api)}",method="{_label(method)}"}} {n}')
+        for (api, method), h in sorted(self._durations.items()):
+            out.append(f'agentd_rpc_calls_total{{api="{_label(api)}",method="{_label(method)}"}} {h.count}')
         family(
             "agentd_rpc_errors_total",
             "counter",
