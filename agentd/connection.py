@@ -31,8 +31,8 @@ of that agent is awaited before ``run`` returns.
 Why calls hop into their API's task: each API's per-connection state then has one owner whose
 lifetime brackets every call touching it (a service's ``run`` task and its calls share a nursery),
 and a service can hold per-connection resources without leaking them past the session. The cost is
-one task spawn and one Event per call, small next to the rest of an RPC (``bench/rpc.py`` measures
-it), so the hot path keeps the faithful structure.
+one task spawn and one Event per call, small next to the rest of an RPC (``bench/rpc_db.py``
+measures the server's CPU per RPC), so the hot path keeps the faithful structure.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import trio
 
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
-from agentd.drpc.registry import Handler, Registry, method_table
+from agentd.drpc.registry import CallShape, Handler, Registry, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.monitor import Watch
@@ -133,7 +133,9 @@ def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
         for path, handler in api.service.handlers().items():
             if path in handlers:
                 raise CompositionError(f"{path} is handled by both {owner[path]} and {api.name}")
-            handlers[path] = api.wrap(handler, path.rsplit("/", 1)[-1])
+            rpc = method_table().get(path)
+            timed = rpc is None or rpc.shape is CallShape.UNARY
+            handlers[path] = api.wrap(handler, path.rsplit("/", 1)[-1], timed=timed)
             owner[path] = api.name
     return handlers
 
@@ -219,15 +221,17 @@ class ApiTask:
             finally:
                 self._nursery = None
 
-    def wrap(self, handler: Handler, method: str = "") -> Handler:
+    def wrap(self, handler: Handler, method: str = "", *, timed: bool = True) -> Handler:
+        """``method`` and ``timed`` (unary: its latency is recorded) label the call in ``stats``."""
+
         async def call_in_api_task(*args: Any) -> Any:
-            return await self.call(handler, *args, method=method)
+            return await self.call(handler, *args, method=method, timed=timed)
 
         call_in_api_task.__name__ = getattr(handler, "__name__", "handler")
         call_in_api_task.__qualname__ = f"{self.name}.{call_in_api_task.__name__}"
         return call_in_api_task
 
-    async def call(self, handler: Handler, *args: Any, method: str = "") -> Any:
+    async def call(self, handler: Handler, *args: Any, method: str = "", timed: bool = True) -> Any:
         nursery = self._nursery
         if nursery is None:
             await trio.lowlevel.checkpoint()
@@ -245,7 +249,8 @@ class ApiTask:
                 await call.done.wait()
             raise
         if self.stats is not None:
-            self.stats.record_call(self.name, method, trio.current_time() - start, call.outcome)
+            seconds = trio.current_time() - start if timed else None
+            self.stats.record_call(self.name, method, seconds, call.outcome)
         if call.outcome is None:
             raise RpcError(f"the {self.name} API of this connection stopped")
         return call.outcome.unwrap()

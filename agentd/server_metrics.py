@@ -59,6 +59,7 @@ class ServerMetrics:
     #: agent sessions open now / started since the process started
     sessions_open: int = 0
     sessions_total: int = 0
+    _calls: dict[tuple[str, str], int] = attrs.field(factory=dict, init=False)
     _errors: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
     _durations: dict[tuple[str, str], _Histogram] = attrs.field(factory=dict, init=False)
 
@@ -69,24 +70,28 @@ class ServerMetrics:
     def session_ended(self) -> None:
         self.sessions_open -= 1
 
-    def record_call(self, api: str, method: str, seconds: float, result: outcome.Outcome[Any] | None) -> None:
-        """One finished call of ``method`` on ``api``: its latency and, if it failed, why."""
+    def record_call(
+        self, api: str, method: str, seconds: float | None, result: outcome.Outcome[Any] | None
+    ) -> None:
+        """One finished call of ``method`` on ``api``: its latency (None: a streaming call, whose
+        duration is the stream's life, not a latency) and, if it failed, why."""
         key = (api, method)
-        histogram = self._durations.get(key)
-        if histogram is None:
-            histogram = self._durations[key] = _Histogram()
-        index = bisect.bisect_left(RPC_DURATION_BUCKETS, seconds)
-        if index < len(RPC_DURATION_BUCKETS):
-            histogram.counts[index] += 1
-        histogram.total += seconds
-        histogram.count += 1
+        self._calls[key] = self._calls.get(key, 0) + 1
+        if seconds is not None:
+            histogram = self._durations.get(key)
+            if histogram is None:
+                histogram = self._durations[key] = _Histogram()
+            index = bisect.bisect_left(RPC_DURATION_BUCKETS, seconds)
+            if index < len(RPC_DURATION_BUCKETS):
+                histogram.counts[index] += 1
+            histogram.total += seconds
+            histogram.count += 1
         if isinstance(result, outcome.Error):
             error_key = (api, method, error_kind(result.error))
             self._errors[error_key] = self._errors.get(error_key, 0) + 1
 
     def calls(self, api: str, method: str) -> int:
-        histogram = self._durations.get((api, method))
-        return 0 if histogram is None else histogram.count
+        return self._calls.get((api, method), 0)
 
     def errors(self, api: str, method: str, kind: str) -> int:
         return self._errors.get((api, method, kind), 0)
@@ -105,8 +110,8 @@ class ServerMetrics:
         out.append(f"agentd_agent_sessions_total {self.sessions_total}")
 
         family("agentd_rpc_calls_total", "counter", "Agent RPCs served, by API and method.")
-        for (api, method), h in sorted(self._durations.items()):
-            out.append(f'agentd_rpc_calls_total{{api="{_label(api)}",method="{_label(method)}"}} {h.count}')
+        for (api, method), n in sorted(self._calls.items()):
+            out.append(f'agentd_rpc_calls_total{{api="{_label(api)}",method="{_label(method)}"}} {n}')
         family(
             "agentd_rpc_errors_total",
             "counter",
@@ -118,7 +123,7 @@ class ServerMetrics:
         family(
             "agentd_rpc_duration_seconds",
             "histogram",
-            "Time from an RPC's hand-off to its API until its answer.",
+            "Unary RPCs: time from the hand-off to the API until the answer.",
         )
         for (api, method), h in sorted(self._durations.items()):
             labels = f'api="{_label(api)}",method="{_label(method)}"'

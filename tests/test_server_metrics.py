@@ -40,6 +40,7 @@ def test_calls_latency_and_errors_render_as_prometheus_text() -> None:
     m.record_call("manifest", "GetManifest", 0.003, outcome.Value(None))
     m.record_call("manifest", "GetManifest", 0.2, outcome.Error(StoreError("down")))
     m.record_call("manifest", "GetManifest", 60.0, None)  # cancelled: counted and timed, not an error
+    m.record_call("tailnet", "Coordinate", None, outcome.Value(None))  # a stream: counted, not timed
     assert (m.calls("manifest", "GetManifest"), m.errors("manifest", "GetManifest", "database")) == (3, 1)
     text = m.render(
         FakeComponents(metadata_batcher=Batcher(flushes=4, dropped=2), last_used=Batcher(flushes=1))
@@ -56,6 +57,8 @@ def test_calls_latency_and_errors_render_as_prometheus_text() -> None:
     assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="10"}} 2' in lines
     assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="+Inf"}} 3' in lines
     assert f"agentd_rpc_duration_seconds_count{{{labels}}} 3" in lines
+    assert 'agentd_rpc_calls_total{api="tailnet",method="Coordinate"} 1' in lines
+    assert not any('method="Coordinate"' in line for line in lines if line.startswith("agentd_rpc_duration"))
     assert 'agentd_batcher_flushes_total{batcher="metadata_batcher"} 4' in lines
     assert 'agentd_batcher_flushes_total{batcher="last_used"} 1' in lines
     assert 'agentd_batcher_dropped_total{batcher="metadata_batcher"} 2' in lines
