@@ -27,7 +27,7 @@ from agentd import __version__, systemd
 from agentd.components import Components
 from agentd.config import Config, UserError
 from agentd.connection import AgentSessions, start_components
-from agentd.handshake import NotMine, RequestHead, Upgraded, handle_rpc_request
+from agentd.handshake import HANDSHAKE_TIMEOUT, NotMine, RequestHead, Upgraded, handle_rpc_request
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import BoundListener, Server, bind_all
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -132,12 +132,16 @@ class AgentRpcRoute:
     session (agentd.connection) on this same stream until it ends."""
 
     sessions: AgentSessions
+    #: bound on the token lookup and the upgrade (in-process harnesses under a virtual clock: inf)
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
     async def handle(self, request: Request) -> None:
         head = RequestHead.from_text(
             request.method, request.target, request.headers, request.http_version, request.trailing_data
         )
-        outcome = await handle_rpc_request(request.stream, head, lookup=self.sessions.lookup)
+        outcome = await handle_rpc_request(
+            request.stream, head, lookup=self.sessions.lookup, timeout=self.handshake_timeout
+        )
         if isinstance(outcome, Upgraded):
             request.responded = True
             await self.sessions.serve(outcome)
@@ -212,13 +216,15 @@ class MetricsRoute:
         await request.send_response(200, body.encode("utf-8"), content_type=METRICS_CONTENT_TYPE)
 
 
-def build_router(db: Database, sessions: AgentSessions | None = None) -> Router:
+def build_router(
+    db: Database, sessions: AgentSessions | None = None, *, handshake_timeout: float = HANDSHAKE_TIMEOUT
+) -> Router:
     """The agent listeners' routes: /healthz and the agent endpoint. /metrics is not here: it shows
     owner, workspace and agent names and agent-chosen labels (see `build_operator_router`)."""
     router = Router()
     router.add("/healthz", Health(db).handle)
     if sessions is not None:
-        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
+        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions, handshake_timeout).handle, methods=("GET",))
     return router
 
 
