@@ -1,4 +1,4 @@
-# agentd developer recipes. `just` comes from PyPI (rust-just), installed by the test extra.
+# agentd developer recipes. `just` comes from PyPI (rust-just): `pip install '.[dev]'`.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 

@@ -1,4 +1,4 @@
-"""The `agentd` command line: serve, migrate, admin create-workspace, agent.
+"""The `agentd` command line: serve, migrate, admin create-workspace, agents, agent.
 
 Errors an operator can cause (bad flags, bad files, unreachable database, address in use) end with
 one line on stderr naming the problem and a non-zero exit status; tracebacks are for bugs only.
@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--file", type=Path, required=True, metavar="WORKSPACE.toml")
     create.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_database_flags(create)
+
+    agents = commands.add_parser(
+        "agents", help="list the agents: workspace, owner, versions, lifecycle, connection, last seen"
+    )
+    agents.add_argument("--json", action="store_true", help="print JSON (with --watch: one object per line)")
+    agents.add_argument(
+        "--watch", action="store_true", help="keep running and print each change as it happens"
+    )
+    _add_database_flags(agents)
 
     agent = commands.add_parser("agent", help="run a reference workspace agent against agentd")
     agent.add_argument("--url", required=True, metavar="URL", help="unix:/path/to.sock or tcp://HOST:PORT")
@@ -211,6 +220,20 @@ def _cmd_create_workspace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agents(args: argparse.Namespace) -> int:
+    from agentd.agents_cmd import run_agents_command
+
+    config = _config_from(args)
+    _setup_logging("warning")
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+    return trio.run(
+        functools.partial(run_agents_command, config, json_output=args.json, watch=args.watch, write=write)
+    )
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
     from agentd.agent import TargetError, parse_target, run_agent
 
@@ -238,6 +261,7 @@ _COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
     ("serve", None): _cmd_serve,
     ("migrate", None): _cmd_migrate,
     ("admin", "create-workspace"): _cmd_create_workspace,
+    ("agents", None): _cmd_agents,
     ("agent", None): _cmd_agent,
 }
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from agentd.server_metrics import ServerMetrics
+
 
 @attrs.define
 class Components:
@@ -26,3 +28,5 @@ class Components:
     build_durations: Any = None  # agentd.services.lifecycle.BuildDurationHistogram (spec §7.5)
     connection_monitor: Any = None  # agentd.monitor.ConnectionMonitor (spec §2.8); sessions need it
     workspace_cache: Any = None  # agentd.services.workspace_cache.WorkspaceCacheRefresher (spec §4.3)
+    #: sessions, RPC counts and latencies, batcher writes for /metrics (always present)
+    server_metrics: ServerMetrics = attrs.field(factory=ServerMetrics)

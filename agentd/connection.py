@@ -32,9 +32,8 @@ of that agent is awaited before ``run`` returns.
 Why calls hop into the APIs' nursery: each API's per-connection state then has one owner whose
 lifetime brackets every call touching it (a service's ``run`` task and its calls share a nursery),
 and a service can hold per-connection resources without leaking them past the session. The cost is
-one task spawn and one Event per call: measured with time.process_time on this 2-core machine, an
-in-process unary RPC (client and server CPU together, over memory streams) takes ~355 µs without
-the hop and ~375 µs with it (~5 %), so the hot path keeps the faithful structure.
+one task spawn and one Event per call, small next to the rest of an RPC (``bench/rpc_db.py``
+measures the server's CPU per RPC), so the hot path keeps the faithful structure.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from agentd.components import Components
@@ -57,6 +57,7 @@ from agentd.handshake import Upgraded
 from agentd.logfmt import quote
 from agentd.monitor import DISCONNECT, Watch
 from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession
+from agentd.server_metrics import ServerMetrics
 from agentd.services import SERVICE_MODULES
 from agentd.services.base import (
     AgentIdentity,
@@ -125,7 +126,12 @@ def load_service_builders(modules: Iterable[str] = SERVICE_MODULES) -> dict[str,
 
 def compose_services(scope: ConnectionScope, builders: Mapping[str, ServiceBuilder]) -> list[ApiTask]:
     """One ApiTask per service, built for this connection's scope."""
-    return [ApiTask(name, build(scope)) for name, build in builders.items()]
+    stats = _server_metrics(scope)
+    return [ApiTask(name, build(scope), stats) for name, build in builders.items()]
+
+
+def _server_metrics(scope: ConnectionScope) -> ServerMetrics | None:
+    return getattr(scope.components, "server_metrics", None)
 
 
 def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
@@ -137,8 +143,13 @@ def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:
         for path, handler in api.service.handlers().items():
             if path in handlers:
                 raise CompositionError(f"{path} is handled by both {owner[path]} and {api.name}")
-            method = table.get(path)
-            handlers[path] = api.wrap(handler, long_lived=method is not None and method.shape in LONG_LIVED)
+            rpc = table.get(path)
+            handlers[path] = api.wrap(
+                handler,
+                path.rsplit("/", 1)[-1],
+                timed=rpc is None or rpc.shape is CallShape.UNARY,
+                long_lived=rpc is not None and rpc.shape in LONG_LIVED,
+            )
             owner[path] = api.name
     return handlers
 
@@ -169,7 +180,8 @@ class ServiceTemplate:
 
     def compose(self, scope: ConnectionScope) -> tuple[list[ApiTask], Registry]:
         """This connection's ApiTasks and registry."""
-        apis = [ApiTask(name, build(scope)) for name, build in self.builders.items()]
+        stats = _server_metrics(scope)
+        apis = [ApiTask(name, build(scope), stats) for name, build in self.builders.items()]
         handlers = _handlers(apis)
         if self._handled is None or self._handled != handlers.keys():
             registry = Registry.build(handlers=handlers, unimplemented=set(method_table()) - set(handlers))
@@ -205,30 +217,31 @@ class _Routes(Mapping[str, tuple[RpcMethod, Handler | None]]):
 
 
 class _Call:
-    """One call handed to an API's nursery: its cancel scope, completion and outcome."""
+    """One call handed to an API task: its cancel scope, completion and outcome (None: it neither
+    returned nor raised an Exception, i.e. it was cancelled)."""
 
-    __slots__ = ("done", "error", "result", "returned", "scope")
+    __slots__ = ("done", "outcome", "scope")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.done = trio.Event()
-        self.returned = False
-        self.result: Any = None
-        self.error: BaseException | None = None
+        self.outcome: outcome.Outcome[Any] | None = None
 
 
 class _InApi:
     """A handler bound to run in its API's nursery (``ApiTask.wrap``); a slotted object rather than
     a closure per handler and connection (~50 bytes instead of ~260)."""
 
-    __slots__ = ("api", "handler")
+    __slots__ = ("api", "handler", "method", "timed")
 
-    def __init__(self, api: ApiTask, handler: Handler) -> None:
+    def __init__(self, api: ApiTask, handler: Handler, method: str, timed: bool) -> None:
         self.api = api
         self.handler = handler
+        self.method = method
+        self.timed = timed
 
     def __call__(self, *args: Any) -> Awaitable[Any]:
-        return self.api.call(self.handler, *args)
+        return self.api.call(self.handler, *args, method=self.method, timed=self.timed)
 
     def __repr__(self) -> str:
         return f"<{self.api.name}.{getattr(self.handler, '__name__', 'handler')} in its API's nursery>"
@@ -243,7 +256,7 @@ class _InApiLongLived(_InApi):
     async def __call__(self, *args: Any) -> Any:  # type: ignore[override]
         self.api.streaming += 1
         try:
-            return await self.api.call(self.handler, *args)
+            return await self.api.call(self.handler, *args, method=self.method, timed=self.timed)
         finally:
             self.api.streaming -= 1
 
@@ -262,6 +275,8 @@ class ApiTask:
 
     name: str
     service: Any
+    #: the process's RPC counters and latencies (None: not counted)
+    stats: ServerMetrics | None = None
     calls: int = attrs.field(default=0, init=False)
     #: long-lived (server-streaming, bidi) calls running now
     streaming: int = attrs.field(default=0, init=False)
@@ -283,18 +298,22 @@ class ApiTask:
             await nursery.start(service_run)
         self._nursery = nursery
 
-    def wrap(self, handler: Handler, *, long_lived: bool = False) -> Handler:
-        """``long_lived``: a streaming call a draining shutdown does not wait for (counted in
+    def wrap(
+        self, handler: Handler, method: str = "", *, timed: bool = True, long_lived: bool = False
+    ) -> Handler:
+        """``method`` and ``timed`` (unary: its latency is recorded) label the call in ``stats``;
+        ``long_lived``: a streaming call a draining shutdown does not wait for (counted in
         ``streaming`` while it runs)."""
-        return (_InApiLongLived if long_lived else _InApi)(self, handler)
+        return (_InApiLongLived if long_lived else _InApi)(self, handler, method, timed)
 
-    async def call(self, handler: Handler, *args: Any) -> Any:
+    async def call(self, handler: Handler, *args: Any, method: str = "", timed: bool = True) -> Any:
         nursery = self._nursery
         if nursery is None:
             await trio.lowlevel.checkpoint()
             raise RpcError(f"the {self.name} API of this connection is not running")
         call = _Call()
         self.calls += 1
+        start = trio.current_time()
         nursery.start_soon(self._run_call, call, handler, args)
         try:
             await call.done.wait()
@@ -304,25 +323,24 @@ class ApiTask:
             with trio.CancelScope(shield=True):
                 await call.done.wait()
             raise
-        if call.error is not None:
-            error, call.error = call.error, None
-            raise error
-        if not call.returned:
+        if self.stats is not None:
+            seconds = trio.current_time() - start if timed else None
+            self.stats.record_call(self.name, method, seconds, call.outcome)
+        if call.outcome is None:
             raise RpcError(f"the {self.name} API of this connection stopped")
-        return call.result
+        return call.outcome.unwrap()
 
     @staticmethod
     async def _run_call(call: _Call, handler: Handler, args: tuple[Any, ...]) -> None:
         try:
             with call.scope:
                 try:
-                    call.result = await handler(*args)
-                    call.returned = True
+                    call.outcome = outcome.Value(await handler(*args))
                 except DataError as exc:
                     # a value the database cannot take (e.g. a NUL in a string): the caller's input
-                    call.error = RpcError(f"invalid input: {exc}")
+                    call.outcome = outcome.Error(RpcError(f"invalid input: {exc}"))
                 except Exception as exc:
-                    call.error = exc
+                    call.outcome = outcome.Error(exc)
         finally:
             call.done.set()
 
@@ -626,9 +644,12 @@ class AgentSessions:
         if self._closing:
             connection.close()
         self.live.add(connection)
+        metrics = self.components.server_metrics
+        metrics.session_started()
         try:
             await serve(connection)
         finally:
+            metrics.session_ended()
             self.live.discard(connection)
 
     async def go_away_all(self) -> int:

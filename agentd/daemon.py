@@ -31,7 +31,15 @@ from agentd import __version__, systemd
 from agentd.components import Components
 from agentd.config import Config, UserError
 from agentd.connection import DRAIN_POLL_S, AgentSessions, start_components
-from agentd.handshake import Closed, NotMine, Rejected, RequestHead, Upgraded, handle_rpc_request
+from agentd.handshake import (
+    HANDSHAKE_TIMEOUT,
+    Closed,
+    NotMine,
+    Rejected,
+    RequestHead,
+    Upgraded,
+    handle_rpc_request,
+)
 from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import BoundListener, Server, bind_all, describe_peer
 from agentd.logfmt import logfmt
@@ -76,9 +84,9 @@ HEALTH_CHECK_TIMEOUT = 3.0
 
 #: Cyclic-GC thresholds for a serving process (CPython's default is 700, 10, 10). Each agent session
 #: keeps thousands of long-lived objects (tasks, cancel scopes, services); with the defaults the
-#: collections took 5.2 s of the ~5.1 s of server CPU that 1,000 connects (plus the first idle
-#: minute) cost, and about half the idle CPU. Young garbage is mostly freed by reference counting;
-#: cycles are still collected, only less often.
+#: collections scanning them dominated the server CPU of mass connects and of idle agents
+#: (bench/idle_connect.py). Young garbage is mostly freed by reference counting; cycles are still
+#: collected, only less often.
 SERVING_GC_THRESHOLDS = (50_000, 20, 100)
 
 
@@ -158,12 +166,16 @@ class AgentRpcRoute:
     session (agentd.connection) on this same stream until it ends."""
 
     sessions: AgentSessions
+    #: bound on the token lookup and the upgrade (in-process harnesses under a virtual clock: inf)
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
     async def handle(self, request: Request) -> None:
         head = RequestHead.from_text(
             request.method, request.target, request.headers, request.http_version, request.trailing_data
         )
-        outcome = await handle_rpc_request(request.stream, head, lookup=self.sessions.lookup)
+        outcome = await handle_rpc_request(
+            request.stream, head, lookup=self.sessions.lookup, timeout=self.handshake_timeout
+        )
         if isinstance(outcome, Upgraded):
             request.responded = True
             if session_log.isEnabledFor(logging.DEBUG):
@@ -268,7 +280,10 @@ class MetricsRoute:
 
     async def handle(self, request: Request) -> None:
         # ?timestamps=1: agentd.workers' parent merging its workers' expositions
-        parts = [self.components.metrics.render(timestamps=request.query_value("timestamps") == "1")]
+        parts = [
+            self.components.metrics.render(timestamps=request.query_value("timestamps") == "1"),
+            self.components.server_metrics.render(self.components),
+        ]
         if self.components.build_durations is not None:
             parts.append(self.components.build_durations.render())
         body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
@@ -276,14 +291,18 @@ class MetricsRoute:
 
 
 def build_router(
-    db: Database, sessions: AgentSessions | None = None, draining: Draining | None = None
+    db: Database,
+    sessions: AgentSessions | None = None,
+    draining: Draining | None = None,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Router:
     """The agent listeners' routes: /healthz and the agent endpoint. /metrics is not here: it shows
     owner, workspace and agent names and agent-chosen labels (see `build_operator_router`)."""
     router = Router()
     router.add("/healthz", Health(db, draining=draining or Draining()).handle)
     if sessions is not None:
-        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions).handle, methods=("GET",))
+        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions, handshake_timeout).handle, methods=("GET",))
     return router
 
 

@@ -1,7 +1,8 @@
 """Test harness for agent authors: one agent connection served in-process, no sockets.
 
 ``serve_agent`` stands up the server side of one agent connection over
-``trio.testing.memory_stream_pair``: the real HTTP upgrade with the token (so a bad token fails
+``trio.testing.memory_stream_pair``: the daemon's own HTTP front door (``agentd.http.HttpApp`` with
+the agent route of ``agentd.daemon.build_router``) and upgrade with the token (so a bad token fails
 like it would against ``agentd serve``), the real yamux session and DRPC server, every composed
 service, the connection monitor and the workspace cache refresher — against your database. It
 gives back an :class:`agentd.client.RpcClient` for that agent. Run it in your nursery; cancel the
@@ -50,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 import trio
@@ -58,8 +59,16 @@ import trio.testing
 
 from agentd.client import RpcClient
 from agentd.components import Components
-from agentd.connection import AgentConnection, ServiceBuilder, load_service_builders
-from agentd.handshake import HttpError, Rejected, Upgraded, accept_agent, upgrade_client
+from agentd.connection import (
+    AgentConnection,
+    AgentSessions,
+    ServiceBuilder,
+    ServiceTemplate,
+    load_service_builders,
+)
+from agentd.daemon import build_router
+from agentd.handshake import Upgraded, upgrade_client
+from agentd.http import HttpApp
 from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor
 from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
@@ -67,7 +76,7 @@ from agentd.services.base import AgentIdentity, Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import Authenticated, authenticate_connection, workspace_identities
+from agentd.store.connection import Authenticated, workspace_identities
 from agentd.store.db import set_busy_watcher
 from agentd.store.pubsub import PubSub
 from agentd.tailnet.derpmap import DERPMapSource
@@ -145,45 +154,6 @@ async def serve_agent(
     the upgrade — e.g. 401 for a token that authenticates no agent.
     """
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    server_outcome: list[Upgraded[Authenticated] | Rejected | object] = []
-    client_outcome: list[trio.abc.Stream | UpgradeError] = []
-
-    async def lookup(raw: uuid.UUID) -> Authenticated | None:
-        return await authenticate_connection(db, raw)
-
-    async def server_handshake() -> None:
-        server_outcome.append(await accept_agent(server_stream, lookup=lookup, timeout=math.inf))
-
-    async def client_handshake() -> None:
-        try:
-            client_outcome.append(
-                await upgrade_client(
-                    client_stream,
-                    token=token,
-                    version=version,
-                    role=role,
-                    websocket=websocket,
-                    timeout=math.inf,
-                )
-            )
-        except UpgradeError as exc:
-            client_outcome.append(exc)
-
-    # Both halves of the handshake at once; their outcomes come back as values, not as an ExceptionGroup.
-    async with trio.open_nursery() as handshake:
-        handshake.start_soon(server_handshake)
-        handshake.start_soon(client_handshake)
-    (upgraded,) = server_outcome
-    (transport,) = client_outcome
-    if isinstance(transport, UpgradeError):
-        raise transport
-    if not isinstance(upgraded, Upgraded):
-        error = upgraded.error if isinstance(upgraded, Rejected) else None
-        await trio.aclose_forcefully(transport)
-        if isinstance(error, HttpError):
-            raise UpgradeError(error.status, error.message, detail=error.detail)
-        raise UpgradeError(0, f"the server closed the connection: {upgraded!r}")
-
     own_coordinator: Coordinator | None = None
     if components is None:
         # A working Tailnet by default: a coordinator of this connection's own and the default DERP map.
@@ -206,15 +176,34 @@ async def serve_agent(
         components = attrs.evolve(components, workspace_cache=refresher)
         own_periodic.append(refresher)
 
-    connection = AgentConnection.from_upgraded(
-        upgraded,
-        db=db,
-        events=events,
-        settings=settings,
-        components=components,
-        builders=builders if builders is not None else load_service_builders(services),
+    # The server half is the daemon's own front door: its HTTP app and agent route, then the session.
+    served: list[AgentConnection] = []
+    server_ready = trio.Event()  # the session serves RPCs, or the server gave up on the connection
+
+    def started(connection: AgentConnection) -> None:
+        served.append(connection)
+        server_ready.set()
+
+    sessions = _HarnessSessions(
+        db,
+        events,
+        settings,
+        components,
+        ServiceTemplate(builders if builders is not None else load_service_builders(services)),
+        on_started=started,
     )
-    session = MuxSession(transport, is_client=True)
+    # No deadlines in-process: the token lookup must not time out while a virtual clock jumps.
+    app = HttpApp(build_router(db, sessions, handshake_timeout=math.inf), head_timeout=math.inf)
+
+    async def server_side() -> None:
+        try:
+            await app.handle_connection(server_stream)
+        finally:
+            server_ready.set()
+        if sessions.failure is not None:
+            raise sessions.failure  # the HTTP app only logs a failed handler; a test wants to see it
+
+    refused: UpgradeError | None = None
     async with trio.open_nursery() as components_nursery:
         # The default components live exactly as long as this one connection.
         if own_coordinator is not None:
@@ -222,8 +211,59 @@ async def serve_agent(
         for component in own_periodic:
             await components_nursery.start(component.run)
         async with trio.open_nursery() as nursery:
-            await nursery.start(connection.run)
-            await nursery.start(session.run)
-            task_status.started(TestAgent(RpcClient(session), connection, session, transport))
-            # The session ends when either side closes; the connection's end closes the transport.
+            nursery.start_soon(server_side)
+            try:
+                transport = await upgrade_client(
+                    client_stream,
+                    token=token,
+                    version=version,
+                    role=role,
+                    websocket=websocket,
+                    timeout=math.inf,
+                )
+            except UpgradeError as exc:
+                refused = exc
+                nursery.cancel_scope.cancel()
+            else:
+                await server_ready.wait()
+                if not served:
+                    await trio.aclose_forcefully(transport)
+                    refused = UpgradeError(0, "the server closed the connection")
+                    nursery.cancel_scope.cancel()
+                else:
+                    session = MuxSession(transport, is_client=True)
+                    await nursery.start(session.run)
+                    task_status.started(TestAgent(RpcClient(session), served[0], session, transport))
+                    # The session ends when either side closes; the connection's end closes the transport.
         components_nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
+
+
+@attrs.define(eq=False)
+class _HarnessSessions(AgentSessions):
+    """The daemon's AgentSessions, telling ``serve_agent`` which connection it runs once that serves
+    RPCs, and keeping the session's failure for ``serve_agent`` to raise."""
+
+    on_started: Callable[[AgentConnection], None] = attrs.field(kw_only=True)
+    failure: Exception | None = attrs.field(default=None, init=False)
+
+    async def serve(self, upgraded: Upgraded[Authenticated]) -> None:
+        connection = AgentConnection.from_upgraded(
+            upgraded,
+            db=self.db,
+            events=self.events,
+            settings=self.settings,
+            components=self.components,
+            template=self.template,
+        )
+        self.live.add(connection)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(connection.run)
+                self.on_started(connection)
+        except Exception as exc:
+            self.failure = exc
+            raise
+        finally:
+            self.live.discard(connection)

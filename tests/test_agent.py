@@ -21,9 +21,9 @@ from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_
 from agentd.agent import AGENT_VERSION, Agent
 from agentd.agent.lifecycle import TERMINAL_STARTUP
 from agentd.connection import AgentSessions, ServiceTemplate, load_service_builders, start_components
-from agentd.daemon import build_components
+from agentd.daemon import build_components, build_router
 from agentd.drpc.errors import RpcError
-from agentd.handshake import Upgraded, accept_agent
+from agentd.http import HttpApp
 from agentd.proto import agent_pb2
 from agentd.services.base import ConnectionScope, Settings
 from agentd.services.events import Events
@@ -64,8 +64,8 @@ def workspace_spec(**agent_overrides: Any) -> dict[str, Any]:
 
 @attrs.define(eq=False)
 class Server:
-    """agentd's server side: each dial gets a memory stream whose other end goes through the real
-    handshake into AgentSessions (what the daemon's RPC route does)."""
+    """agentd's server side: each dial gets a memory stream whose other end goes through the daemon's
+    own HTTP app and agent route into AgentSessions."""
 
     sessions: AgentSessions
     nursery: trio.Nursery
@@ -81,9 +81,10 @@ class Server:
         return client
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
-        outcome = await accept_agent(stream, lookup=self.sessions.lookup, timeout=math.inf)
-        if isinstance(outcome, Upgraded):
-            await self.sessions.serve(outcome)
+        app = HttpApp(
+            build_router(self.sessions.db, self.sessions, handshake_timeout=math.inf), head_timeout=math.inf
+        )
+        await app.handle_connection(stream)
 
     def drop_all(self) -> None:
         """The server ends every live session (as a network failure or a replica restart would)."""

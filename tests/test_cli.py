@@ -1,4 +1,4 @@
-"""`python -m agentd` end to end: serve (+ systemd), migrate, admin create-workspace, user errors."""
+"""`python -m agentd` end to end: serve (+ systemd), migrate, admin create-workspace, agents, user errors."""
 
 from __future__ import annotations
 
@@ -415,8 +415,13 @@ async def test_embedded_default_shared_with_admin_while_serving(private_dir: Pat
             "admin", "create-workspace", "--file", str(EXAMPLE), "--json", "--data-dir", str(data)
         )
         assert result.returncode == 0, result.stderr
-        assert len(json.loads(result.stdout)["agents"]) == 2
-        # the admin process exiting must not stop the server the daemon still uses
+        created = json.loads(result.stdout)["agents"]
+        assert len(created) == 2
+        # `agentd agents` reads the same embedded server
+        listed = await _agentd("agents", "--json", "--data-dir", str(data))
+        assert listed.returncode == 0, listed.stderr
+        assert {a["id"] for a in json.loads(listed.stdout)} == {a["id"] for a in created}
+        # the admin processes exiting must not stop the server the daemon still uses
         status, body = await _http_get(await trio.open_tcp_stream("127.0.0.1", port), "/healthz")
         assert status == 200 and body["database"] == {"ok": True}
         serving.process.send_signal(signal.SIGTERM)

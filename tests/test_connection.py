@@ -86,6 +86,7 @@ class ProbeService:
     entered: trio.Event = attrs.field(factory=trio.Event)
     cancelled: trio.Event = attrs.field(factory=trio.Event)
     parent_nurseries: list[Any] = attrs.field(factory=list)
+    run_nursery: Any = None
 
     async def load(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -94,6 +95,7 @@ class ProbeService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.ran = True
         task_status.started()
+        self.run_nursery = trio.lowlevel.current_task().parent_nursery  # the API task's, once started
         await trio.sleep_forever()
 
     def handlers(self) -> Mapping[str, Any]:
@@ -259,10 +261,12 @@ async def test_handler_exception_is_that_calls_error_only(db: Database, nursery:
     await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())
     assert not agent.connection.session.closed  # type: ignore[union-attr]
 
-    # Each call ran as a child of its API's task, not of the DRPC stream task.
+    # Each call ran as a child of its API's task (beside the service's own run task), not of the
+    # DRPC stream task.
     probe_api = next(api for api in agent.connection.apis if api.name == "probe")
     assert probe_api.calls == 2
-    assert all(n is probe_api._nursery for n in service.parent_nurseries)
+    assert service.run_nursery is not None and len(service.parent_nurseries) == 2
+    assert all(n is service.run_nursery for n in service.parent_nurseries)
 
 
 async def test_cancelled_call_is_cancelled_in_its_api_task(db: Database, nursery: trio.Nursery) -> None:

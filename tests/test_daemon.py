@@ -129,8 +129,9 @@ async def test_healthz_is_503_when_the_database_is_unavailable(db_url: str) -> N
 
 
 async def test_open_connections_get_the_grace_period_and_a_second_stop_cuts_it(
-    db_url: str, tmp_path: Path
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="agentd")
     sock = tmp_path / "agentd.sock"
     config = Config(data_dir=tmp_path, postgres_url=db_url, listen=(UnixAddress(sock),), shutdown_timeout=60)
     daemon = Daemon(config)
@@ -138,10 +139,13 @@ async def test_open_connections_get_the_grace_period_and_a_second_stop_cuts_it(
         await nursery.start(daemon.run)
         idle = await trio.open_unix_socket(str(sock))  # connected, never sends a request
         await idle.send_all(b"GET /hea")
-        await trio.sleep(0.1)
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked()  # the daemon accepted it and waits for more
         daemon.request_stop()
-        await trio.sleep(0.3)
-        assert not sock.exists()  # listeners closed at once ...
+        with trio.fail_after(10):
+            while sock.exists():  # noqa: ASYNC110 - listeners closed at once ...
+                await trio.sleep(0.01)
+        assert any("waiting up to 60 s for 1 open connections" in r.getMessage() for r in caplog.records)
         with trio.move_on_after(0.2) as waited:  # ... while the open connection is left to finish
             await idle.receive_some(10)
         assert waited.cancelled_caught

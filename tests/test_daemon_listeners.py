@@ -34,9 +34,16 @@ async def test_stale_unix_socket_file_is_replaced(tmp_path: Path) -> None:
     crashed.bind(str(path))
     crashed.close()  # the file stays, nobody listens: what a crashed daemon leaves behind
     bound = await bind_unix(UnixAddress(path))
+    # the path now leads to the new listener: a client's bytes reach it
     client = await trio.open_unix_socket(str(path))
+    server_side = await bound.listener.accept()
+    await client.send_all(b"after the crash")
+    assert await server_side.receive_some(100) == b"after the crash"
+    assert path.stat().st_mode & 0o777 == 0o666
     await client.aclose()
+    await server_side.aclose()
     await bound.aclose()
+    assert not path.exists()  # and it is the new listener's file: removed with it
 
 
 async def test_live_unix_socket_is_an_error(tmp_path: Path) -> None:

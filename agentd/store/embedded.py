@@ -5,17 +5,25 @@ pgserver's API is blocking (initdb, pg_ctl, file locks), so its calls run in a w
 socket only. It is reused when already running (another agentd process on the same data
 directory, e.g. ``agentd admin`` beside ``agentd serve``) and stopped on exit only by the last
 process using it (pgserver counts handles per process id in the data directory).
+
+Besides its public ``get_server``, agentd relies on two pgserver internals: the class-level
+cross-process lock ``PostgresServer._lock`` and the per-data-directory handle file
+``.handle_pids.json`` (a JSON list of pids). ``PgServerApi`` is the only code that touches pgserver;
+``pgserver_incompatibilities`` checks what it relies on, so a pgserver release that changed it (the
+requirement is ``<0.2``) fails with one line naming the difference instead of misbehaving.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import json
 import logging
 import os
 import stat
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,30 +34,113 @@ __all__ = ["EmbeddedPostgresError", "embedded_postgres"]
 _log = logging.getLogger("agentd.embedded")
 
 PGDATA_DIRNAME = "postgres"
-_HANDLES_FILE = ".handle_pids.json"
 
 
 class EmbeddedPostgresError(Exception):
     """The embedded server could not be initialised or started (message is one line)."""
 
 
-def _import_pgserver() -> Any:
-    """pgserver resolves its runtime directory (its cross-process lock) at import. When platformdirs
-    rejects $XDG_RUNTIME_DIR (unset, or not mode 0700) the lock falls back to /tmp/runtime-UID, which
-    `agentd admin` outside a PrivateTmp unit cannot see: log that warning instead of hiding it."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import pgserver
+# ---- the pgserver seam ----------------------------------------------------------------------------
 
-    for warning in caught:
-        _log.warning("embedded PostgreSQL lock directory: %s", " ".join(str(warning.message).split()))
-    return pgserver
+#: pgserver's per-data-directory list of the pids holding a handle (a private file of pgserver).
+PGSERVER_HANDLES_FILE = ".handle_pids.json"
+
+
+def pgserver_incompatibilities(module: Any) -> list[str]:
+    """What of the pgserver API agentd uses is missing or different in ``module`` (empty: all there)."""
+    problems: list[str] = []
+    get_server = getattr(module, "get_server", None)
+    if not callable(get_server):
+        problems.append("pgserver.get_server is missing")
+    else:
+        params = inspect.signature(get_server).parameters
+        if list(params)[:1] != ["pgdata"] or "cleanup_mode" not in params:
+            problems.append(
+                f"pgserver.get_server{inspect.signature(get_server)} lacks (pgdata, cleanup_mode)"
+            )
+    server_class = getattr(module, "PostgresServer", None)
+    if server_class is None:
+        problems.append("pgserver.PostgresServer is missing")
+        return problems
+    lock = getattr(server_class, "_lock", None)
+    if not (hasattr(lock, "__enter__") and hasattr(lock, "__exit__")):
+        problems.append("pgserver.PostgresServer._lock (the cross-process lock) is missing")
+    for method in ("get_uri", "cleanup"):
+        if not callable(getattr(server_class, method, None)):
+            problems.append(f"pgserver.PostgresServer.{method} is missing")
+    try:
+        init_source = inspect.getsource(server_class.__init__)
+    except (OSError, TypeError):
+        init_source = ""
+    if PGSERVER_HANDLES_FILE not in init_source:
+        problems.append(f"pgserver.PostgresServer no longer keeps its handles in {PGSERVER_HANDLES_FILE}")
+    return problems
+
+
+class PgServerApi:
+    """The part of pgserver agentd uses; ``load()`` imports and checks it."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    @classmethod
+    def load(cls) -> PgServerApi:
+        """Import pgserver, refusing (EmbeddedPostgresError) a release whose API agentd cannot use.
+
+        pgserver resolves its runtime directory (its cross-process lock) at import. When platformdirs
+        rejects $XDG_RUNTIME_DIR (unset, or not mode 0700) the lock falls back to /tmp/runtime-UID,
+        which `agentd admin` outside a PrivateTmp unit cannot see: log that warning instead of hiding
+        it."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import pgserver
+
+        for warning in caught:
+            _log.warning("embedded PostgreSQL lock directory: %s", " ".join(str(warning.message).split()))
+        problems = pgserver_incompatibilities(pgserver)
+        if problems:
+            version = _distribution_version("pgserver")
+            raise EmbeddedPostgresError(
+                f"pgserver {version} is not a release agentd supports (needs pgserver<0.2): "
+                + "; ".join(problems)
+            )
+        return cls(pgserver)
+
+    def lock(self) -> AbstractContextManager[Any]:
+        """pgserver's cross-process lock, held while it reads or writes a data directory's handles."""
+        lock: AbstractContextManager[Any] = self._module.PostgresServer._lock
+        return lock
+
+    def get_server(self, pgdata: Path, cleanup_mode: str | None) -> Any:
+        """Start (or attach to) the server of ``pgdata``; returns pgserver's handle."""
+        return self._module.get_server(pgdata, cleanup_mode=cleanup_mode)
+
+    @staticmethod
+    def uri(server: Any) -> str:
+        return str(server.get_uri())
+
+    @staticmethod
+    def release(server: Any) -> None:
+        """Give up this process's handle; the last process's release stops (or deletes) the server."""
+        server.cleanup()
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _import_pgserver() -> Any:
+    """The pgserver module, imported and checked (see PgServerApi.load)."""
+    return PgServerApi.load()._module
 
 
 def _prune_dead_handles(pgdata: Path) -> None:
     """Forget handle pids of processes that died without cleaning up (kill -9), so the last live
     process still stops the server on exit."""
-    path = pgdata / _HANDLES_FILE
+    path = pgdata / PGSERVER_HANDLES_FILE
     try:
         pids = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -98,16 +189,16 @@ def _refuse_root_chmod(pgdata: Path) -> None:
 
 
 def _start(pgdata: Path, cleanup_mode: str | None, allow_chmod: bool = True) -> Any:
-    pgserver = _import_pgserver()
+    pgserver = PgServerApi.load()
     pgdata = pgdata.expanduser().resolve()
     if os.geteuid() == 0 and not allow_chmod:
         _refuse_root_chmod(pgdata)
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         if pgdata.exists():
-            with pgserver.PostgresServer._lock:
+            with pgserver.lock():
                 _prune_dead_handles(pgdata)
-        return pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+        return pgserver.get_server(pgdata, cleanup_mode)
     except Exception as exc:
         log = pgdata / "log"
         hint = f" (see {log})" if log.is_file() else ""
@@ -116,7 +207,7 @@ def _start(pgdata: Path, cleanup_mode: str | None, allow_chmod: bool = True) -> 
 
 
 def _stop(server: Any) -> None:
-    server.cleanup()
+    PgServerApi.release(server)
 
 
 @asynccontextmanager
@@ -137,7 +228,7 @@ async def embedded_postgres(
     mode: Literal["stop", "delete"] = "delete" if delete_on_exit else "stop"
     server = await trio.to_thread.run_sync(_start, pgdata, mode, allow_chmod)
     try:
-        yield str(server.get_uri())
+        yield PgServerApi.uri(server)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_stop, server)

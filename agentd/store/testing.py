@@ -25,7 +25,7 @@ from psycopg import sql as pgsql
 
 from agentd.store.agents import token_digest
 from agentd.store.db import open_database
-from agentd.store.embedded import _start, _stop
+from agentd.store.embedded import PgServerApi, _start, _stop
 from agentd.store.migrate import migrate
 
 __all__ = [
@@ -102,7 +102,7 @@ def embedded_test_server(directory: Path) -> Iterator[TestServer]:
     """A throwaway pgserver in ``directory`` tuned for tests (no fsync); deleted on exit."""
     server: Any = _start(directory / "postgres", "delete")
     try:
-        url = str(server.get_uri())
+        url = PgServerApi.uri(server)
         with psycopg.connect(url, autocommit=True) as conn:
             # Durability is worthless for a throwaway test server; these settings apply on reload.
             for setting in ("fsync", "synchronous_commit", "full_page_writes"):

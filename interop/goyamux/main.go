@@ -24,7 +24,9 @@
 //
 //	E | echo      echo every byte until EOF, then close
 //	S | sink      count bytes until EOF, answer "<count>\n", close
-//	source N      write N pattern bytes, close the write side, then discard reads until EOF
+//	source N [TAG]  write N pattern bytes, close the write side, then discard reads until EOF;
+//	              with TAG, print {"event":"sourced","tag":TAG,"wrote":N} once Write returned
+//	              (all N bytes were within the window the peer granted)
 //	goaway        send GoAway(normal) on the session, then behave like echo
 //	watch TAG     answer "watching\n", read until EOF or error, then print
 //	              {"event":"watch","tag":TAG,"read":n,"err":...} on stdout
@@ -239,7 +241,7 @@ func handle(session *yamux.Session, stream *yamux.Stream) {
 		n, _ := io.Copy(ioutil.Discard, r)
 		fmt.Fprintf(stream, "%d\n", n)
 	case "source":
-		if len(fields) != 2 {
+		if len(fields) != 2 && len(fields) != 3 {
 			return
 		}
 		n, err := strconv.ParseInt(fields[1], 10, 64)
@@ -248,6 +250,9 @@ func handle(session *yamux.Session, stream *yamux.Stream) {
 		}
 		if writePattern(stream, n) != nil {
 			return
+		}
+		if len(fields) == 3 {
+			emit(map[string]interface{}{"event": "sourced", "tag": fields[2], "wrote": n})
 		}
 		stream.Close()
 		io.Copy(ioutil.Discard, r)

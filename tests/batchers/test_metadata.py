@@ -79,17 +79,6 @@ def test_notify_payloads_are_chunked_below_8000_bytes() -> None:
     assert [i for p in payloads for i in decode_ids(p)] == ids
 
 
-def test_later_collected_at_wins_and_older_updates_are_ignored() -> None:
-    b = MetadataBatcher(db=None, publisher=Recorder())  # type: ignore[arg-type]
-    a = uuid.uuid4()
-    b._put(upd(a, "k", "new", 10))
-    b._put(upd(a, "k", "old", 5))
-    b._put(upd(a, "j", "j", 0))
-    assert {k: u.value for k, u in b._batch.items()} == {(a, "k"): "new", (a, "j"): "j"}
-    b._put(upd(a, "k", "same-time-later-call", 10))
-    assert b._batch[(a, "k")].value == "same-time-later-call"
-
-
 async def test_full_buffer_drops_are_counted_and_warned_at_most_every_10_s(
     caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -114,6 +103,24 @@ async def test_full_buffer_drops_are_counted_and_warned_at_most_every_10_s(
 
 async def values(db: Database, agent: uuid.UUID) -> dict[str, str]:
     return {k: r.value for k, r in (await metadata_rows(db, agent)).items()}
+
+
+async def test_later_collected_at_wins_and_older_updates_are_ignored(
+    db: Database, clock: trio.testing.MockClock
+) -> None:
+    [(ident, _)] = await seed_with_metadata(db, ["k", "j", "m"])
+    a = ident.agent_id
+    b = MetadataBatcher(db, Recorder(), interval=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)
+        b.add(upd(a, "k", "new", 10))
+        b.add(upd(a, "k", "old", 5))  # collected before the value already batched: ignored
+        b.add(upd(a, "j", "j", 0))
+        b.add(upd(a, "m", "first", 10))
+        b.add(upd(a, "m", "same-time-later-call", 10))  # same collected_at: the later call wins
+        nursery.cancel_scope.cancel()  # the final flush writes what the batch holds
+    assert await values(db, a) == {"k": "new", "j": "j", "m": "same-time-later-call"}
+    assert b.flushes == 1  # one batch, deduped by (agent, key): one UPDATE per row
 
 
 async def test_interval_flush_after_5_s(db: Database, clock: trio.testing.MockClock) -> None:

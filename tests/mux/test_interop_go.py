@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession, MuxStream
 from tests import gopeer
@@ -389,9 +390,10 @@ async def test_big_windows_agentd_client_against_go_server(go_peer: Path, listen
     args = ("-window", str(BIG_WINDOW))
     config = MuxConfig(max_stream_window=BIG_WINDOW)
     async with go_server(go_peer, listen_address, *args) as go, agentd_client(go.address, config) as session:
-        stream = await open_command(session, f"source {BIG_WINDOW}")
-        await trio.sleep(0.2)  # let Go use the whole window before the application reads
+        stream = await open_command(session, f"source {BIG_WINDOW} big")
         with trio.fail_after(10):
+            # Go's Write returns before the application read a byte: the SYN granted the whole MiB
+            assert await go.next_event() == {"event": "sourced", "tag": "big", "wrote": BIG_WINDOW}
             assert await read_to_eof(stream) == pattern(BIG_WINDOW)
         await stream.aclose()
         stream = await open_command(session, "echo")
@@ -443,7 +445,7 @@ async def test_local_reset_frees_an_outbound_slot(go_peer: Path, listen_address:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(open_one)
-                await trio.sleep(0.1)
+                await trio.testing.wait_all_tasks_blocked()  # the opener ran as far as it could
                 assert not opened, "the 257th open did not wait for a free slot"
                 await reset(waiting[0])
             assert len(opened) == 1

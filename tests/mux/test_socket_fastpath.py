@@ -117,7 +117,7 @@ async def test_small_round_trips_and_new_streams(nursery: trio.Nursery) -> None:
         await s.send_eof()
         assert await s.receive_some() == b""
         await s.aclose()
-    assert await cli.ping() >= 0
+    assert 0 < await cli.ping() < QUIET.connection_write_timeout  # answered, not timed out
     await cli.aclose()
     await srv.aclose()
 

@@ -238,6 +238,16 @@ async def test_invalid_push_writes_nothing(db: Database) -> None:
     assert await fetch_context_resources(db, ident.agent_id) == []
 
 
+async def wait_for_a_lock_waiter(db: Database) -> None:
+    """Until a session of this test's database waits for a lock (polls pg_stat_activity)."""
+    with trio.fail_after(10):
+        while not await db.fetchval(  # noqa: ASYNC110 - polling the server, not a trio state
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            await trio.sleep(0.01)
+
+
 async def test_serialization_failure_is_retried(db: Database, caplog: pytest.LogCaptureFixture) -> None:
     """A concurrent writer commits a newer version while the push is in its transaction: the push fails to
     serialize, retries, and is then judged against the committed version."""
@@ -256,7 +266,7 @@ async def test_serialization_failure_is_retried(db: Database, caplog: pytest.Log
             [ident.agent_id],
         )
         nursery.start_soon(pushing, 11)
-        await trio.sleep(0.5)  # the push has read version 1 and now waits for the row lock
+        await wait_for_a_lock_waiter(db)  # the push has read version 1 and now waits for the row lock
         # commit: the push's upsert cannot serialize and is retried
     assert results == [True]
     snap = await fetch_context_snapshot(db, ident.agent_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import trio
 
 from agentd.store import open_database
-from agentd.store.embedded import EmbeddedPostgresError, embedded_postgres
+from agentd.store.embedded import PGSERVER_HANDLES_FILE, EmbeddedPostgresError, embedded_postgres
 from agentd.store.migrate import CURRENT_VERSION, migrate, schema_version
 
 
@@ -46,6 +47,9 @@ async def test_start_reuse_and_stop() -> None:
         async with embedded_postgres(data_dir) as url:
             pid = _postmaster_pid(data_dir)
             assert pid is not None and _alive(pid)
+            # pgserver's private handle file, which agentd prunes of dead pids: still a list of pids
+            handles = data_dir / "postgres" / PGSERVER_HANDLES_FILE
+            assert json.loads(handles.read_text()) == [os.getpid()]
             async with open_database(url) as db:
                 assert await migrate(db) == CURRENT_VERSION
                 await db.execute(
