@@ -341,6 +341,11 @@ class ApiTask:
                     call.outcome = outcome.Error(RpcError(f"invalid input: {exc}"))
                 except Exception as exc:
                     call.outcome = outcome.Error(exc)
+        except Exception as exc:
+            # A cancelled call whose own nursery also failed: the scope strips the Cancelled and the
+            # rest (e.g. an ExceptionGroup of a decode error) surfaces here. It is that call's
+            # failure, never the API nursery's (which would end the agent's whole session).
+            call.outcome = outcome.Error(exc)
         finally:
             call.done.set()
 

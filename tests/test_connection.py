@@ -575,3 +575,41 @@ def test_every_agent_rpc_is_served_and_only_client_tailnet_rpcs_are_unimplemente
     unserved = set(method_table()) - handled
     assert not {path for path in unserved if path.startswith("/coder.agent.v2.Agent/")}
     assert len([p for p in handled if p.startswith("/coder.agent.v2.Agent/")]) == 19
+
+
+async def test_cancelled_call_whose_nursery_also_fails_ends_that_call_only(nursery: trio.Nursery) -> None:
+    """A call cancelled while a child of its own nursery raises (the scope strips the Cancelled and
+    leaves an ExceptionGroup): the API's nursery, shared by every call of the agent, keeps running."""
+
+    class Service:
+        def handlers(self) -> dict[str, Any]:
+            return {}
+
+    api = ApiTask("probe", Service())
+    await nursery.start(api.run)
+    entered = trio.Event()
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("undecodable message seen while being cancelled")
+
+    async def handler() -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(fails_when_cancelled)
+            entered.set()
+            await trio.sleep_forever()
+
+    async def ok() -> str:
+        return "still serving"
+
+    async def cancel_once_entered(caller: trio.CancelScope) -> None:
+        await entered.wait()
+        caller.cancel()
+
+    with trio.CancelScope() as caller:
+        nursery.start_soon(cancel_once_entered, caller)
+        await api.call(handler)  # cancelled: the caller sees Cancelled, absorbed by its scope
+    assert caller.cancelled_caught
+    assert await api.call(ok) == "still serving"
