@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -10,15 +11,24 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.client import UNIMPLEMENTED, RpcError
 from agentd.components import Components
-from agentd.connection import AgentConnection, ApiTask, CompositionError, ServiceBuilder, build_registry
+from agentd.connection import (
+    AgentConnection,
+    ApiTask,
+    CompositionError,
+    ServiceBuilder,
+    ServiceTemplate,
+    build_registry,
+    run_apis,
+)
 from agentd.drpc.registry import CallShape, method_table
 from agentd.monitor import ConnectionMonitor
 from agentd.proto import agent_pb2, tailnet_pb2
-from agentd.services import banners
+from agentd.services import SERVICE_MODULES, banners
 from agentd.services.base import AGENT, TAILNET, ConnectionScope, Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import WorkspaceCacheRefresher
@@ -169,6 +179,52 @@ async def test_unhandled_rpcs_answer_unimplemented(db: Database, nursery: trio.N
     assert (await agent.client.agent.GetAnnouncementBanners(agent_pb2.GetAnnouncementBannersRequest())) == (
         agent_pb2.GetAnnouncementBannersResponse()
     )
+
+
+async def test_idle_agent_tasks_do_not_grow_with_its_apis(db: Database) -> None:
+    # Every API of a connection has its own nursery, but they share one task: a connected idle
+    # agent costs the same number of tasks (each a few KiB) with 14 APIs as with one.
+    ws = await seed(db, agents=("one", "two"))
+    components = session_components(db)
+    added = []
+    async with trio.open_nursery() as outer:
+        for token, services in ((ws.agents[0].token, ("banners",)), (ws.agents[1].token, SERVICE_MODULES)):
+            await trio.testing.wait_all_tasks_blocked()
+            before = count_tasks()
+            agent = await start_agent(outer, db, token, services=services, components=components)
+            await trio.testing.wait_all_tasks_blocked()
+            added.append(count_tasks() - before)
+            assert len(agent.connection.apis) == len(services)
+        outer.cancel_scope.cancel()
+    assert added[0] == added[1], added
+
+
+async def test_later_compositions_route_like_the_first() -> None:
+    # the first composition checks and builds the routes; later ones join the process-wide method
+    # table with their own handlers at lookup: same answers, each bound to its own connection's API
+    template = ServiceTemplate({"banners": banners.build})
+    scope: Any = types.SimpleNamespace(settings=Settings())
+    first_apis, first = template.compose(scope)
+    second_apis, second = template.compose(scope)
+    assert set(first.routes) == set(second.routes) == set(method_table())
+    assert len(second.routes) == len(first.routes)
+    for path in method_table():
+        method, handler = second.routes[path]
+        assert second.lookup(path) == (method, handler)
+        first_method, first_handler = first.lookup(path)  # type: ignore[misc]
+        assert method == first_method
+        assert (handler is None) == (first_handler is None), path
+        if handler is not None:
+            assert getattr(handler, "api", None) is second_apis[0]
+            assert getattr(first_handler, "api", None) is first_apis[0]
+    assert second.lookup("/no.such.Service/Method") is None
+    route = second.lookup(BANNERS)
+    assert route is not None and route[1] is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_apis, second_apis)
+        assert await route[1](agent_pb2.GetAnnouncementBannersRequest()) is not None
+        assert second_apis[0].calls == 1 and first_apis[0].calls == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_two_services_claiming_one_rpc_is_refused() -> None:

@@ -102,6 +102,8 @@ async def serve_session(
         budget = RequestBudget(limits.request_buffer_budget)
     async with trio.open_nursery() as nursery:
         task_status.started()
+        # held, the status would keep nursery.start's temporary nursery alive (~1 KiB per session)
+        del task_status
         while True:
             try:
                 stream = await session.accept_stream()

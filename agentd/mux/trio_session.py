@@ -506,6 +506,8 @@ class MuxSession:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._aux, self._aux_scope)
                 task_status.started()
+                # held, the status would keep nursery.start's temporary nursery alive (~1 KiB)
+                del task_status
         finally:
             self._terminate(None)
             with trio.CancelScope(shield=True):

@@ -13,8 +13,9 @@ Contract for a service module ``agentd/services/<api>.py``:
 * optionally ``async def run(self, *, task_status=trio.TASK_STATUS_IGNORED)`` — a long-lived task of
   that API (started before the first RPC, cancelled when the session ends).
 
-Every call of an API runs inside that API's own task (agentd.connection.ApiTask); RPCs of the Agent
-and Tailnet services that no composed module handles answer code 12 (Unimplemented).
+Every call of an API runs inside the nursery of the connection's APIs (agentd.connection.run_apis);
+RPCs of the Agent and Tailnet services that no composed module handles answer code 12
+(Unimplemented).
 """
 
 from __future__ import annotations
