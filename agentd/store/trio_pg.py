@@ -137,21 +137,22 @@ class TrioConnection(psycopg.AsyncConnection[DictRow]):
             # being cancelled: let the Cancelled through rather than replace it with this error.
             await trio.lowlevel.checkpoint_if_cancelled()
             raise ConnectionLost("the connection is closed")
-        finished = False
         try:
             if timeout is None:
-                result = await _drive(gen, self.pgconn.socket)
-            else:
-                with trio.move_on_after(timeout):
-                    result = await _drive(gen, self.pgconn.socket)
-                    finished = True
-                    return result
-                raise pg_errors._WaitTimeout()  # the connection is lost: the generator was cut
-            finished = True
-            return result
-        finally:
-            if not finished:
+                return await _drive(gen, self.pgconn.socket)
+            with trio.move_on_after(timeout):
+                return await _drive(gen, self.pgconn.socket)
+            self._interrupted()  # the generator was cut mid-way
+            raise pg_errors._WaitTimeout()
+        except psycopg.Error:
+            # psycopg refusing a parameter before sending it (a NUL in a text value) leaves the
+            # connection in step with the server; a failed socket or a statement cut off does not.
+            if self.pgconn.status != _OK or self.pgconn.transaction_status == _ACTIVE:
                 self._interrupted()
+            raise
+        except BaseException:
+            self._interrupted()
+            raise
 
     def _interrupted(self) -> None:
         """Close the connection now; if a statement was running, cancel it on the server."""

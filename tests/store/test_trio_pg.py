@@ -62,6 +62,18 @@ async def test_connection_runs_queries_and_copy(db_url: str) -> None:
         await conn.close()
 
 
+async def test_refused_parameter_keeps_the_connection(db_url: str) -> None:
+    conn = await trio_pg.connect(db_url)
+    try:
+        pid = conn.pgconn.backend_pid
+        with pytest.raises(psycopg.DataError):
+            await conn.execute("SELECT %s::text", ["a\x00b"])
+        assert not conn.lost
+        assert await _val(conn, "SELECT pg_backend_pid()") == pid
+    finally:
+        await conn.close()
+
+
 async def test_cancelled_statement_closes_connection_and_stops_on_server(db_url: str) -> None:
     async with running_pool(db_url, min_size=1, max_size=1) as pool:
         conn = await pool.acquire()
