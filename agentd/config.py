@@ -30,12 +30,18 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "agent_stats_refresh_interval": (1.0, 86400.0),
     "coordinator_heartbeat": (0.1, 60.0),
     "database_timeout": (0.5, 3600.0),
+    "first_packet_timeout": (0.5, 300.0),
 }
 #: Whole-number settings' ranges (inclusive), checked like NUMBER_RANGES.
 #: workers: each one holds its own PostgreSQL pool (up to 10 connections + pubsub + coordinator),
 #: so 64 workers already need ~800 server connections.
 COUNT_RANGES: dict[str, tuple[int, int]] = {
     "workers": (1, 64),
+    # Per agent session (issue: one agent must not grow the daemon without bound). Coder's agent runs
+    # ~10 concurrent RPCs; a stream past the cap is refused with RST.
+    "max_streams_per_agent": (16, 65536),
+    # Bytes of partly received DRPC requests one session may hold; a stream that would pass it is reset.
+    "request_buffer_bytes": (4 << 20, 1 << 30),  # at least one largest packet (4 MiB)
 }
 
 
@@ -177,6 +183,11 @@ class Config:
     metrics_listen: ListenAddress | None = TcpAddress("127.0.0.1", DEFAULT_METRICS_PORT)
     #: Worker processes of `agentd serve` (agentd.workers). 1: one process, no parent, as before.
     workers: int = attrs.field(default=1, validator=_validate_count)
+    #: Per agent session: concurrent streams (past it: RST), bytes of partly received requests
+    #: (past it: that stream reset), and seconds a new stream has to deliver its first whole packet.
+    max_streams_per_agent: int = attrs.field(default=256, validator=_validate_count)
+    request_buffer_bytes: int = attrs.field(default=16 << 20, validator=_validate_count)
+    first_packet_timeout: float = attrs.field(default=10.0, validator=_validate_number)
 
     def __attrs_post_init__(self) -> None:
         if self.workers > 1 and self.coordinator == "memory":
@@ -209,6 +220,9 @@ _FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "coordinator_heartbeat": ((int, float), "a number of seconds"),
     "database_timeout": ((int, float), "a number of seconds"),
     "workers": ((int,), "a whole number"),
+    "max_streams_per_agent": ((int,), "a whole number"),
+    "request_buffer_bytes": ((int,), "a whole number of bytes"),
+    "first_packet_timeout": ((int, float), "a number of seconds"),
 }
 
 

@@ -629,6 +629,9 @@ class AgentSessions:
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)
     template: ServiceTemplate = attrs.field(factory=ServiceTemplate.load)
+    #: per-session limits (config: max_streams_per_agent, request_buffer_bytes, first_packet_timeout)
+    mux_config: MuxConfig = attrs.field(factory=MuxConfig)
+    rpc_limits: ServerLimits = attrs.field(factory=ServerLimits)
     live: set[AgentConnection] = attrs.field(factory=set, init=False)
     _closing: bool = attrs.field(default=False, init=False)
 
@@ -645,6 +648,8 @@ class AgentSessions:
             settings=self.settings,
             components=self.components,
             template=self.template,
+            mux_config=self.mux_config,
+            rpc_limits=self.rpc_limits,
         )
         if self._closing:
             connection.close()

@@ -31,6 +31,7 @@ from agentd import __version__, systemd
 from agentd.components import Components
 from agentd.config import Config, UserError
 from agentd.connection import DRAIN_POLL_S, AgentSessions, start_components
+from agentd.drpc.server import ServerLimits
 from agentd.handshake import (
     HANDSHAKE_TIMEOUT,
     Closed,
@@ -44,6 +45,7 @@ from agentd.http import HttpApp, Request, Router, json_body
 from agentd.listeners import BoundListener, Server, bind_all, describe_peer
 from agentd.logfmt import logfmt
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agentd.mux import MuxConfig
 from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.shutdown import FORCE_GRACE, Backstop, CleanupDeadline, ShutdownPlan
@@ -469,6 +471,11 @@ class Daemon:
             db,
             Events(pubsub),
             settings=settings,
+            mux_config=MuxConfig(max_inbound_streams=self.config.max_streams_per_agent),
+            rpc_limits=ServerLimits(
+                request_buffer_budget=self.config.request_buffer_bytes,
+                first_packet_timeout=self.config.first_packet_timeout,
+            ),
             components=build_components(
                 db,
                 pubsub,

@@ -204,3 +204,35 @@ def test_database_timeout(tmp_path: Path) -> None:
     path.write_text("database_timeout = 0\n")
     with pytest.raises(ConfigError, match="'database_timeout' must be a number of seconds in"):
         build_config(config_file=path, environ={})
+
+
+def test_per_agent_limits_from_the_file_are_checked(tmp_path: Path) -> None:
+    file = _write(
+        tmp_path / "agentd.toml",
+        "max_streams_per_agent = 64\nrequest_buffer_bytes = 8388608\nfirst_packet_timeout = 2.5\n",
+    )
+    config = build_config(config_file=file, environ={})
+    assert (config.max_streams_per_agent, config.request_buffer_bytes, config.first_packet_timeout) == (
+        64,
+        8 << 20,
+        2.5,
+    )
+    defaults = build_config(environ={})
+    assert (defaults.max_streams_per_agent, defaults.request_buffer_bytes) == (256, 16 << 20)
+    for text, message in (
+        (
+            "max_streams_per_agent = 8\n",
+            r"field 'max_streams_per_agent' must be a whole number in 16\.\.65536",
+        ),
+        (
+            "request_buffer_bytes = 1024\n",
+            r"field 'request_buffer_bytes' must be a whole number in 4194304\.",
+        ),
+        ("max_streams_per_agent = 64.5\n", r"field 'max_streams_per_agent' must be a whole number"),
+        (
+            "first_packet_timeout = 0\n",
+            r"field 'first_packet_timeout' must be a number of seconds in 0\.5\.\.300",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_config(config_file=_write(tmp_path / "bad.toml", text), environ={})

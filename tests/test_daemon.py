@@ -215,3 +215,53 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit(caplog: pytest.LogC
         assert f"from {lowered} to {hard}" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, original)
+
+
+async def test_configured_per_agent_limits_reach_every_session(db_url: str, tmp_path: Path) -> None:
+    """max_streams_per_agent and first_packet_timeout from the configuration bound a real session:
+    streams past the cap are refused, silent ones are reset at the deadline, the session goes on."""
+    from agentd.agent.dial import connect
+    from agentd.mux import MuxSession
+    from agentd.store.testing import seed_workspace
+
+    async with open_database(db_url) as db:
+        ws = await seed_workspace(db, agents=("main",))
+    sock = tmp_path / "agentd.sock"
+    config = Config(
+        data_dir=tmp_path,
+        postgres_url=db_url,
+        listen=(UnixAddress(sock),),
+        metrics_listen=None,
+        shutdown_timeout=1,
+        max_streams_per_agent=16,
+        first_packet_timeout=0.5,
+    )
+    daemon = Daemon(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        stream = await connect(
+            await trio.open_unix_socket(str(sock)), token=str(ws.agent("main").auth_token), websocket=False
+        )
+        session = MuxSession(stream, is_client=True)
+        ended: list[float] = []
+
+        async def until_reset(started: float, mux_stream: trio.abc.Stream) -> None:
+            with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+                await mux_stream.receive_some()
+            ended.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as client:
+            await client.start(session.run)
+            async with trio.open_nursery() as waits:
+                started = trio.current_time()
+                for _ in range(40):  # SYNs only: these streams never send a packet
+                    waits.start_soon(until_reset, started, await session.open_stream())
+            assert len(ended) == 40
+            refused = [t for t in ended if t < 0.4]
+            reaped = [t for t in ended if t >= 0.4]
+            assert len(refused) == 24  # past the cap of 16: RST at once
+            assert len(reaped) == 16 and max(reaped) < 3  # at the configured 0.5 s, not the default 10 s
+            assert not session.closed
+            await session.ping()  # the session itself goes on
+            client.cancel_scope.cancel()
+        daemon.request_stop()
