@@ -449,7 +449,6 @@ class Daemon:
         operator: Server | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
             # The operator listener outlives agent serving and the final writes: /healthz says
             # "draining" throughout.
             async with trio.open_nursery() as operating:
@@ -470,6 +469,8 @@ class Daemon:
                         await self.notifier.notify(
                             "READY=1", f"STATUS=serving on {', '.join(self.listener_names)}"
                         )
+                        # WATCHDOG=1 after READY=1, and on through the final writes.
+                        nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
                         log.info("agentd %s ready", __version__)
                         if self.freeze_gc_when_ready:
                             gc.freeze()  # modules, descriptors, the pool: never garbage, never scanned again
