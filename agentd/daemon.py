@@ -529,8 +529,6 @@ class Daemon:
                         await self.notifier.notify(
                             "READY=1", f"STATUS=serving on {', '.join(self.listener_names)}"
                         )
-                        # WATCHDOG=1 after READY=1, and on through the final writes.
-                        nursery.start_soon(systemd.run_watchdog, self.notifier, systemd.watchdog_interval())
                         log.info("agentd %s ready", __version__)
                         # Watchdog pings start after READY=1 (systemd expects that order) and run
                         # through the drain, in the outer nursery.
