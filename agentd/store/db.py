@@ -264,6 +264,14 @@ class Database:
             f"PostgreSQL at {self.display_url} did not answer {what} within {self.query_timeout_s:g} s"
         )
 
+    def _no_connection(self) -> errors.DatabaseUnavailable:
+        """The call's deadline passed while every pooled connection was busy."""
+        pool = self._pool
+        return errors.DatabaseUnavailable(
+            f"no database connection available within {self.query_timeout_s:g} s"
+            f" ({pool.size} of {pool.max_size} in use)"
+        )
+
     async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """fn(conn, *args) on a pooled connection, within the call's deadline."""
         _busy()
@@ -274,10 +282,7 @@ class Database:
                 conn = await pool.acquire()
                 return await fn(conn, *args)
             if conn is None:
-                raise errors.DatabaseUnavailable(
-                    f"no database connection available within {self.query_timeout_s:g} s"
-                    f" ({pool.size} of {pool.max_size} in use)"
-                )
+                raise self._no_connection()
             raise self._timed_out("a query")
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
@@ -298,10 +303,7 @@ class Database:
                 kept, conn = conn, None
                 return kept
             if conn is None:
-                raise errors.DatabaseUnavailable(
-                    f"no database connection available within {self.query_timeout_s:g} s"
-                    f" ({pool.size} of {pool.max_size} in use)"
-                )
+                raise self._no_connection()
             raise self._timed_out("BEGIN")
         except psycopg.Error as exc:
             raise translate_error(exc) from exc

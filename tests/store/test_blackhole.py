@@ -1,9 +1,9 @@
 """A database that stops answering (issue 11 item 2): calls fail within their deadline, /healthz says
 503 within 5 s, everything recovers, no acknowledged row is lost.
 
-A small trio TCP forwarder sits between the store and PostgreSQL. "Pause" stops moving bytes in
-either direction without closing anything (a network black hole: the store's sockets stay open and
-nothing ever answers); "kill" drops every forwarded connection. The agent is served in-process
+A small trio TCP forwarder (tests/pgforward.py) sits between the store and PostgreSQL. "Pause" stops
+moving bytes in either direction without closing anything (a network black hole: the store's sockets
+stay open and nothing ever answers); "cut" drops every forwarded connection. The agent is served in-process
 (`agentd.testing.serve_agent`) on a `Database` opened through the forwarder; rows are checked
 through the test's own direct connection.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import attrs
 import psycopg
 import pytest
 import trio
@@ -25,6 +24,7 @@ from agentd.http import HttpApp
 from agentd.proto import agent_pb2
 from agentd.store import Database, open_database
 from agentd.testing import serve_agent
+from tests.pgforward import PausableForwarder
 from tests.test_connection import seed
 from tests.test_daemon import _get
 
@@ -35,64 +35,6 @@ AGENT_RPC_TIMEOUT = 10.0
 #: agentd.store.db.DEFAULT_QUERY_TIMEOUT_S (written out so this test also runs, and fails, on a
 #: store without client-side deadlines).
 QUERY_DEADLINE = 8.0
-
-
-@attrs.define(eq=False)
-class Forwarder:
-    """Forwards TCP connections to ``target``; `pause` / `resume` / `kill` them."""
-
-    target: tuple[str, int]
-    port: int = 0
-    paused: bool = False
-    _resumed: trio.Event = attrs.field(factory=trio.Event)
-    _scopes: set[trio.CancelScope] = attrs.field(factory=set)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
-
-    async def _gate(self) -> None:
-        while self.paused:
-            await self._resumed.wait()
-
-    async def _pump(self, src: trio.abc.ReceiveStream, dst: trio.abc.SendStream) -> None:
-        while True:
-            await self._gate()
-            data = await src.receive_some(65536)
-            if not data:
-                return
-            await self._gate()
-            await dst.send_all(data)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        with trio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                await self._gate()
-                upstream = await trio.open_tcp_stream(*self.target)
-                async with client, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, upstream)
-                    nursery.start_soon(self._pump, upstream, client)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                self._scopes.discard(scope)
-        await client.aclose()
-
-    def pause(self) -> None:
-        self.paused = True
-        self._resumed = trio.Event()
-
-    def resume(self) -> None:
-        self.paused = False
-        self._resumed.set()
-
-    def kill(self) -> None:
-        for scope in list(self._scopes):
-            scope.cancel()
 
 
 def _target(url: str) -> tuple[str, int] | None:
@@ -120,7 +62,7 @@ async def test_blackholed_database_fails_calls_in_time_and_recovers(db: Database
     ws = await seed(db)
     agent_id = ws.agents[0].id
     source = uuid.uuid4()  # any id: unknown log sources are accepted (spec §7.9)
-    forwarder = Forwarder(target)
+    forwarder = PausableForwarder(*target)
     acknowledged: list[str] = []
     n = 0
 
@@ -193,7 +135,7 @@ async def test_blackholed_database_fails_calls_in_time_and_recovers(db: Database
             assert (await _healthz(fwd))[0] == 200
 
             # Killed connections (the forwarder drops them): errors at once, then recovery.
-            forwarder.kill()
+            forwarder.cut()
             with trio.fail_after(AGENT_RPC_TIMEOUT):
                 while True:
                     try:
