@@ -131,7 +131,7 @@ def compose_services(scope: ConnectionScope, builders: Mapping[str, ServiceBuild
 
 
 def _server_metrics(scope: ConnectionScope) -> ServerMetrics | None:
-    return getattr(scope.components, "server_metrics", None)
+    return getattr(getattr(scope, "components", None), "server_metrics", None)
 
 
 def _handlers(apis: Sequence[ApiTask]) -> dict[str, Handler]:

@@ -193,7 +193,7 @@ async def test_stop_with_embedded_server_records_disconnects_only_under_killmode
 ) -> None:
     """contrib/agentd.service uses KillMode=mixed: SIGTERM to agentd alone, which records each agent's
     disconnect and then stops its PostgreSQL. systemd's default (control-group) also SIGTERMs every
-    postgres process at once: the disconnect writes fail and the agent stays marked connected."""
+    postgres process at once: final writes (disconnects, flushes) race the stopping server and fail."""
     import psutil
 
     from agentd.store import open_database
@@ -227,4 +227,7 @@ async def test_stop_with_embedded_server_records_disconnects_only_under_killmode
     if kill_mode == "mixed":
         assert row["disconnected_at"] is not None, serving.text
     else:
-        assert row["disconnected_at"] is None, serving.text  # left marked connected
+        # PostgreSQL's smart shutdown lets sessions already open finish, so which final writes still
+        # get through is a race; that some of them fail against the stopping server is not.
+        failed = ("database system is shutting down", "terminating connection", "No such file or directory")
+        assert any(text in serving.text for text in failed), serving.text

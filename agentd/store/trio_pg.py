@@ -202,16 +202,24 @@ async def _wait_rw(fileno: int) -> Any:
         await trio.lowlevel.checkpoint()
         return (_READY_R if readable else 0) | (_READY_W if writable else 0)
     ready = 0
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def one(waiter: Callable[[int], Awaitable[None]], flag: Any) -> None:
-            nonlocal ready
-            await waiter(fileno)
-            ready |= flag
-            nursery.cancel_scope.cancel()
+            async def one(waiter: Callable[[int], Awaitable[None]], flag: Any) -> None:
+                nonlocal ready
+                await waiter(fileno)
+                ready |= flag
+                nursery.cancel_scope.cancel()
 
-        nursery.start_soon(one, trio.lowlevel.wait_readable, _READY_R)
-        nursery.start_soon(one, trio.lowlevel.wait_writable, _READY_W)
+            nursery.start_soon(one, trio.lowlevel.wait_readable, _READY_R)
+            nursery.start_soon(one, trio.lowlevel.wait_writable, _READY_W)
+    except BaseExceptionGroup as group:
+        # Cancelled from outside: both waiters raise Cancelled. Callers (batchers keeping their rows
+        # on `except trio.Cancelled`) must see a plain Cancelled, not a group of two.
+        _, rest = group.split(trio.Cancelled)
+        if rest is None:
+            raise group.exceptions[0] from None
+        raise
     return ready
 
 
