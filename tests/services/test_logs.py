@@ -493,6 +493,14 @@ async def test_a_batch_cancelled_mid_statement_leaves_nothing(
                 ):
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
+            # The cancel request reaches the server from the pool's background nursery; release the
+            # lock only once it has stopped the statement (if it never does, this times out).
+            with trio.fail_after(10):
+                while await db.fetchval(  # noqa: ASYNC110 - polling the server, not a trio state
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    ["%INSERT INTO workspace_agent_logs%"],
+                ):
+                    await trio.sleep(0.01)
         assert await log_rows(db, agent) == []
         assert await counters(db, agent) == before
         assert await events.drain() == {}
