@@ -6,8 +6,8 @@ binds their handlers into one DRPC registry (RPCs nobody handles answer code 12)
 nursery whose cancel scope is the session (DESIGN's task tree)::
 
     agent nursery
-    ├─ mux session (reader, writer, keepalive)   — its end cancels the whole nursery
-    ├─ pings (role "" or "agent")                — yamux pings; the process-wide monitor checks them
+    ├─ mux session (reader, writer, timers; a keepalive task only for roles the monitor does not
+    │  ping: for role "" / "agent" the process-wide monitor's tick sends the pings)
     ├─ the APIs' task (run_apis): loads each API's state (ApiTask) in turn, then holds the one
     │  nursery where every API's calls (and any service's own ``run``) run as children
     └─ RPC accept loop → one task per mux stream → DRPC → the call is handed to the APIs' nursery
@@ -102,6 +102,12 @@ LONG_LIVED = frozenset({CallShape.SERVER_STREAM, CallShape.BIDI})
 DRAIN_POLL_S = 0.05
 
 ServiceBuilder = Callable[[ConnectionScope], Any]
+
+
+@functools.lru_cache(maxsize=8)
+def _without_keepalive(config: MuxConfig) -> MuxConfig:
+    """A monitored session's settings: the monitor's tick pings it, so no keepalive task of its own."""
+    return attrs.evolve(config, enable_keepalive=False)
 
 
 class CompositionError(Exception):
@@ -473,7 +479,8 @@ class AgentConnection:
             raise CompositionError(
                 "an agent session needs the connection_monitor and workspace_cache components"
             )
-        session = self.session = MuxSession(self.transport, is_client=False, config=self.mux_config)
+        config = _without_keepalive(self.mux_config) if self.monitoring else self.mux_config
+        session = self.session = MuxSession(self.transport, is_client=False, config=config)
         cache = WorkspaceCache()
         scope = self.scope = ConnectionScope(
             ident=self.ident,
@@ -498,9 +505,6 @@ class AgentConnection:
                             monitored=self.monitoring,
                             pinger=session if self.monitoring else None,
                         )
-                        if self.monitoring:
-                            # start_soon: pings begin with a sleep, nothing to wait for here
-                            nursery.start_soon(self.watch.pings, monitor.ping_period)
                         if self.workspace is not None:
                             self.cache_entry = await refresher.add(
                                 cache, self.ident.workspace_id, self.workspace

@@ -5,9 +5,12 @@ the observable behaviour and pays for it once per tick for the whole process: on
 :class:`ConnectionMonitor` (a daemon component, DESIGN task tree) holds a :class:`Watch` for every
 live session and, every ``ping_period``:
 
-* closes the sessions whose yamux pings have been unanswered for more than ``disconnect_timeout``
-  ("ping timeout"); the pings themselves stay per connection (:meth:`Watch.pings`, a task in the
-  agent's nursery), only the silence check runs here;
+* closes the sessions that have sent nothing for more than ``disconnect_timeout`` ("ping timeout"),
+  and sends a yamux ping to each session that has been quiet for half a period (any frame from
+  the agent, its own keepalive pings included, proves it alive; the answer to our ping is one).
+  The pings stay per connection on the wire, but no task waits on one: the tick writes them
+  (:meth:`Pinger.send_ping`) and the session's reader notes the answer (:attr:`Pinger.last_heard`).
+  A monitored session therefore runs no keepalive task of its own;
 * writes ``last_connected_at`` = now (``disconnected_at`` cleared) for every monitored agent in ONE
   statement and publishes ``agt_connection_update`` for those whose disconnect that cleared;
 * re-checks every session's authorisation in ONE query — for every role, not only the monitored
@@ -88,7 +91,10 @@ def disconnect_timeout_for(ping_period: float) -> float:
 class Pinger(Protocol):
     """What a watch needs from the mux session: ``agentd.mux.MuxSession`` fits."""
 
-    async def ping(self) -> float: ...
+    #: trio time of the last bytes read from the peer
+    last_heard: float
+
+    def send_ping(self) -> None: ...
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -104,12 +110,19 @@ class Watch:
     #: Role "" or "agent": connection timestamps written, pings checked (spec §2.8).
     monitored: bool
     pinger: Pinger | None = None
-    #: trio time of the last answered ping (or of the start).
-    last_ping: float = 0.0
+    #: trio time the watch began (a session is not silent before it has had a chance to speak).
+    opened_at: float = 0.0
     #: Why the session ended ("disconnect" unless the monitor ended it).
     reason: str = DISCONNECT
     ended: bool = False
-    pings_answered: int = 0
+    #: Pings the monitor has sent this session.
+    pings_sent: int = 0
+
+    @property
+    def last_heard(self) -> float:
+        """When the agent was last heard from (or the watch began)."""
+        heard = self.pinger.last_heard if self.pinger is not None else self.opened_at
+        return max(heard, self.opened_at)
 
     def stop(self, reason: str) -> None:
         """End the session with ``reason`` (the first reason wins)."""
@@ -119,27 +132,6 @@ class Watch:
         self.reason = reason
         log.debug("agent session ending agent_id=%s reason=%s", self.ident.agent_id, quote(reason))
         self.end(reason)
-
-    async def pings(
-        self, period: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Ping the agent every ``period``; each answer is recorded. Like coderd it stops at the first
-        failed or unanswered ping, so the monitor's tick notices the silence."""
-        task_status.started()
-        if self.pinger is None:
-            return
-        while True:
-            await trio.sleep(period)
-            with trio.move_on_after(period) as scope:
-                try:
-                    await self.pinger.ping()
-                except Exception as exc:
-                    log.debug("agent ping failed agent_id=%s: %s", self.ident.agent_id, exc)
-                    return
-            if scope.cancelled_caught:
-                return
-            self.last_ping = trio.current_time()
-            self.pings_answered += 1
 
 
 @attrs.define(eq=False)
@@ -191,7 +183,7 @@ class ConnectionMonitor:
     ) -> Watch:
         """Watch a new session; a monitored one gets its start write and event first (errors raise:
         the session does not start, as when coderd's first write fails)."""
-        watch = Watch(ident=ident, end=end, monitored=monitored, pinger=pinger, last_ping=trio.current_time())
+        watch = Watch(ident=ident, end=end, monitored=monitored, pinger=pinger, opened_at=trio.current_time())
         if monitored:
             await self._start(ident)
         self.watches.add(watch)
@@ -276,17 +268,23 @@ class ConnectionMonitor:
                 await self.tick()
 
     async def tick(self) -> None:
-        """One tick for every live session: silence check, one timestamp write, one authorisation query."""
+        """One tick for every live session: silence check and pings, one timestamp write, one
+        authorisation query."""
         self.ticks += 1
         now_t = trio.current_time()
         live = [w for w in self.watches if not w.ended]
+        quiet = self.ping_period / 2
         for watch in live:
-            if (
-                watch.monitored
-                and watch.pinger is not None
-                and now_t - watch.last_ping > self.disconnect_timeout
-            ):
+            pinger = watch.pinger
+            if not watch.monitored or pinger is None:
+                continue
+            silent = now_t - max(pinger.last_heard, watch.opened_at)
+            if silent > self.disconnect_timeout:
                 watch.stop(PING_TIMEOUT)
+            elif silent >= quiet:
+                # answered within the write timeout or not, the next ticks see it in last_heard
+                pinger.send_ping()
+                watch.pings_sent += 1
         live = [w for w in live if not w.ended]
         if not live:
             return

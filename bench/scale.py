@@ -565,6 +565,7 @@ class Options:
     mode: str
     profile_dir: Path | None
     timeout: float
+    profile_phase: str = "load"
     tcp: bool = False
     workers: int = 1
     kill_worker_at: float | None = None
@@ -627,11 +628,12 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
                 settle = PG_STATS_LAG if opts.idle_seconds >= 2 * PG_STATS_LAG else 0.0
                 time.sleep(settle)
                 x1, x1_at = sampler.xacts(), time.monotonic()
-                time.sleep(max(0.0, opts.idle_seconds - (time.monotonic() - s1.at)))
-                s2 = sampler.sample()
                 profile = opts.profile_dir / f"scale-{run_label}.txt" if opts.profile_dir else None
+                with profiling(server.process.pid, profile if opts.profile_phase == "idle" else None):
+                    time.sleep(max(0.0, opts.idle_seconds - (time.monotonic() - s1.at)))
+                s2 = sampler.sample()
                 killed: dict[str, Any] = {}
-                with profiling(server.process.pid, profile):
+                with profiling(server.process.pid, profile if opts.profile_phase == "load" else None):
                     gen.send("load")
                     load_started = time.monotonic()
                     timer = None
@@ -845,6 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the server over the load phase into DIR"
     )
+    p.add_argument(
+        "--profile-phase",
+        choices=("load", "idle"),
+        default="load",
+        help="the phase --profile records (default load)",
+    )
     p.add_argument("--tcp", action="store_true", help="raw yamux over TCP instead of the Unix socket")
     p.add_argument(
         "--workers", type=int, default=1, help="agentd serve --workers N (CPU and RSS summed over all)"
@@ -899,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         websocket=args.websocket,
         mode=mode,
         profile_dir=args.profile,
+        profile_phase=args.profile_phase,
         timeout=args.timeout,
         tcp=args.tcp,
         workers=args.workers,

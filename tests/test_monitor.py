@@ -49,19 +49,16 @@ def virtual_now() -> dt.datetime:
 
 @attrs.define
 class Pinger:
-    """Answers pings until ``silent`` is set; then never answers (a peer that stopped reading)."""
+    """Answers each ping at once until ``silent`` is set; then never (a peer that stopped reading)."""
 
     silent: bool = False
     pings: int = 0
-    last_answer: float = 0.0
+    last_heard: float = 0.0
 
-    async def ping(self) -> float:
+    def send_ping(self) -> None:
         self.pings += 1
-        if self.silent:
-            await trio.sleep_forever()
-        await trio.lowlevel.checkpoint()
-        self.last_answer = trio.current_time()
-        return 0.001
+        if not self.silent:
+            self.last_heard = trio.current_time()
 
 
 @attrs.define
@@ -111,10 +108,8 @@ class MonitoredSession:
                     self.watch = await self.monitor.open(
                         self.ident, end=lambda reason: cancel.cancel(), monitored=True, pinger=self.pinger
                     )
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(self.watch.pings, self.monitor.ping_period)
-                        task_status.started()
-                        await trio.sleep_forever()
+                    task_status.started()
+                    await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
                     await self.close(self.reason)
@@ -221,9 +216,9 @@ async def test_silent_peer_is_dropped_after_the_disconnect_timeout(
         await trio.sleep(20)  # one answered ping at t=15
         pinger.silent = True
         await closer.closed.wait()
-        silent_for = trio.current_time() - pinger.last_answer
+        silent_for = trio.current_time() - pinger.last_heard
     # Last answer at 15 s; the first tick more than 30 s after it (t=60) drops the agent.
-    assert pinger.last_answer > 0
+    assert pinger.last_heard > 0
     assert 30 < silent_for <= 45 + 1
     assert closer.reasons == [PING_TIMEOUT]
     assert monitor.reason == PING_TIMEOUT
@@ -258,6 +253,10 @@ async def test_monitor_of_a_served_agent_pings_over_yamux(
     await trio.sleep(125)
     assert agent.connection.monitor is not None
     assert agent.connection.monitor.reason == "disconnect"  # still running
+    # the monitor's tick sends the server's pings; the session runs no keepalive of its own
+    assert agent.connection.monitor.pings_sent >= 3
+    assert agent.connection.session is not None
+    assert not agent.connection.session.config.enable_keepalive
     row = await times(db, ws.agents[0].id)
     assert row["disconnected_at"] is None
     await add_build(db, ws, transition="start", job_done=True)

@@ -70,9 +70,16 @@ class CountingDatabase:
 
 @attrs.define
 class Pinger:
-    async def ping(self) -> float:
-        await trio.lowlevel.checkpoint()
-        return 0.001
+    """A peer that says nothing unless pinged; it answers every ping at once unless ``silent``."""
+
+    silent: bool = False
+    last_heard: float = 0.0
+    pings: int = 0
+
+    def send_ping(self) -> None:
+        self.pings += 1
+        if not self.silent:
+            self.last_heard = trio.current_time()
 
 
 async def agent_row(db: Database, agent_id: uuid.UUID) -> dict[str, Any]:
@@ -239,13 +246,34 @@ async def test_silent_sessions_are_dropped_on_the_shared_tick(db: Database, cloc
     ident = await authenticate_agent(db, ws.agents[0].token)
     assert ident is not None
     ended: list[str] = []
-    watch = await monitor.open(ident, end=ended.append, monitored=True, pinger=Pinger())
+    pinger = Pinger(silent=True)
+    watch = await monitor.open(ident, end=ended.append, monitored=True, pinger=pinger)
     await trio.sleep(monitor.disconnect_timeout - 1)
     await monitor.tick()
-    assert not ended
+    assert not ended and pinger.pings == 1
     await trio.sleep(2)  # no ping answered for more than the disconnect timeout
     await monitor.tick()
     assert ended == ["ping timeout"] and watch.reason == "ping timeout"
+
+
+async def test_a_session_heard_from_within_half_a_period_is_not_pinged(db: Database, clock: Any) -> None:
+    """Any frame from the agent (its own keepalive pings included) shows it alive: the tick pings
+    only sessions quiet for half a period or more, and drops none that keep talking."""
+    monitor = ConnectionMonitor(db=db, events=Events(RecordingPublisher()), replica_id=uuid.UUID(int=7))
+    ws = await seed(db)
+    ident = await authenticate_agent(db, ws.agents[0].token)
+    assert ident is not None
+    ended: list[str] = []
+    pinger = Pinger(silent=True)
+    await monitor.open(ident, end=ended.append, monitored=True, pinger=pinger)
+    for _ in range(6):
+        await trio.sleep(monitor.ping_period)
+        pinger.last_heard = trio.current_time() - monitor.ping_period / 2 + 1  # the agent's traffic
+        await monitor.tick()
+    assert pinger.pings == 0 and not ended
+    await trio.sleep(monitor.ping_period)
+    await monitor.tick()
+    assert pinger.pings == 1 and not ended
 
 
 # ---- authorisation re-checked on the tick, every role --------------------------------------------

@@ -460,6 +460,8 @@ class MuxSession:
         self._timer_wake_at = -math.inf
         self._accept_queue: collections.deque[MuxStream] = collections.deque()
         self._pings: dict[int, trio.Event] = {}
+        #: trio time of the last bytes read from the peer (any frame proves it is alive)
+        self.last_heard = trio.current_time()
         self._open_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
         self._close_deadlines: collections.deque[tuple[float, StreamState]] = collections.deque()
         self._started = False
@@ -577,6 +579,14 @@ class MuxSession:
         if self._closing:
             raise self._session_error()
         return trio.current_time() - start
+
+    def send_ping(self) -> None:
+        """Queue a ping and write it now if the socket takes it; its answer shows in `last_heard`.
+        For a process-wide liveness check (agentd.monitor): no task waits for the answer."""
+        if self._closing:
+            return
+        self._conn.ping()
+        self._flush_nowait()
 
     async def go_away(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Tell the peer to open no more streams; later inbound SYNs get RST. Existing streams go on."""
@@ -803,6 +813,7 @@ class MuxSession:
         view = _shared_recv.view if sockio is not None else memoryview(b"")
         short = True
         accept_queue = self._accept_queue
+        now = trio.current_time
         with trio.CancelScope() as scope:
             self._reader_scope = scope
             if self._closing:
@@ -825,6 +836,7 @@ class MuxSession:
                 if not data:
                     self._terminate(EOFError("transport closed by peer"))
                     return
+                self.last_heard = now()
                 # no await from the read to here: `data` may be the thread's shared buffer
                 try:
                     events = conn.receive_data(data)
@@ -841,7 +853,12 @@ class MuxSession:
                 if self._spin_lot:
                     self._spin_lot.unpark()
                 if conn.out_len and self._writer_task is not None:
-                    self._wake_writer()
+                    if events:
+                        self._wake_writer()
+                    else:
+                        # only control frames to answer (a ping's ACK): write them from here rather
+                        # than wake the writer task for them
+                        self._flush_nowait()
 
     def _dispatch(self, events: list[Any], accept_queue: collections.deque[MuxStream]) -> None:
         for ev in events:

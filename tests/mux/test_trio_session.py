@@ -122,6 +122,37 @@ async def test_ping_rtt_is_the_round_trip_time(
     assert trio.current_time() - start == pytest.approx(QUIET.connection_write_timeout)
 
 
+async def test_send_ping_is_answered_into_last_heard(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The monitor's ping: written without waiting; the answer (like any inbound frame) moves
+    ``last_heard`` to the time it arrived. A peer that never answers leaves it where it was."""
+    a_to_b, b_from_a = delay_line(0.25)
+    b_to_a, a_from_b = delay_line(0.5)
+    cli = MuxSession(trio.StapledStream(a_to_b, a_from_b), is_client=True, config=QUIET)
+    srv = MuxSession(trio.StapledStream(b_to_a, b_from_a), is_client=False, config=QUIET)
+    await nursery.start(cli.run)
+    await nursery.start(srv.run)
+    await trio.sleep(10)
+    sent = trio.current_time()
+    assert srv.last_heard < sent - 5
+    srv.send_ping()
+    await trio.sleep(5)
+    assert srv.last_heard == pytest.approx(sent + 0.75)
+    # the peer's own frames count the same: its ping reaches srv after 0.25 s
+    sent = trio.current_time()
+    nursery.start_soon(cli.ping)
+    await trio.sleep(5)
+    assert srv.last_heard == pytest.approx(sent + 0.25)
+    silent_end, _never_read = trio.testing.memory_stream_pair()
+    lonely = MuxSession(silent_end, is_client=False, config=QUIET)
+    await nursery.start(lonely.run)
+    heard = lonely.last_heard
+    lonely.send_ping()
+    await trio.sleep(30)
+    assert lonely.last_heard == heard and not lonely.closed
+
+
 async def test_reset_drops_data_and_peer_sees_broken(pair: tuple[MuxSession, MuxSession]) -> None:
     cli, srv = pair
     s1, s2 = await stream_pair(cli, srv)
