@@ -20,6 +20,7 @@ class Components:
     metadata_batcher: Any = None  # agentd.batchers.metadata.MetadataBatcher (spec §9.1)
     stats_batcher: Any = None  # agentd.batchers.stats.StatsBatcher (spec §9.2)
     last_used: Any = None  # agentd.batchers.last_used.LastUsedTracker (spec §9.2)
+    activity_bumper: Any = None  # agentd.batchers.activity.ActivityBumper (spec §9.3)
     connection_logs: Any = None  # agentd.batchers.connection_log.ConnectionLogBatcher (spec §9.7)
     boundary_usage: Any = None  # agentd.batchers.boundary_usage.BoundaryUsageTracker (spec §9.5)
     coordinator: Any = None  # agentd.tailnet.api.TailnetCoordinator: memory or postgres (spec §8.4)

@@ -220,6 +220,7 @@ def build_components(
     ``cleanup``: the deadline that bounds their final writes when the daemon stops."""
     import functools
 
+    from agentd.batchers.activity import ActivityBumper
     from agentd.batchers.boundary_usage import BoundaryUsageTracker
     from agentd.batchers.connection_log import ConnectionLogBatcher
     from agentd.batchers.last_used import LastUsedTracker
@@ -263,6 +264,7 @@ def build_components(
         metadata_batcher=metadata_batcher,
         stats_batcher=stats_batcher,
         last_used=LastUsedTracker(db, cleanup=cleanup),
+        activity_bumper=ActivityBumper(db, cleanup=cleanup),
         connection_logs=ConnectionLogBatcher(db=db, cleanup=cleanup),
         boundary_usage=BoundaryUsageTracker(db=db, replica_id=settings.replica_id, cleanup=cleanup),
         metrics=metrics,

@@ -34,7 +34,7 @@ from agentd.services.base import (
 )
 from agentd.services.events import STATS_UPDATE, Events
 from agentd.store import Database
-from agentd.store.activity import activity_bump_workspace
+from agentd.store.activity import Bump, activity_bump_workspace
 from agentd.store.errors import StoreError
 from agentd.store.stats import AgentStatsRow, workspace_by_agent_id
 
@@ -157,16 +157,27 @@ def next_autostart(schedule: str | None, now: dt.datetime) -> dt.datetime | None
 
 
 async def bump_activity(
-    db: Database, workspace: WorkspaceIdentity, now: dt.datetime, *, notice: tuple[str, str] | None = None
+    db: Database,
+    workspace: WorkspaceIdentity,
+    now: dt.datetime,
+    *,
+    notice: tuple[str, str] | None = None,
+    bumper: ActivityBumps | None = None,
 ) -> None:
     """The activity bump of spec §9.3 for ``workspace`` at ``now`` (UpdateStats; UpdateAppStatus reuses
     it): next autostart from the workspace's schedule, 15 s timeout, failures logged and never raised.
-    ``notice``: an event (channel, payload) the bump's statement sends too (one round trip)."""
+    ``notice``: an event (channel, payload) the bump's statement sends too (one round trip).
+    ``bumper``: the process-wide group commit (agentd.batchers.activity), else a statement of its own."""
     autostart = next_autostart(workspace.autostart_schedule, now)
     with trio.move_on_after(ACTIVITY_BUMP_TIMEOUT_S) as scope:
         try:
-            await activity_bump_workspace(db, workspace.id, now=now, next_autostart=autostart, notice=notice)
-        except StoreError:
+            if bumper is not None:
+                await bumper.bump(Bump(workspace.id, now, autostart), notice)
+            else:
+                await activity_bump_workspace(
+                    db, workspace.id, now=now, next_autostart=autostart, notice=notice
+                )
+        except (StoreError, TimeoutError):
             log.error("activity bump of workspace %s failed", workspace.id, exc_info=True)
     if scope.cancelled_caught:
         log.error("activity bump of workspace %s timed out", workspace.id)
@@ -179,6 +190,12 @@ class StatsSink(Protocol):
     """agentd.batchers.stats.StatsBatcher"""
 
     def add(self, row: AgentStatsRow) -> bool: ...
+
+
+class ActivityBumps(Protocol):
+    """agentd.batchers.activity.ActivityBumper"""
+
+    async def bump(self, bump: Bump, notice: tuple[str, str] | None = None) -> bool: ...
 
 
 class UsageSink(Protocol):
@@ -197,6 +214,7 @@ class StatsService:
     settings: Settings
     stats_batcher: StatsSink | None = None
     last_used: UsageSink | None = None
+    activity_bumper: ActivityBumps | None = None
     metrics: AgentMetrics | None = None
     now: Now = utcnow
 
@@ -247,10 +265,10 @@ class StatsService:
         if not workspace.is_prebuild and self.events is not None and self.events.in_statement(self.db):
             # One round trip: the bump's statement sends stats_update too.
             notice = self.events.workspace_notice(workspace.owner_id, STATS_UPDATE, workspace.id)
-            await bump_activity(self.db, workspace, now, notice=notice)
+            await bump_activity(self.db, workspace, now, notice=notice, bumper=self.activity_bumper)
             return
         if not workspace.is_prebuild:
-            await bump_activity(self.db, workspace, now)
+            await bump_activity(self.db, workspace, now, bumper=self.activity_bumper)
         if self.events is not None:
             try:
                 await self.events.workspace(workspace.owner_id, STATS_UPDATE, workspace.id)
@@ -296,6 +314,7 @@ def build(scope: ConnectionScope) -> StatsService:
         settings=scope.settings,
         stats_batcher=getattr(components, "stats_batcher", None),
         last_used=getattr(components, "last_used", None),
+        activity_bumper=getattr(components, "activity_bumper", None),
         metrics=getattr(components, "metrics", None),
         now=scope.now,
     )

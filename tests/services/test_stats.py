@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 import agentd.testing
+from agentd.batchers.activity import ActivityBumper
 from agentd.batchers.last_used import LastUsedTracker
 from agentd.batchers.stats import StatsBatcher
 from agentd.components import Components
@@ -489,6 +490,7 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
             )
             await trio.sleep(2)  # the stats batcher's 1 s flush
             assert len(await stats_rows(db)) == 1
+            assert components.activity_bumper.bumps == 1  # through the daemon's group commit
             await agent.disconnect()
         daemon.cancel_scope.cancel()  # shutdown flushes last_used_at and the metadata batch
     row = await db.fetchone(
@@ -548,14 +550,17 @@ def test_any_schedule_text_parses_or_is_a_schedule_error(text: str) -> None:
     assert s.next_after(T0) > T0
 
 
+@pytest.mark.parametrize("group_commit", [False, True])
 async def test_with_postgres_pubsub_bump_and_event_are_one_statement(
-    db: Database, clock: trio.testing.MockClock
+    db: Database, clock: trio.testing.MockClock, group_commit: bool
 ) -> None:
-    """The one-statement path keeps the bump rules (throttle included) and the event."""
+    """The one-statement path keeps the bump rules (throttle included) and the event — on its own,
+    and through the daemon's group commit (agentd.batchers.activity)."""
     ident, _ = await seed(db)
     pubsub = PubSub(db)
     p = parts(db, ident)
-    svc = attrs.evolve(p.svc, events=Events(pubsub))
+    bumper = ActivityBumper(db) if group_commit else None
+    svc = attrs.evolve(p.svc, events=Events(pubsub), activity_bumper=bumper)
     async with trio.open_nursery() as nursery:
         await nursery.start(pubsub.run)
         async with pubsub.subscribe(f"workspace_owner:{ident.owner_id}") as sub:
@@ -572,3 +577,5 @@ async def test_with_postgres_pubsub_bump_and_event_are_one_statement(
     event = {"kind": "stats_update", "workspace_id": str(ident.workspace_id)}
     assert [json.loads(x) for x in payloads if isinstance(x, str)] == [event, event]
     assert p.last_used.pending == 1
+    if bumper is not None:
+        assert (bumper.statements, bumper.bumps) == (2, 2)
