@@ -620,15 +620,16 @@ def run_once(binary: Path, pg: TestServer, agents: int, opts: Options, run_label
             else:
                 args += [f"-unix={server.socket}"]
             with open(workdir / "goload.log", "wb") as goerr, run_generator(binary, args, goerr) as gen:
+                profile = opts.profile_dir / f"scale-{run_label}.txt" if opts.profile_dir else None
                 s0 = sampler.sample()
-                connected = gen.event("connected", timeout=600 + agents)
+                with profiling(server.process.pid, profile if opts.profile_phase == "connect" else None):
+                    connected = gen.event("connected", timeout=600 + agents)
                 s1 = sampler.sample()
                 # PostgreSQL's counters trail by up to PG_STATS_LAG: start the idle window for
                 # transactions that much later, so the connect burst does not leak into it
                 settle = PG_STATS_LAG if opts.idle_seconds >= 2 * PG_STATS_LAG else 0.0
                 time.sleep(settle)
                 x1, x1_at = sampler.xacts(), time.monotonic()
-                profile = opts.profile_dir / f"scale-{run_label}.txt" if opts.profile_dir else None
                 with profiling(server.process.pid, profile if opts.profile_phase == "idle" else None):
                     time.sleep(max(0.0, opts.idle_seconds - (time.monotonic() - s1.at)))
                 s2 = sampler.sample()
@@ -849,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile-phase",
-        choices=("load", "idle"),
+        choices=("connect", "idle", "load"),
         default="load",
         help="the phase --profile records (default load)",
     )
