@@ -103,9 +103,7 @@ async def test_a_caller_cancelled_before_its_bump_was_taken_writes_nothing(db: D
         await tx.execute("SELECT 1 FROM workspace_builds WHERE id = %s FOR UPDATE", [idents[0].build_id])
         nursery.start_soon(bumper.bump, Bump(idents[0].workspace_id, T0, None))
         await _blocked_on_the_lock(db)
-        nursery.start_soon(
-            _cancelled_while_queued, bumper, Bump(idents[1].workspace_id, T0, None), waiting
-        )
+        nursery.start_soon(_cancelled_while_queued, bumper, Bump(idents[1].workspace_id, T0, None), waiting)
         await trio.testing.wait_all_tasks_blocked()
         waiting.cancel()
         await trio.testing.wait_all_tasks_blocked()

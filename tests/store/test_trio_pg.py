@@ -135,7 +135,10 @@ async def test_pool_skips_connections_the_server_closed(db_url: str) -> None:
         victim = b.pgconn.backend_pid
         pool.release(b)
         assert await _val(a, f"SELECT pg_terminate_backend({victim})") is True
-        await trio.sleep(0.2)  # the FATAL message and EOF reach the idle socket
+        # the backend is gone once its FATAL message and EOF are on the idle socket
+        with trio.fail_after(10):
+            while await _val(a, f"SELECT count(*) FROM pg_stat_activity WHERE pid = {victim}"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
         c = await pool.acquire()
         assert c is not b and c.pgconn.backend_pid != victim
         assert await _val(c, "SELECT 1") == 1

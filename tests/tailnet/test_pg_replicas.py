@@ -51,6 +51,13 @@ async def replica(db_url: str) -> AsyncIterator[Replica]:
         nursery.cancel_scope.cancel()
 
 
+async def rows_reach(db: Database, want: int, sql: str, params: list[object]) -> None:
+    """Until ``sql`` (a count) returns ``want``: the coordinators' writes are in the tables."""
+    with trio.fail_after(10):
+        while await db.fetchval(sql, params) != want:  # noqa: ASYNC110 - polling the server
+            await trio.sleep(0.01)
+
+
 @pytest.fixture
 async def replicas(db_url: str, db: Database) -> AsyncIterator[tuple[Replica, Replica, Replica]]:
     async with replica(db_url) as a, replica(db_url) as b, replica(db_url) as c:
@@ -75,11 +82,15 @@ async def test_agent_and_client_on_different_replicas(replicas: tuple[Replica, R
         assert await updates(agent, 1) == [PeerUpdate(CLIENT, Kind.DISCONNECTED, None, "graceful disconnect")]
 
 
-async def test_tunnel_added_before_the_agent_connects(replicas: tuple[Replica, Replica, Replica]) -> None:
+async def test_tunnel_added_before_the_agent_connects(
+    replicas: tuple[Replica, Replica, Replica], db: Database
+) -> None:
     a, b, _ = replicas
     async with b.coordinator.connect(CLIENT, "client", ClientAuth({AGENT})) as client:
         await client.send(Request(update_self=node(CLIENT), add_tunnel=AGENT))
-        await trio.sleep(0.2)
+        await rows_reach(
+            db, 1, "SELECT count(*) FROM tailnet_tunnels WHERE src_id = %s AND dst_id = %s", [CLIENT, AGENT]
+        )
         async with a.coordinator.connect(AGENT, "agent", AgentAuth(AGENT)) as agent:
             [got] = await updates(agent, 1)
             assert (got.id, got.kind, got.node) == (CLIENT, Kind.NODE, node(CLIENT))
@@ -140,7 +151,7 @@ async def test_crashed_replica_is_lost_within_the_heartbeat_bound(
 
 
 async def test_concurrent_node_and_tunnel_writes_are_not_missed(
-    replicas: tuple[Replica, Replica, Replica],
+    replicas: tuple[Replica, Replica, Replica], db: Database
 ) -> None:
     """A node update on A racing a tunnel to it from B: whichever commits second tells the other side."""
     a, b, _ = replicas
@@ -153,7 +164,9 @@ async def test_concurrent_node_and_tunnel_writes_are_not_missed(
                 b.coordinator.connect(client_id, "c", ClientAuth({agent_id}))
             )
             handles.append((agent, client))
-        await trio.sleep(0.5)
+        # every peer bound to its replica before the race starts
+        ids = [peer for pair in pairs for peer in pair]
+        await rows_reach(db, len(ids), "SELECT count(*) FROM tailnet_peers WHERE id = ANY(%s)", [ids])
         async with trio.open_nursery() as nursery:
             for (agent_id, client_id), (agent, client) in zip(pairs, handles, strict=True):
                 nursery.start_soon(agent.send, Request(update_self=node(agent_id)))
