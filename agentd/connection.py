@@ -49,29 +49,23 @@ import attrs
 import outcome
 import trio
 
+from agentd.clock import Now, utcnow
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import CallShape, Handler, Registry, RpcMethod, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.logfmt import quote
+from agentd.model import AgentIdentity, WorkspaceIdentity
 from agentd.monitor import DISCONNECT, Watch
 from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession
 from agentd.server_metrics import ServerMetrics
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import (
-    AgentIdentity,
-    ConnectionScope,
-    Now,
-    Preload,
-    Settings,
-    WorkspaceCache,
-    WorkspaceIdentity,
-    utcnow,
-)
+from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.services.workspace_cache import CacheEntry
 from agentd.store import connection as queries
+from agentd.store.connection import Preload
 from agentd.store.errors import DataError
 from agentd.websocket import WebSocketByteStream
 
@@ -253,7 +247,7 @@ class _InApiLongLived(_InApi):
 
     __slots__ = ()
 
-    async def __call__(self, *args: Any) -> Any:  # type: ignore[override]
+    async def __call__(self, *args: Any) -> Any:
         self.api.streaming += 1
         try:
             return await self.api.call(self.handler, *args, method=self.method, timed=self.timed)

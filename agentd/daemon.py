@@ -276,10 +276,10 @@ class MetricsRoute:
 
     async def handle(self, request: Request) -> None:
         # ?timestamps=1: agentd.workers' parent merging its workers' expositions
-        parts = [
-            self.components.metrics.render(timestamps=request.query_value("timestamps") == "1"),
-            self.components.server_metrics.render(self.components),
-        ]
+        timestamps = request.query_value("timestamps") == "1"
+        parts = [self.components.server_metrics.render(self.components)]
+        if self.components.metrics is not None:
+            parts.insert(0, self.components.metrics.render(timestamps=timestamps))
         if self.components.build_durations is not None:
             parts.append(self.components.build_durations.render())
         body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)

@@ -40,8 +40,9 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.clock import Now, utcnow
 from agentd.logfmt import quote
-from agentd.services.base import AgentIdentity, Now, utcnow
+from agentd.model import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.shutdown import CleanupDeadline
 from agentd.store import connection as queries

@@ -69,10 +69,11 @@ from agentd.connection import (
 from agentd.daemon import build_router
 from agentd.handshake import Upgraded, upgrade_client
 from agentd.http import HttpApp
+from agentd.model import AgentIdentity
 from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor
 from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import AgentIdentity, Settings
+from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database

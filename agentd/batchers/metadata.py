@@ -24,8 +24,8 @@ from typing import Protocol
 import attrs
 import trio
 
+from agentd.channels import METADATA_BATCH_CHANNEL
 from agentd.logfmt import elapsed_ms
-from agentd.services.events import METADATA_BATCH_CHANNEL
 from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.errors import QueryCanceled, StoreError

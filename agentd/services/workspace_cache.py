@@ -19,7 +19,8 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
-from agentd.services.base import WorkspaceCache, WorkspaceIdentity
+from agentd.model import WorkspaceIdentity
+from agentd.services.base import WorkspaceCache
 
 __all__ = ["REFRESH_INTERVAL", "CacheEntry", "WorkspaceCacheRefresher"]
 

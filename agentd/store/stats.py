@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from agentd.services.base import WorkspaceIdentity
+from agentd.model import WorkspaceIdentity
 from agentd.store.connection import IDENTITY_COLUMNS, identity_from_row
 from agentd.store.db import Database, Transaction
 

@@ -10,13 +10,8 @@ import attrs
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.components import Components
-from agentd.services.base import (
-    AgentIdentity,
-    ConnectionScope,
-    Settings,
-    WorkspaceCache,
-    WorkspaceIdentity,
-)
+from agentd.model import AgentIdentity, WorkspaceIdentity
+from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 from agentd.store import Database
 from agentd.store.connection import authenticate_agent
 
