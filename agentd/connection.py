@@ -57,13 +57,14 @@ from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.logfmt import quote
 from agentd.model import AgentIdentity, WorkspaceIdentity
-from agentd.monitor import DISCONNECT, Watch
+from agentd.monitor import DISCONNECT, ConnectionMonitor, Watch
 from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession
 from agentd.server_metrics import ServerMetrics
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
+from agentd.services.base import ConnectionScope, Service, Settings, WorkspaceCache
 from agentd.services.events import Events
-from agentd.services.workspace_cache import CacheEntry
+from agentd.services.workspace_cache import CacheEntry, WorkspaceCacheRefresher
+from agentd.store import Database
 from agentd.store import connection as queries
 from agentd.store.connection import Preload
 from agentd.store.errors import DataError
@@ -95,7 +96,7 @@ LONG_LIVED = frozenset({CallShape.SERVER_STREAM, CallShape.BIDI})
 #: come and go inside each mux session's sans-I/O core, which has no event to wait on).
 DRAIN_POLL_S = 0.05
 
-ServiceBuilder = Callable[[ConnectionScope], Any]
+ServiceBuilder = Callable[[ConnectionScope], Service]
 
 
 class CompositionError(Exception):
@@ -268,7 +269,7 @@ class ApiTask:
     """
 
     name: str
-    service: Any
+    service: Service
     #: the process's RPC counters and latencies (None: not counted)
     stats: ServerMetrics | None = None
     calls: int = attrs.field(default=0, init=False)
@@ -284,10 +285,11 @@ class ApiTask:
     async def open(self, nursery: trio.Nursery) -> None:
         """Load the service and start its ``run`` in ``nursery``; from then on this API's calls run
         in ``nursery`` (until :func:`run_apis` winds it down)."""
-        load = getattr(self.service, "load", None)
+        # the optional parts of the Service protocol (Loads, Runs); getattr: once per API and connect
+        load: Callable[[], Awaitable[None]] | None = getattr(self.service, "load", None)
         if load is not None:
             await load()
-        service_run = getattr(self.service, "run", None)
+        service_run: Callable[..., Awaitable[None]] | None = getattr(self.service, "run", None)
         if service_run is not None:
             await nursery.start(service_run)
         self._nursery = nursery
@@ -380,7 +382,7 @@ class AgentConnection:
 
     transport: trio.abc.Stream
     ident: AgentIdentity
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)
@@ -534,7 +536,9 @@ class AgentConnection:
             with trio.CancelScope(shield=True):
                 await session.aclose()
 
-    async def _teardown(self, monitor: Any, refresher: Any, session: MuxSession) -> None:
+    async def _teardown(
+        self, monitor: ConnectionMonitor, refresher: WorkspaceCacheRefresher, session: MuxSession
+    ) -> None:
         """Shielded by the caller: clear the cache, close the transport (WebSocket: 1001 + reason),
         then record the disconnect — in that order, each bounded."""
         if self.cache_entry is not None:
@@ -618,7 +622,7 @@ class AgentSessions:
     """The daemon's side of every agent session: what a connection needs from the process, and the
     set of live connections so a shutdown can end them at once (agents redial another replica)."""
 
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)

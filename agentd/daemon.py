@@ -48,7 +48,7 @@ from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
 from agentd.store.pubsub import PubSub
-from agentd.tailnet.api import build_coordinator
+from agentd.tailnet.api import TailnetCoordinator, build_coordinator
 
 log = logging.getLogger("agentd")
 #: every line about one agent's connection (upgrade, connect, disconnect) comes from this logger
@@ -206,7 +206,7 @@ def build_components(
     pubsub: PubSub,
     settings: Settings,
     *,
-    coordinator: Any = None,
+    coordinator: TailnetCoordinator | None = None,
     cleanup: CleanupDeadline | None = None,
 ) -> Components:
     """The process-wide components of DESIGN's task tree, started before agents are accepted and
@@ -227,7 +227,7 @@ def build_components(
     from agentd.tailnet import Coordinator, DERPMapSource
 
     cleanup = cleanup if cleanup is not None else CleanupDeadline()
-    if hasattr(coordinator, "cleanup"):
+    if coordinator is not None and hasattr(coordinator, "cleanup"):
         coordinator.cleanup = cleanup
     metadata_batcher = MetadataBatcher(db, pubsub, cleanup=cleanup)
     stats_batcher = StatsBatcher(db, cleanup=cleanup)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -45,6 +45,7 @@ from agentd.logfmt import quote
 from agentd.model import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.shutdown import CleanupDeadline
+from agentd.store import Database
 from agentd.store import connection as queries
 
 __all__ = [
@@ -157,7 +158,7 @@ class _Start:
 class ConnectionMonitor:
     """The process-wide monitor of every agent session; ``await nursery.start(monitor.run)``."""
 
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     replica_id: uuid.UUID
     now: Now = utcnow
