@@ -65,9 +65,9 @@ from agentd.services.base import ConnectionScope, Service, Settings, WorkspaceCa
 from agentd.services.events import Events
 from agentd.services.workspace_cache import CacheEntry, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store import connection as queries
-from agentd.store.connection import Preload
+from agentd.store import sessions as queries
 from agentd.store.errors import DataError
+from agentd.store.sessions import Preload
 from agentd.websocket import WebSocketByteStream
 
 __all__ = [

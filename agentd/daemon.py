@@ -43,11 +43,11 @@ from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.shutdown import FORCE_GRACE, Backstop, CleanupDeadline, ShutdownPlan
 from agentd.store import Database, open_database
-from agentd.store.connection import Authenticated
 from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
 from agentd.store.pubsub import PubSub
+from agentd.store.sessions import Authenticated
 from agentd.tailnet.api import TailnetCoordinator, build_coordinator
 
 log = logging.getLogger("agentd")
@@ -223,7 +223,7 @@ def build_components(
     from agentd.monitor import ConnectionMonitor
     from agentd.services.lifecycle import BuildDurationHistogram
     from agentd.services.workspace_cache import WorkspaceCacheRefresher
-    from agentd.store.connection import workspace_identities
+    from agentd.store.sessions import workspace_identities
     from agentd.tailnet import Coordinator, DERPMapSource
 
     cleanup = cleanup if cleanup is not None else CleanupDeadline()

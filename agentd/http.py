@@ -271,7 +271,7 @@ class Request:
         await send_error(self.stream, error, headers=headers, include_body=self.method != "HEAD")
 
 
-Handler = Callable[[Request], Awaitable[None]]
+RouteHandler = Callable[[Request], Awaitable[None]]
 
 
 async def read_request_head(
@@ -329,9 +329,9 @@ async def read_request_head(
 class Router:
     """Routes by exact path, then method: the dispatch point handlers (and the agent upgrade) plug into."""
 
-    routes: dict[str, dict[str, Handler]] = attrs.field(factory=dict)
+    routes: dict[str, dict[str, RouteHandler]] = attrs.field(factory=dict)
 
-    def add(self, path: str, handler: Handler, *, methods: Iterable[str] = ("GET", "HEAD")) -> None:
+    def add(self, path: str, handler: RouteHandler, *, methods: Iterable[str] = ("GET", "HEAD")) -> None:
         by_method = self.routes.setdefault(path, {})
         for method in methods:
             by_method[method] = handler

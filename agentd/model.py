@@ -1,6 +1,6 @@
 """Records shared by the layers: who an agent connection is, and the workspace it belongs to.
 
-The store builds them (agentd.store.connection), the services and the daemon-wide components read
+The store builds them (agentd.store.sessions), the services and the daemon-wide components read
 them; this module imports nothing of agentd, so every layer may import it.
 """
 

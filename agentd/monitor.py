@@ -46,7 +46,7 @@ from agentd.model import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
-from agentd.store import connection as queries
+from agentd.store import sessions as queries
 
 __all__ = [
     "AGENT_DELETED",

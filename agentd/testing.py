@@ -77,9 +77,9 @@ from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import Authenticated, workspace_identities
 from agentd.store.db import set_busy_watcher
 from agentd.store.pubsub import PubSub
+from agentd.store.sessions import Authenticated, workspace_identities
 from agentd.tailnet.derpmap import DERPMapSource
 from agentd.tailnet.trio_coordinator import Coordinator
 from agentd.websocket import UpgradeError

@@ -35,7 +35,7 @@ from agentd.services.base import AGENT, ConnectionScope, Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import workspace_identities
+from agentd.store.sessions import workspace_identities
 from agentd.testing import TestAgent, serve_agent
 
 MANIFEST = AGENT + "GetManifest"
@@ -345,7 +345,7 @@ async def test_failing_load_ends_only_that_session(
     from agentd.mux import MuxSession
 
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    from agentd.store.connection import authenticate_agent
+    from agentd.store.sessions import authenticate_agent
 
     ident = await authenticate_agent(db, ws.agents[0].token)
     assert ident is not None
@@ -380,7 +380,7 @@ async def test_disconnect_line_says_why(db: Database, caplog: pytest.LogCaptureF
     """`agent disconnected` (debug) names who ended the session; at info a session logs nothing."""
     from agentd.connection import serve
     from agentd.mux import MuxSession
-    from agentd.store.connection import authenticate_agent
+    from agentd.store.sessions import authenticate_agent
 
     ws = await seed(db)
     ident = await authenticate_agent(db, ws.agents[0].token)

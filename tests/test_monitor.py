@@ -24,7 +24,7 @@ from agentd.monitor import (
 )
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.test_connection import RecordingPublisher, add_build, seed
 

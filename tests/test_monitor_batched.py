@@ -29,7 +29,7 @@ from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
 from agentd.store import monitors as monitor_rows
-from agentd.store.connection import (
+from agentd.store.sessions import (
     authenticate_agent,
     authenticate_connection,
     workspace_identities,

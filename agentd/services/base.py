@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from agentd.components import Components
     from agentd.services.events import Events
     from agentd.store import Database
-    from agentd.store.connection import Preload
+    from agentd.store.sessions import Preload
 
 AGENT = "/coder.agent.v2.Agent/"
 

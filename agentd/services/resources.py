@@ -181,7 +181,7 @@ class ResourcesMonitoringService:
         """
         preload = self.scope.preload
         if preload is not None:
-            # Read with the token lookup (agentd.store.connection.authenticate_connection).
+            # Read with the token lookup (agentd.store.sessions.authenticate_connection).
             self.memory = preload.memory_monitor
             self.volumes = list(preload.volume_monitors)
         else:

@@ -29,7 +29,7 @@ log = logging.getLogger("agentd.services.workspace_cache")
 #: coderd's workspaceCacheRefreshInterval.
 REFRESH_INTERVAL = 5 * 60.0
 
-#: Reads many workspaces' identities at once (``agentd.store.connection.workspace_identities``).
+#: Reads many workspaces' identities at once (``agentd.store.sessions.workspace_identities``).
 Reader = Callable[[Sequence[uuid.UUID]], Awaitable[dict[uuid.UUID, WorkspaceIdentity]]]
 
 _UNREAD: Any = object()

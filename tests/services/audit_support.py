@@ -13,7 +13,7 @@ from agentd.components import Components
 from agentd.model import AgentIdentity, WorkspaceIdentity
 from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 

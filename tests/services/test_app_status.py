@@ -24,7 +24,7 @@ from agentd.services import apps
 from agentd.services.apps import go_unquote, strip_ansi, strip_html, ui_sanitize
 from agentd.services.events import Events
 from agentd.store import MISSED, Database, PubSub, Subscription
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope
 

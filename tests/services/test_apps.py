@@ -20,7 +20,7 @@ from agentd.proto import agent_pb2
 from agentd.services import apps
 from agentd.services.events import Events
 from agentd.store import MISSED, Database, PubSub, Subscription
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import make_scope
 

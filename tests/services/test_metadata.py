@@ -26,8 +26,8 @@ from agentd.proto import agent_pb2
 from agentd.services.events import Events
 from agentd.services.metadata import MetadataService, build
 from agentd.store import Database, PubSub
-from agentd.store.connection import authenticate_agent
 from agentd.store.metadata import MetadataRow, metadata_rows
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope
 

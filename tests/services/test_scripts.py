@@ -17,7 +17,7 @@ from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import scripts
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, make_scope
 

@@ -22,7 +22,7 @@ from agentd.services import subagents
 from agentd.services.subagents import clamp_sharing_level, hashed_slug
 from agentd.store import Database
 from agentd.store.agents import get_agent_by_token, token_digest
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.store.subagents import AppUpsert, upsert_app
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope
