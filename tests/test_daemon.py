@@ -18,6 +18,7 @@ from agentd.config import Config, ConfigError, TcpAddress, UnixAddress
 from agentd.daemon import Daemon, Health, build_router, raise_open_files_limit
 from agentd.handshake import RPC_PATH
 from agentd.http import HttpApp
+from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.store import open_database
 
 
@@ -90,6 +91,7 @@ async def test_metrics_only_on_the_operator_listener(db_url: str, tmp_path: Path
         while chunk := await stream.receive_some(65536):
             raw += chunk
         assert raw.startswith(b"HTTP/1.1 200 ")
+        assert f"\r\ncontent-type: {METRICS_CONTENT_TYPE}\r\n".encode() in raw
         assert b"\nagentd_agent_stats_dropped_total 0\n" in raw
         status, body = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), "/healthz")
         assert status == 200 and body["status"] == "ok"

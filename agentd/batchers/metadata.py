@@ -48,7 +48,6 @@ FLUSH_INTERVAL_S = 5.0
 SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
 DROP_WARN_INTERVAL_S = 10.0
 #: A raw-std base64 UUID is 22 bytes; 363 of them (7986 bytes) fit PostgreSQL's 8000-byte NOTIFY limit.
-ENCODED_ID_LEN = 22
 MAX_IDS_PER_MESSAGE = 363
 
 
