@@ -91,7 +91,11 @@ async def _serve(
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], object] | None = None,
 ) -> AsyncIterator[Serving]:
-    """Start `agentd serve` (or `command`), wait for its ready line, make sure it is gone afterwards."""
+    """Start `agentd serve` (or `command`), wait for its ready line, make sure it is gone afterwards.
+
+    Without a --metrics-listen of the test's own, none: the default port (2112) is the machine's."""
+    if "--metrics-listen" not in args:
+        args = [*args, "--metrics-listen", "none"]
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
             command or [sys.executable, "-m", "agentd", "serve", *args],
