@@ -15,8 +15,7 @@ lint:
     ruff format --check agentd tests bench scripts
 
 typecheck:
-    mypy agentd
-    mypy --strict agentd/mux agentd/drpc agentd/store
+    mypy --strict agentd
 
 # Regenerate agentd/proto/*_pb2.py and .pyi from the .proto sources (grpcio-tools, pinned in setup.cfg),
 # then the typed client stubs derived from them.

@@ -20,8 +20,8 @@ from datetime import datetime
 import attrs
 import trio
 
+from agentd.channels import workspace_channel
 from agentd.config import Config, UserError
-from agentd.services.events import workspace_channel
 from agentd.store import Database, PubSub
 from agentd.store.agent_list import AgentListing, AgentSummary, list_agents
 

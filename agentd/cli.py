@@ -35,12 +35,23 @@ class _Parser(argparse.ArgumentParser):
 _ALLOW_CHMOD_HELP = "as root: let the embedded server add g+rx,o+rx to the data dir's parents"
 
 
-def _add_database_flags(parser: argparse.ArgumentParser) -> None:
+def _add_database_flags(parser: argparse.ArgumentParser, *, serving: bool = False) -> None:
+    """--config, --allow-chmod and where the database is: --data-dir (its embedded PostgreSQL) or
+    --postgres-url, one or the other - except for `serve`, whose data dir also holds the default
+    unix socket, so it may be given next to --postgres-url."""
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     parser.add_argument("--allow-chmod", action="store_true", help=_ALLOW_CHMOD_HELP)
-    group = parser.add_mutually_exclusive_group()
+    group = parser if serving else parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--data-dir", type=Path, metavar="DIR", help="data directory (default $XDG_DATA_HOME/agentd)"
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "data directory: the embedded PostgreSQL and the default unix socket"
+            if serving
+            else "data directory"
+        )
+        + " (default $XDG_DATA_HOME/agentd)",
     )
     group.add_argument(
         "--postgres-url", metavar="URL", help="use this PostgreSQL server instead of the embedded one"
@@ -54,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
-    serve.add_argument(
-        "--data-dir", type=Path, metavar="DIR", help="data directory (default $XDG_DATA_HOME/agentd)"
-    )
-    serve.add_argument(
-        "--postgres-url", metavar="URL", help="use this PostgreSQL instead of the embedded one"
-    )
+    _add_database_flags(serve, serving=True)
     serve.add_argument(
         "--listen",
         action="append",
@@ -69,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="unix:/path/to.sock or tcp://HOST:PORT; repeatable "
         "(default unix:$DATA_DIR/agentd.sock and tcp://127.0.0.1:3113)",
     )
-    serve.add_argument("--allow-chmod", action="store_true", help=_ALLOW_CHMOD_HELP)
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
     serve.add_argument(
         "--agent-stats-refresh-interval",

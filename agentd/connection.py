@@ -49,30 +49,25 @@ import attrs
 import outcome
 import trio
 
+from agentd.clock import Now, utcnow
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import CallShape, Handler, Registry, RpcMethod, method_table
 from agentd.drpc.server import RequestBudget, ServerLimits, serve_session
 from agentd.handshake import Upgraded
 from agentd.logfmt import quote
-from agentd.monitor import DISCONNECT, Watch
+from agentd.model import AgentIdentity, WorkspaceIdentity
+from agentd.monitor import DISCONNECT, ConnectionMonitor, Watch
 from agentd.mux import GoAwayCode, MuxConfig, MuxError, MuxSession
 from agentd.server_metrics import ServerMetrics
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import (
-    AgentIdentity,
-    ConnectionScope,
-    Now,
-    Preload,
-    Settings,
-    WorkspaceCache,
-    WorkspaceIdentity,
-    utcnow,
-)
+from agentd.services.base import ConnectionScope, Service, Settings, WorkspaceCache
 from agentd.services.events import Events
-from agentd.services.workspace_cache import CacheEntry
-from agentd.store import connection as queries
+from agentd.services.workspace_cache import CacheEntry, WorkspaceCacheRefresher
+from agentd.store import Database
+from agentd.store import sessions as queries
 from agentd.store.errors import DataError
+from agentd.store.sessions import Preload
 from agentd.websocket import WebSocketByteStream
 
 __all__ = [
@@ -101,7 +96,7 @@ LONG_LIVED = frozenset({CallShape.SERVER_STREAM, CallShape.BIDI})
 #: come and go inside each mux session's sans-I/O core, which has no event to wait on).
 DRAIN_POLL_S = 0.05
 
-ServiceBuilder = Callable[[ConnectionScope], Any]
+ServiceBuilder = Callable[[ConnectionScope], Service]
 
 
 @functools.lru_cache(maxsize=8)
@@ -259,7 +254,7 @@ class _InApiLongLived(_InApi):
 
     __slots__ = ()
 
-    async def __call__(self, *args: Any) -> Any:  # type: ignore[override]
+    async def __call__(self, *args: Any) -> Any:
         self.api.streaming += 1
         try:
             return await self.api.call(self.handler, *args, method=self.method, timed=self.timed)
@@ -280,7 +275,7 @@ class ApiTask:
     """
 
     name: str
-    service: Any
+    service: Service
     #: the process's RPC counters and latencies (None: not counted)
     stats: ServerMetrics | None = None
     calls: int = attrs.field(default=0, init=False)
@@ -296,10 +291,11 @@ class ApiTask:
     async def open(self, nursery: trio.Nursery) -> None:
         """Load the service and start its ``run`` in ``nursery``; from then on this API's calls run
         in ``nursery`` (until :func:`run_apis` winds it down)."""
-        load = getattr(self.service, "load", None)
+        # the optional parts of the Service protocol (Loads, Runs); getattr: once per API and connect
+        load: Callable[[], Awaitable[None]] | None = getattr(self.service, "load", None)
         if load is not None:
             await load()
-        service_run = getattr(self.service, "run", None)
+        service_run: Callable[..., Awaitable[None]] | None = getattr(self.service, "run", None)
         if service_run is not None:
             await nursery.start(service_run)
         self._nursery = nursery
@@ -392,7 +388,7 @@ class AgentConnection:
 
     transport: trio.abc.Stream
     ident: AgentIdentity
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)
@@ -544,7 +540,9 @@ class AgentConnection:
             with trio.CancelScope(shield=True):
                 await session.aclose()
 
-    async def _teardown(self, monitor: Any, refresher: Any, session: MuxSession) -> None:
+    async def _teardown(
+        self, monitor: ConnectionMonitor, refresher: WorkspaceCacheRefresher, session: MuxSession
+    ) -> None:
         """Shielded by the caller: clear the cache, close the transport (WebSocket: 1001 + reason),
         then record the disconnect — in that order, each bounded."""
         if self.cache_entry is not None:
@@ -628,7 +626,7 @@ class AgentSessions:
     """The daemon's side of every agent session: what a connection needs from the process, and the
     set of live connections so a shutdown can end them at once (agents redial another replica)."""
 
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     settings: Settings = attrs.field(factory=Settings)
     components: Components = attrs.field(factory=Components)

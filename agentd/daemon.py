@@ -20,9 +20,10 @@ import math
 import resource
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -32,16 +33,8 @@ from agentd.components import Components
 from agentd.config import Config, UserError
 from agentd.connection import DRAIN_POLL_S, AgentSessions, start_components
 from agentd.drpc.server import ServerLimits
-from agentd.handshake import (
-    HANDSHAKE_TIMEOUT,
-    Closed,
-    NotMine,
-    Rejected,
-    RequestHead,
-    Upgraded,
-    handle_rpc_request,
-)
-from agentd.http import HttpApp, Request, Router, json_body
+from agentd.handshake import HANDSHAKE_TIMEOUT, RPC_PATH, Closed, Rejected, Upgraded, handle_rpc_request
+from agentd.http import HttpApp, Request, Router
 from agentd.listeners import BoundListener, Server, bind_all, describe_peer
 from agentd.logfmt import logfmt
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -54,7 +47,8 @@ from agentd.store.embedded import embedded_postgres
 from agentd.store.errors import StoreError
 from agentd.store.migrate import migrate as migrate_schema
 from agentd.store.pubsub import PubSub
-from agentd.tailnet.api import build_coordinator
+from agentd.store.sessions import Authenticated
+from agentd.tailnet.api import TailnetCoordinator, build_coordinator
 
 log = logging.getLogger("agentd")
 #: every line about one agent's connection (upgrade, connect, disconnect) comes from this logger
@@ -78,7 +72,6 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-AGENT_RPC_PATH = "/api/v2/workspaceagents/me/rpc"
 #: /healthz gives PostgreSQL this long to answer `SELECT 1` before saying 503: below the 5 s a
 #: health probe (systemd, a load balancer) waits, so a black-holed database is reported in time. The
 #: interrupted query's connection is closed at once (agentd.store.trio_pg), adding no wait.
@@ -162,21 +155,26 @@ class Health:
         await request.send_json(200 if error is None else 503, body)
 
 
+class AgentEndpoint(Protocol):
+    """What the agent route needs from the daemon's sessions (agentd.connection.AgentSessions)."""
+
+    async def lookup(self, token: uuid.UUID) -> Authenticated | None: ...
+
+    async def serve(self, upgraded: Upgraded[Authenticated]) -> None: ...
+
+
 @attrs.define
 class AgentRpcRoute:
     """`GET /api/v2/workspaceagents/me/rpc`: token auth + upgrade (agentd.handshake), then the agent's
     session (agentd.connection) on this same stream until it ends."""
 
-    sessions: AgentSessions
+    sessions: AgentEndpoint
     #: bound on the token lookup and the upgrade (in-process harnesses under a virtual clock: inf)
     handshake_timeout: float = HANDSHAKE_TIMEOUT
 
     async def handle(self, request: Request) -> None:
-        head = RequestHead.from_text(
-            request.method, request.target, request.headers, request.http_version, request.trailing_data
-        )
         outcome = await handle_rpc_request(
-            request.stream, head, lookup=self.sessions.lookup, timeout=self.handshake_timeout
+            request, lookup=self.sessions.lookup, timeout=self.handshake_timeout
         )
         if isinstance(outcome, Upgraded):
             request.responded = True
@@ -187,18 +185,14 @@ class AgentRpcRoute:
                 fields.update(protocol=outcome.protocol.value, api_version=outcome.version, role=outcome.role)
                 session_log.debug("agent upgraded %s", logfmt(fields))
             await self.sessions.serve(outcome)
-        elif isinstance(outcome, NotMine):
-            await request.send_json(404, json_body("Route not found.", f"No route for {request.path}."))
-        else:
-            request.responded = True  # Rejected (answered) or Closed
-            if session_log.isEnabledFor(logging.DEBUG):
-                fields = describe_peer(request.stream)
-                fields.update(self._forwarded(request))
-                if isinstance(outcome, Rejected):
-                    fields.update(status=outcome.error.status, error=str(outcome.error))
-                elif isinstance(outcome, Closed):
-                    fields.update(status="closed", error=outcome.reason)
-                session_log.debug("agent upgrade refused %s", logfmt(fields))
+        elif session_log.isEnabledFor(logging.DEBUG):  # Rejected (answered) or Closed
+            fields = describe_peer(request.stream)
+            fields.update(self._forwarded(request))
+            if isinstance(outcome, Rejected):
+                fields.update(status=outcome.error.status, error=str(outcome.error))
+            elif isinstance(outcome, Closed):
+                fields.update(status="closed", error=outcome.reason)
+            session_log.debug("agent upgrade refused %s", logfmt(fields))
 
     @staticmethod
     def _forwarded(request: Request) -> dict[str, object]:
@@ -212,7 +206,7 @@ def build_components(
     pubsub: PubSub,
     settings: Settings,
     *,
-    coordinator: Any = None,
+    coordinator: TailnetCoordinator | None = None,
     cleanup: CleanupDeadline | None = None,
 ) -> Components:
     """The process-wide components of DESIGN's task tree, started before agents are accepted and
@@ -230,11 +224,11 @@ def build_components(
     from agentd.monitor import ConnectionMonitor
     from agentd.services.lifecycle import BuildDurationHistogram
     from agentd.services.workspace_cache import WorkspaceCacheRefresher
-    from agentd.store.connection import workspace_identities
+    from agentd.store.sessions import workspace_identities
     from agentd.tailnet import Coordinator, DERPMapSource
 
     cleanup = cleanup if cleanup is not None else CleanupDeadline()
-    if hasattr(coordinator, "cleanup"):
+    if coordinator is not None and hasattr(coordinator, "cleanup"):
         coordinator.cleanup = cleanup
     metadata_batcher = MetadataBatcher(db, pubsub, cleanup=cleanup)
     stats_batcher = StatsBatcher(db, cleanup=cleanup)
@@ -284,10 +278,10 @@ class MetricsRoute:
 
     async def handle(self, request: Request) -> None:
         # ?timestamps=1: agentd.workers' parent merging its workers' expositions
-        parts = [
-            self.components.metrics.render(timestamps=request.query_value("timestamps") == "1"),
-            self.components.server_metrics.render(self.components),
-        ]
+        timestamps = request.query_value("timestamps") == "1"
+        parts = [self.components.server_metrics.render(self.components)]
+        if self.components.metrics is not None:
+            parts.insert(0, self.components.metrics.render(timestamps=timestamps))
         if self.components.build_durations is not None:
             parts.append(self.components.build_durations.render())
         body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
@@ -296,7 +290,7 @@ class MetricsRoute:
 
 def build_router(
     db: Database,
-    sessions: AgentSessions | None = None,
+    sessions: AgentEndpoint | None = None,
     draining: Draining | None = None,
     *,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -306,7 +300,7 @@ def build_router(
     router = Router()
     router.add("/healthz", Health(db, draining=draining or Draining()).handle)
     if sessions is not None:
-        router.add(AGENT_RPC_PATH, AgentRpcRoute(sessions, handshake_timeout).handle, methods=("GET",))
+        router.add(RPC_PATH, AgentRpcRoute(sessions, handshake_timeout).handle, methods=("GET",))
     return router
 
 

@@ -1,15 +1,13 @@
 """Upgrade and authentication of `GET /api/v2/workspaceagents/me/rpc` (spec/agent-api.md §2.1-2.3, §3).
 
-Layers, outermost first:
+The request head is read by the daemon's HTTP front door (agentd.http, the only reader), which
+routes `GET RPC_PATH` here:
 
-* `read_request_head` - one bounded request head off a trio stream (h11; 16 KiB, 10 s). Its sans-I/O
-  core is `RequestHeadParser`.
-* `handle_rpc_request` - given a parsed `RequestHead`, decide: not our route (`NotMine`, nothing
-  written), refused (`Rejected`: Coder's status + JSON body written, connection closed), or
-  `Upgraded` (101 written; the transport stream, the authenticated agent, version and role).
-  The checks run in coderd's order - token source and format (401), token lookup (401/500),
-  `version` (400), then the upgrade itself (400) - each a pure function raising `HttpError`.
-* `accept_agent` - both of the above for a connection that carries nothing else.
+* `handle_rpc_request` - given that `Request`, decide: refused (`Rejected`: Coder's status + JSON
+  body written), gone (`Closed`) or `Upgraded` (101 written; the transport stream, the
+  authenticated agent, version and role). The checks run in coderd's order - token source and
+  format (401), token lookup (401/500), `version` (400), then the upgrade itself (400) - each a
+  pure function raising `agentd.http.HttpError`.
 * `upgrade_client` - the client side (agent SDK, tests): raw yamux or WebSocket.
 
 The token lookup is injected: `lookup(token) -> agent | None`. It may raise `HttpError` to answer
@@ -20,20 +18,18 @@ answered like coderd's database errors: 500 "Internal error checking workspace a
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import operator
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from http import HTTPStatus
 from typing import Generic, TypeVar
 from urllib.parse import urlencode
 
 import attrs
-import h11
 import trio
 
+from agentd.http import HttpError, Request, first_value
 from agentd.websocket import (
     MAX_MESSAGE_SIZE,
     UpgradeError,
@@ -46,29 +42,24 @@ from agentd.websocket import (
 
 __all__ = [
     "CURRENT_VERSION",
+    "HANDSHAKE_TIMEOUT",
     "RPC_PATH",
     "ApiVersion",
     "Closed",
-    "HttpError",
     "Lookup",
-    "NotMine",
     "Outcome",
     "PrefixedStream",
     "Rejected",
-    "RequestHead",
-    "RequestHeadParser",
     "RpcRequest",
     "Upgrade",
     "UpgradeError",
     "Upgraded",
-    "accept_agent",
     "check_token",
     "check_upgrade",
     "extract_token",
     "handle_rpc_request",
     "parse_go_uuid",
     "parse_rpc_request",
-    "read_request_head",
     "upgrade_client",
     "validate_version",
 ]
@@ -76,71 +67,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RPC_PATH = "/api/v2/workspaceagents/me/rpc"
-_RPC_PATH_BYTES = RPC_PATH.encode("ascii")
 SESSION_TOKEN_COOKIE = b"coder_session_token"
 SESSION_TOKEN_HEADER = b"coder-session-token"
-MAX_HEAD_BYTES = 16384
+#: Bound on the token lookup and the upgrade, after the head was read (agentd.http.HEAD_TIMEOUT);
+#: also the client's bound on the whole upgrade.
 HANDSHAKE_TIMEOUT = 10.0
-#: After an error response, how long we keep reading (and discarding) so the client sees the
-#: response instead of a TCP reset caused by its own unread bytes.
-LINGER_SECONDS = 0.5
-_RECEIVE_CHUNK = 1 << 16
 YAMUX_SWITCH_RESPONSE = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n"
 
 A = TypeVar("A")
 
 
-# ---- errors and responses ------------------------------------------------------------------------
-
-
-def go_json(value: object) -> bytes:
-    """JSON the way Go's `json.Encoder` writes coderd's responses: compact, HTML-escaped, newline."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
-        text = text.replace(char, escape)
-    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    return text.encode("utf-8") + b"\n"
-
-
-class HttpError(Exception):
-    """A refusal before the upgrade, carrying its status and Coder's `codersdk.Response` fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        detail: str = "",
-        validations: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        super().__init__(f"{status} {message}" + (f": {detail}" if detail else ""))
-        self.status = status
-        self.message = message
-        self.detail = detail
-        self.validations = tuple(validations)
-
-    def body(self) -> bytes:
-        """The JSON body; `detail` and `validations` omitted when empty (Go's `omitempty`)."""
-        out: dict[str, object] = {"message": self.message}
-        if self.detail:
-            out["detail"] = self.detail
-        if self.validations:
-            out["validations"] = [{"field": f, "detail": d} for f, d in self.validations]
-        return go_json(out)
-
-    def response(self) -> bytes:
-        """The complete HTTP/1.1 response: status line, headers (with Content-Length), body."""
-        body = self.body()
-        try:
-            phrase = HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = "Error"
-        head = (
-            f"HTTP/1.1 {self.status} {phrase}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        return head.encode("ascii") + body
+# ---- refusals ------------------------------------------------------------------------------------
 
 
 def _no_token() -> HttpError:
@@ -172,98 +109,6 @@ def _bad_version(detail: str) -> HttpError:
 
 def _ws_accept_failed(detail: str) -> HttpError:
     return HttpError(400, "Failed to accept websocket.", detail)
-
-
-# ---- reading a request head ----------------------------------------------------------------------
-
-
-@attrs.frozen
-class RequestHead:
-    """A request head as read off the wire. Header names are lower-case bytes, in arrival order."""
-
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    http_version: bytes = b"1.1"
-    #: Bytes received past the blank line; after an upgrade they belong to the new protocol.
-    trailing: bytes = b""
-
-    @classmethod
-    def from_text(
-        cls,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        http_version: str = "1.1",
-        trailing: bytes = b"",
-    ) -> RequestHead:
-        """From a head another parser decoded as latin-1 text (e.g. agentd.http's Request)."""
-        return cls(
-            method=method.encode("latin-1"),
-            target=target.encode("latin-1"),
-            headers=[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-            http_version=http_version.encode("latin-1"),
-            trailing=trailing,
-        )
-
-
-class RequestHeadParser:
-    """Sans-I/O: feed bytes, get one `RequestHead`; malformed or oversized input raises HttpError."""
-
-    def __init__(self, max_bytes: int = MAX_HEAD_BYTES) -> None:
-        self._max = max_bytes
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_bytes)
-        self._fed = 0
-
-    def feed(self, data: bytes) -> RequestHead | None:
-        """Add received bytes (b"" = EOF). Returns the head once complete, else None.
-
-        Raises HttpError (400 malformed, 431 too large) or trio.BrokenResourceError when the
-        peer closed before sending anything (nothing to answer).
-        """
-        self._fed += len(data)
-        try:
-            self._conn.receive_data(data)
-            event = self._conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            if exc.error_status_hint == 431:
-                raise HttpError(431, "Request header fields too large.", str(exc)) from None
-            raise HttpError(400, "Malformed HTTP request.", str(exc)) from None
-        if event is h11.NEED_DATA:
-            return None
-        if isinstance(event, h11.ConnectionClosed):
-            raise trio.BrokenResourceError("the client closed the connection before sending a request")
-        if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields only these first
-            raise HttpError(400, "Malformed HTTP request.", f"unexpected {type(event).__name__}")
-        trailing = bytes(self._conn.trailing_data[0])
-        if self._fed - len(trailing) > self._max:
-            raise HttpError(
-                431, "Request header fields too large.", f"the request head exceeds {self._max} bytes"
-            )
-        return RequestHead(
-            method=bytes(event.method),
-            target=bytes(event.target),
-            headers=[(bytes(k), bytes(v)) for k, v in event.headers],
-            http_version=bytes(event.http_version),
-            trailing=trailing,
-        )
-
-
-async def read_request_head(
-    stream: trio.abc.ReceiveStream,
-    *,
-    max_bytes: int = MAX_HEAD_BYTES,
-    timeout: float = HANDSHAKE_TIMEOUT,  # noqa: ASYNC109 - a protocol bound, not a caller convenience
-) -> RequestHead:
-    """Read one request head: HttpError (400/431, answerable), trio.TooSlowError after `timeout`,
-    trio.BrokenResourceError if the client left first."""
-    parser = RequestHeadParser(max_bytes)
-    with trio.fail_after(timeout):
-        while True:
-            data = await stream.receive_some(_RECEIVE_CHUNK)
-            head = parser.feed(bytes(data))
-            if head is not None:
-                return head
 
 
 # ---- the pure checks -----------------------------------------------------------------------------
@@ -344,49 +189,6 @@ def parse_go_uuid(raw: bytes) -> uuid.UUID | None:
     return uuid.UUID(hex=digits.decode("ascii"))
 
 
-def _unhex(pair: bytes) -> int | None:
-    return int(pair, 16) if len(pair) == 2 and set(pair) <= _HEX else None
-
-
-def _query_unescape(raw: bytes) -> bytes | None:
-    """Go's url.QueryUnescape: %XX and '+' = space; a bad escape invalidates the whole value."""
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if c == 0x25:  # %
-            value = _unhex(raw[i + 1 : i + 3])
-            if value is None:
-                return None
-            out.append(value)
-            i += 3
-        else:
-            out.append(0x20 if c == 0x2B else c)
-            i += 1
-    return bytes(out)
-
-
-def parse_query(raw: bytes) -> list[tuple[bytes, bytes]]:
-    """Go's url.ParseQuery, keeping what it keeps (pairs with ';' or bad escapes are dropped)."""
-    out: list[tuple[bytes, bytes]] = []
-    for part in raw.split(b"&"):
-        if not part or b";" in part:
-            continue
-        key, _, value = part.partition(b"=")
-        k, v = _query_unescape(key), _query_unescape(value)
-        if k is not None and v is not None:
-            out.append((k, v))
-    return out
-
-
-def _get(pairs: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
-    """First value of `name` or b"" (Go's Values.Get / Header.Get with lower-cased names)."""
-    for key, value in pairs:
-        if key == name:
-            return value
-    return b""
-
-
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -411,32 +213,21 @@ def _cookie(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes:
     return b""
 
 
-def _split_target(target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of an origin-form or absolute-form request target."""
-    lowered = target[:8].lower()
-    if lowered.startswith((b"http://", b"https://")):
-        rest = target[target.index(b"//") + 2 :]
-        slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
-        target = rest[slash:] or b"/"
-    path, _, query = target.partition(b"?")
-    return path, query
-
-
-def extract_token(head: RequestHead, query: Sequence[tuple[bytes, bytes]]) -> bytes:
+def extract_token(headers: Sequence[tuple[bytes, bytes]], query: Sequence[tuple[bytes, bytes]]) -> bytes:
     """The raw token, by coderd's precedence (b"" if none): cookie `coder_session_token`, query
     `coder_session_token`, header `Coder-Session-Token`, `Authorization: Bearer` (any case), query
     `access_token`. An empty value at one source falls through to the next."""
     for value in (
-        _cookie(head.headers, SESSION_TOKEN_COOKIE),
-        _get(query, SESSION_TOKEN_COOKIE),
-        _get(head.headers, SESSION_TOKEN_HEADER),
+        _cookie(headers, SESSION_TOKEN_COOKIE),
+        first_value(query, SESSION_TOKEN_COOKIE),
+        first_value(headers, SESSION_TOKEN_HEADER),
     ):
         if value:
             return value
-    auth = _get(head.headers, b"authorization")
+    auth = first_value(headers, b"authorization")
     if len(auth) > 7 and auth[:7].lower() == b"bearer ":
         return auth[7:]
-    return _get(query, b"access_token")
+    return first_value(query, b"access_token")
 
 
 class Upgrade(enum.Enum):
@@ -446,28 +237,21 @@ class Upgrade(enum.Enum):
 
 @attrs.frozen
 class RpcRequest:
-    """What `handle_rpc_request` needs from a head that targets the agent RPC route."""
+    """What `handle_rpc_request` takes from the agent RPC route's request."""
 
-    head: RequestHead
-    query: list[tuple[bytes, bytes]]
+    request: Request
     token: bytes
     version: bytes
     role: str
     upgrade: Upgrade | None
 
 
-def parse_rpc_request(head: RequestHead) -> RpcRequest | None:
-    """None unless this is `GET /api/v2/workspaceagents/me/rpc` (then the dispatcher handles it)."""
-    if head.method != b"GET":
-        return None
-    path, raw_query = _split_target(head.target)
-    if path != _RPC_PATH_BYTES:  # compared raw, as chi routes on RawPath: /me/%72pc is another route
-        return None
-    query = parse_query(raw_query)
+def parse_rpc_request(request: Request) -> RpcRequest:
+    """The token, version, role and offered upgrade of a request the router sent to RPC_PATH."""
     upgrade: Upgrade | None = None
-    connection = [t.strip().lower() for k, v in head.headers if k == b"connection" for t in v.split(b",")]
+    connection = [t.strip().lower() for k, v in request.headers if k == b"connection" for t in v.split(b",")]
     if b"upgrade" in connection:
-        offered = [t.strip().lower() for k, v in head.headers if k == b"upgrade" for t in v.split(b",")]
+        offered = [t.strip().lower() for k, v in request.headers if k == b"upgrade" for t in v.split(b",")]
         for proto in offered:
             if proto == b"yamux":
                 upgrade = Upgrade.YAMUX
@@ -476,11 +260,10 @@ def parse_rpc_request(head: RequestHead) -> RpcRequest | None:
                 upgrade = Upgrade.WEBSOCKET
                 break
     return RpcRequest(
-        head=head,
-        query=query,
-        token=extract_token(head, query),
-        version=_get(query, b"version"),
-        role=_get(query, b"role").decode("utf-8", "replace"),
+        request=request,
+        token=extract_token(request.headers, request.query),
+        version=first_value(request.query, b"version"),
+        role=first_value(request.query, b"role").decode("utf-8", "replace"),
         upgrade=upgrade,
     )
 
@@ -500,7 +283,7 @@ def check_upgrade(request: RpcRequest) -> tuple[Upgrade, bytes]:
     if request.upgrade is Upgrade.YAMUX:
         return Upgrade.YAMUX, YAMUX_SWITCH_RESPONSE
     try:
-        key = check_websocket_request(request.head.http_version, request.head.headers)
+        key = check_websocket_request(request.request.http_version, request.request.headers)
     except ValueError as exc:
         raise _ws_accept_failed(str(exc)) from None
     return Upgrade.WEBSOCKET, websocket_accept_response(key)
@@ -510,22 +293,15 @@ def check_upgrade(request: RpcRequest) -> tuple[Upgrade, bytes]:
 
 
 @attrs.frozen
-class NotMine:
-    """Not the agent RPC route: nothing was written; the dispatcher serves `head` itself."""
-
-    head: RequestHead
-
-
-@attrs.frozen
 class Rejected:
-    """Refused: `error.response()` was sent and the stream closed."""
+    """Refused: `error` was sent (agentd.http.send_error); the front door closes the stream."""
 
     error: HttpError
 
 
 @attrs.frozen
 class Closed:
-    """Closed without an answer (client too slow, or gone)."""
+    """No answer (the handshake took too long, or the client left); the front door closes the stream."""
 
     reason: str
 
@@ -546,7 +322,7 @@ class Upgraded(Generic[A]):
     protocol: Upgrade
 
 
-Outcome = NotMine | Rejected | Closed | Upgraded[A]
+Outcome = Rejected | Closed | Upgraded[A]
 Lookup = Callable[[uuid.UUID], Awaitable[A | None]]
 
 
@@ -600,44 +376,23 @@ def _transport(stream: trio.abc.Stream, upgrade: Upgrade, trailing: bytes) -> tr
 # ---- the async glue ------------------------------------------------------------------------------
 
 
-async def _send_error_and_close(stream: trio.abc.Stream, error: HttpError) -> None:
-    """Answer, half-close if possible, drain briefly (so our response is not lost to a reset), close."""
-    try:
-        await stream.send_all(error.response())
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        with trio.move_on_after(LINGER_SECONDS):
-            drained = 0
-            while drained < (1 << 20):
-                data = await stream.receive_some(_RECEIVE_CHUNK)
-                if not data:
-                    break
-                drained += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 async def handle_rpc_request(
-    stream: trio.abc.Stream,
-    head: RequestHead,
+    request: Request,
     *,
     lookup: Lookup[A],
     timeout: float = HANDSHAKE_TIMEOUT,  # noqa: ASYNC109 - a protocol bound
 ) -> Outcome[A]:
-    """Authenticate and upgrade an agent RPC request whose head was already read from `stream`.
+    """Authenticate and upgrade the agent RPC request `request` (its head read by agentd.http).
 
     Never raises for anything the client sent; see the Outcome classes. Everything (lookup and
-    writes included) is bounded by `timeout`; a client that stalls is closed without an answer.
+    writes included) is bounded by `timeout`; a client that stalls gets no answer. Either way the
+    request counts as answered (`request.responded`).
     """
-    request = parse_rpc_request(head)
-    if request is None:
-        return NotMine(head)
-    outcome: Outcome[A] = Closed(f"handshake took longer than {timeout} s")
+    rpc = parse_rpc_request(request)
+    stream = request.stream
     with trio.move_on_after(timeout):
         try:
-            token = check_token(request)
+            token = check_token(rpc)
             try:
                 agent = await lookup(token)
             except HttpError:
@@ -647,55 +402,29 @@ async def handle_rpc_request(
                 raise _lookup_failed(exc) from exc
             if agent is None:
                 raise _unknown_agent()
-            version = validate_version(request.version)
-            upgrade, response = check_upgrade(request)
+            version = validate_version(rpc.version)
+            upgrade, response = check_upgrade(rpc)
         except HttpError as error:
             # Not logged here: the caller knows the peer (agentd.daemon logs it at debug).
-            await _send_error_and_close(stream, error)
+            await request.send_error(error)
             return Rejected(error)
+        request.responded = True
         try:
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await trio.aclose_forcefully(stream)
             return Closed(f"client went away: {exc}")
         return Upgraded(
-            transport=_transport(stream, upgrade, head.trailing),
+            transport=_transport(stream, upgrade, request.trailing_data),
             agent=agent,
             token=token,
             version=version,
-            version_string=(request.version or b"2.0").decode("utf-8", "replace"),
-            role=request.role,
-            monitoring=request.role in ("", "agent"),
+            version_string=(rpc.version or b"2.0").decode("utf-8", "replace"),
+            role=rpc.role,
+            monitoring=rpc.role in ("", "agent"),
             protocol=upgrade,
         )
-    await trio.aclose_forcefully(stream)
-    return outcome
-
-
-async def accept_agent(
-    stream: trio.abc.Stream,
-    *,
-    lookup: Lookup[A],
-    max_bytes: int = MAX_HEAD_BYTES,
-    timeout: float = HANDSHAKE_TIMEOUT,  # noqa: ASYNC109 - a protocol bound
-) -> Outcome[A]:
-    """Read the head and handle it, all within one `timeout`. Never raises for client input."""
-    deadline = trio.current_time() + timeout
-    try:
-        head = await read_request_head(stream, max_bytes=max_bytes, timeout=timeout)
-    except HttpError as error:
-        with trio.move_on_at(deadline):
-            await _send_error_and_close(stream, error)
-        await trio.aclose_forcefully(stream)
-        return Rejected(error)
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(stream)
-        return Closed(f"no complete request head within {timeout} s")
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        await trio.aclose_forcefully(stream)
-        return Closed(f"client went away: {exc}")
-    remaining = max(0.0, deadline - trio.current_time())
-    return await handle_rpc_request(stream, head, lookup=lookup, timeout=remaining)
+    request.responded = True  # nothing more is said to a client this slow
+    return Closed(f"handshake took longer than {timeout} s")
 
 
 # ---- client side ---------------------------------------------------------------------------------
@@ -729,6 +458,6 @@ async def upgrade_client(
         [("Host", host), ("Connection", "Upgrade"), ("Upgrade", "yamux"), *headers],
         timeout=timeout,
     )
-    if _get(response.headers, b"upgrade").strip().lower() != b"yamux":
+    if first_value(response.headers, b"upgrade").strip().lower() != b"yamux":
         raise UpgradeError(101, "the server switched to a protocol other than yamux")
     return PrefixedStream(stream, response.trailing) if response.trailing else stream

@@ -22,7 +22,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
 
 import attrs
 
@@ -84,12 +83,6 @@ class ReportedMetric:
 
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
-
-
-class Responder(Protocol):
-    """The part of agentd.http.Request that ``handle`` uses."""
-
-    async def send_response(self, status: int, body: bytes, *, content_type: str = ...) -> None: ...
 
 
 @attrs.define
@@ -252,10 +245,6 @@ class AgentMetrics:
             lines.append(f"# TYPE {name} counter")
             lines.append(f"{name} {format_value(value)}")
         return "\n".join(lines) + "\n"
-
-    async def handle(self, request: Responder) -> None:
-        """``GET /metrics`` on the daemon's listeners (``router.add("/metrics", metrics.handle)``)."""
-        await request.send_response(200, self.render().encode("utf-8"), content_type=CONTENT_TYPE)
 
 
 def _labels(pairs: Iterable[tuple[str, str]]) -> str:

@@ -37,17 +37,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.clock import Now, utcnow
 from agentd.logfmt import quote
-from agentd.services.base import AgentIdentity, Now, utcnow
+from agentd.model import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.shutdown import CleanupDeadline
-from agentd.store import connection as queries
+from agentd.store import Database
+from agentd.store import sessions as queries
 
 __all__ = [
     "AGENT_DELETED",
@@ -148,7 +150,7 @@ class _Start:
 class ConnectionMonitor:
     """The process-wide monitor of every agent session; ``await nursery.start(monitor.run)``."""
 
-    db: Any  # agentd.store.Database
+    db: Database
     events: Events
     replica_id: uuid.UUID
     now: Now = utcnow

@@ -69,16 +69,17 @@ from agentd.connection import (
 from agentd.daemon import build_router
 from agentd.handshake import Upgraded, upgrade_client
 from agentd.http import HttpApp
+from agentd.model import AgentIdentity
 from agentd.monitor import DEFAULT_PING_PERIOD, ConnectionMonitor
 from agentd.mux import MuxSession
 from agentd.services import SERVICE_MODULES
-from agentd.services.base import AgentIdentity, Settings
+from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import Authenticated, workspace_identities
 from agentd.store.db import set_busy_watcher
 from agentd.store.pubsub import PubSub
+from agentd.store.sessions import Authenticated, workspace_identities
 from agentd.tailnet.derpmap import DERPMapSource
 from agentd.tailnet.trio_coordinator import Coordinator
 from agentd.websocket import UpgradeError

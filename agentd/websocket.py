@@ -34,6 +34,8 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, T
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from agentd.http import MAX_HEAD_BYTES
+
 __all__ = [
     "MAX_MESSAGE_SIZE",
     "UpgradeError",
@@ -463,7 +465,7 @@ async def request_upgrade(
     headers: HeaderPairs,
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a protocol bound, not a caller convenience
-    max_head_bytes: int = 16384,
+    max_head_bytes: int = MAX_HEAD_BYTES,
     max_body_bytes: int = 65536,
 ) -> UpgradeResponse:
     """Send `GET target` (headers must include Host, Connection and Upgrade) and read the answer.

@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 
-from agentd.cli import main
+from agentd.cli import build_parser, main
 from agentd.store import Database, open_database
 from agentd.store.agents import token_digest
 
@@ -91,7 +91,11 @@ async def _serve(
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], object] | None = None,
 ) -> AsyncIterator[Serving]:
-    """Start `agentd serve` (or `command`), wait for its ready line, make sure it is gone afterwards."""
+    """Start `agentd serve` (or `command`), wait for its ready line, make sure it is gone afterwards.
+
+    Without a --metrics-listen of the test's own, none: the default port (2112) is the machine's."""
+    if "--metrics-listen" not in args:
+        args = [*args, "--metrics-listen", "none"]
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
             command or [sys.executable, "-m", "agentd", "serve", *args],
@@ -472,3 +476,22 @@ def test_unusable_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     blocker.write_text("")
     line = _one_error_line(_main(capsys, "migrate", "--data-dir", str(blocker / "data")))
     assert str(blocker) in line
+
+
+@pytest.mark.parametrize(
+    "command", [["migrate"], ["admin", "create-workspace", "--file", "w.toml"], ["agents"], ["serve"]]
+)
+def test_database_flags_are_one_declaration(command: list[str]) -> None:
+    """Every command takes --config/--allow-chmod/--data-dir/--postgres-url the same way; only
+    `serve` (whose data dir also holds the default socket) takes a data dir next to a URL."""
+    both = ["--data-dir", "/srv/agentd", "--postgres-url", "postgresql://db/agentd"]
+    if command == ["serve"]:
+        args = build_parser().parse_args([*command, *both, "--allow-chmod", "--config", "c.toml"])
+        assert (args.data_dir, args.postgres_url, args.allow_chmod) == (
+            Path("/srv/agentd"),
+            "postgresql://db/agentd",
+            True,
+        )
+    else:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, *both])

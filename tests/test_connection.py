@@ -31,11 +31,11 @@ from agentd.drpc.registry import CallShape, method_table
 from agentd.monitor import ConnectionMonitor
 from agentd.proto import agent_pb2, tailnet_pb2
 from agentd.services import SERVICE_MODULES, banners
-from agentd.services.base import AGENT, TAILNET, ConnectionScope, Settings
+from agentd.services.base import AGENT, ConnectionScope, Settings
 from agentd.services.events import Events
 from agentd.services.workspace_cache import WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import workspace_identities
+from agentd.store.sessions import workspace_identities
 from agentd.testing import TestAgent, serve_agent
 
 MANIFEST = AGENT + "GetManifest"
@@ -345,7 +345,7 @@ async def test_failing_load_ends_only_that_session(
     from agentd.mux import MuxSession
 
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    from agentd.store.connection import authenticate_agent
+    from agentd.store.sessions import authenticate_agent
 
     ident = await authenticate_agent(db, ws.agents[0].token)
     assert ident is not None
@@ -380,7 +380,7 @@ async def test_disconnect_line_says_why(db: Database, caplog: pytest.LogCaptureF
     """`agent disconnected` (debug) names who ended the session; at info a session logs nothing."""
     from agentd.connection import serve
     from agentd.mux import MuxSession
-    from agentd.store.connection import authenticate_agent
+    from agentd.store.sessions import authenticate_agent
 
     ws = await seed(db)
     ident = await authenticate_agent(db, ws.agents[0].token)
@@ -531,7 +531,7 @@ async def test_tailnet_paths_are_all_covered() -> None:
     registry = build_registry([ApiTask("banners", banners.BannersService(Settings()))])
     for path in method_table():
         assert registry.lookup(path) is not None
-    assert registry.lookup(TAILNET + "RefreshResumeToken") is not None
+    assert registry.lookup("/coder.tailnet.v2.Tailnet/RefreshResumeToken") is not None
 
 
 def test_every_agent_rpc_is_served_and_only_client_tailnet_rpcs_are_unimplemented() -> None:
@@ -541,8 +541,9 @@ def test_every_agent_rpc_is_served_and_only_client_tailnet_rpcs_are_unimplemente
     from agentd.components import Components
     from agentd.connection import load_service_builders
     from agentd.drpc.registry import method_table
+    from agentd.model import AgentIdentity
     from agentd.services import SERVICE_MODULES
-    from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
+    from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 
     ident = AgentIdentity(
         agent_id=uuid.uuid4(),

@@ -11,10 +11,11 @@ import pytest
 import trio
 
 import agentd.testing
-from agentd.services.base import PREBUILDS_USER_ID, WorkspaceCache, WorkspaceIdentity
+from agentd.model import PREBUILDS_USER_ID, WorkspaceIdentity
+from agentd.services.base import WorkspaceCache
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
-from agentd.store.connection import workspace_identities
+from agentd.store.sessions import workspace_identities
 from agentd.testing import TestAgent, serve_agent
 from tests.test_connection import seed
 

@@ -15,8 +15,10 @@ import trio
 import trio.testing
 
 from agentd.config import Config, ConfigError, TcpAddress, UnixAddress
-from agentd.daemon import AGENT_RPC_PATH, Daemon, Health, build_router, raise_open_files_limit
+from agentd.daemon import Daemon, Health, build_router, raise_open_files_limit
+from agentd.handshake import RPC_PATH
 from agentd.http import HttpApp
+from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.store import open_database
 
 
@@ -37,6 +39,7 @@ async def test_daemon_answers_healthz_on_unix_and_tcp_then_stops_cleanly(db_url:
         postgres_url=db_url,
         listen=(UnixAddress(sock), TcpAddress("127.0.0.1", 0)),
         shutdown_timeout=1,
+        metrics_listen=None,  # not the default port 2112: others on this machine may hold it
     )
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:
@@ -52,7 +55,7 @@ async def test_daemon_answers_healthz_on_unix_and_tcp_then_stops_cleanly(db_url:
 
         status, body = await _get(await trio.open_unix_socket(str(sock)), "/elsewhere")
         assert status == 404
-        status, body = await _get(await trio.open_tcp_stream("127.0.0.1", port), AGENT_RPC_PATH)
+        status, body = await _get(await trio.open_tcp_stream("127.0.0.1", port), RPC_PATH)
         assert status == 401
 
         daemon.request_stop()
@@ -88,10 +91,11 @@ async def test_metrics_only_on_the_operator_listener(db_url: str, tmp_path: Path
         while chunk := await stream.receive_some(65536):
             raw += chunk
         assert raw.startswith(b"HTTP/1.1 200 ")
+        assert f"\r\ncontent-type: {METRICS_CONTENT_TYPE}\r\n".encode() in raw
         assert b"\nagentd_agent_stats_dropped_total 0\n" in raw
         status, body = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), "/healthz")
         assert status == 200 and body["status"] == "ok"
-        status, _ = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), AGENT_RPC_PATH)
+        status, _ = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), RPC_PATH)
         assert status == 404  # no agents here
         daemon.request_stop()
     # metrics_listen = none: no operator listener at all

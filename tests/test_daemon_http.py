@@ -24,6 +24,7 @@ async def _exchange(app: HttpApp, raw: bytes, *, close_after_send: bool = False)
             await client.send_eof()
         while chunk := await client.receive_some(65536):
             received += chunk
+        await client.aclose()  # a client that has its answer leaves (or the server lingers briefly)
     return bytes(received)
 
 

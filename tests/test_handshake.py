@@ -1,10 +1,14 @@
-"""Agent RPC upgrade: coderd's refusals byte for byte, token precedence, versions, both upgrades."""
+"""Agent RPC upgrade: coderd's refusals byte for byte, token precedence, versions, both upgrades.
+
+Every exchange goes through the daemon's own path: agentd.http's HttpApp reads the head, the router
+sends `GET RPC_PATH` to agentd.daemon's AgentRpcRoute, which runs agentd.handshake.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import pytest
@@ -13,25 +17,20 @@ import trio.testing
 import wsproto
 import wsproto.events
 
+from agentd.daemon import AgentRpcRoute
 from agentd.handshake import (
+    HANDSHAKE_TIMEOUT,
     RPC_PATH,
     ApiVersion,
-    Closed,
-    HttpError,
-    NotMine,
     PrefixedStream,
-    Rejected,
-    RequestHead,
     Upgrade,
     Upgraded,
     UpgradeError,
-    accept_agent,
-    handle_rpc_request,
     parse_go_uuid,
-    read_request_head,
     upgrade_client,
     validate_version,
 )
+from agentd.http import LINGER_SECONDS, HttpApp, HttpError, Request, Router
 from agentd.websocket import WebSocketByteStream
 
 YAMUX_SYN = bytes.fromhex("000100010000000100000000")
@@ -92,32 +91,63 @@ def parse_answer(data: bytes) -> Answer:
     return Answer(status, headers, body)
 
 
+Hold = Callable[[Upgraded[Agent]], Awaitable[None]]
+
+
+class FakeSessions:
+    """The daemon's sessions as the agent route sees them: the token lookup, and `serve`, which here
+    records the upgrade and runs `hold` on it (the transport closes when `serve` returns)."""
+
+    def __init__(self, lookup: FakeLookup, hold: Hold | None = None) -> None:
+        self.lookup = lookup
+        self.hold = hold
+        self.upgraded: list[Upgraded[Agent]] = []
+
+    async def serve(self, upgraded: Upgraded[Agent]) -> None:
+        self.upgraded.append(upgraded)
+        if self.hold is not None:
+            await self.hold(upgraded)
+
+
+def front_door(
+    lookup: FakeLookup | None = None,
+    hold: Hold | None = None,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_head_bytes: int | None = None,
+) -> tuple[HttpApp, FakeSessions]:
+    """The daemon's HTTP app with its agent route (agentd.daemon.build_router's), over FakeSessions."""
+    sessions = FakeSessions(FakeLookup() if lookup is None else lookup, hold)
+    router = Router()
+    router.add(RPC_PATH, AgentRpcRoute(sessions, handshake_timeout).handle, methods=("GET",))  # type: ignore[arg-type]
+    app = HttpApp(router) if max_head_bytes is None else HttpApp(router, max_head_bytes=max_head_bytes)
+    return app, sessions
+
+
 async def exchange(
-    data: bytes, lookup: FakeLookup | None = None, **kwargs: float
-) -> tuple[object, Answer | None]:
-    """Send `data` to accept_agent; return its outcome and, for refusals, the parsed answer."""
+    data: bytes, lookup: FakeLookup | None = None, *, max_head_bytes: int | None = None
+) -> tuple[Upgraded[Agent] | None, Answer | None]:
+    """Send `data` to the front door; return the upgrade (if any) and, for refusals, the parsed answer."""
     client, server = trio.testing.memory_stream_pair()
-    lookup = FakeLookup() if lookup is None else lookup
+    app, sessions = front_door(lookup, max_head_bytes=max_head_bytes)
     received = bytearray()
-    outcome: list[object] = []
-
-    async def serve() -> None:
-        outcome.append(await accept_agent(server, lookup=lookup, **kwargs))  # type: ignore[arg-type]
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+        nursery.start_soon(app.handle_connection, server)
         await client.send_all(data)
-        while not outcome:
-            with trio.move_on_after(0.05):
-                chunk = await client.receive_some()
-                if not chunk:
-                    break
-                received += chunk
+        while chunk := await client.receive_some():
+            received += chunk
         await client.aclose()
-    result = outcome[0]
-    if isinstance(result, Upgraded):
-        return result, None
-    return result, parse_answer(bytes(received)) if received else None
+    if sessions.upgraded:
+        return sessions.upgraded[0], None
+    return None, parse_answer(bytes(received)) if received else None
+
+
+async def serve_one(
+    server: trio.abc.Stream, lookup: FakeLookup | None = None, hold: Hold | None = None
+) -> None:
+    """Serve one connection through the front door (for tests that drive the client side)."""
+    app, _ = front_door(lookup, hold)
+    await app.handle_connection(server)
 
 
 # ---- every refusal of spec §2.1 -------------------------------------------------------------------
@@ -191,9 +221,8 @@ NOT_AUTHORIZED = (
 async def test_refusals_answer_coderd_status_and_body(
     data: bytes, lookup: FakeLookup, status: int, body: bytes
 ) -> None:
-    outcome, answer = await exchange(data, lookup)
-    assert isinstance(outcome, Rejected)
-    assert outcome.error.status == status
+    upgraded, answer = await exchange(data, lookup)
+    assert upgraded is None
     assert answer is not None
     assert answer.status == status
     assert answer.body == body
@@ -206,7 +235,7 @@ async def test_refusal_closes_the_connection(autojump_clock: trio.testing.MockCl
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(raw_request(headers=()) + YAMUX_SYN)  # unread yamux bytes must not matter
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: accept_agent(server, lookup=FakeLookup()))
+        nursery.start_soon(serve_one, server)
         data = bytearray()
         while chunk := await client.receive_some():
             data += chunk
@@ -418,23 +447,18 @@ async def test_role_decides_monitoring(query: str, role: str, monitoring: bool) 
         ("GET", "/api/v2/workspaceagents/%6De/rpc"),
     ],
 )
-async def test_other_requests_are_not_mine(method: str, path: str) -> None:
-    client, server = trio.testing.memory_stream_pair()
-    await client.send_all(raw_request(method=method, path=path) + b"extra")
+async def test_other_requests_never_reach_the_handshake(method: str, path: str) -> None:
     lookup = FakeLookup()
-    outcome = await accept_agent(server, lookup=lookup)
-    assert isinstance(outcome, NotMine)
-    assert outcome.head.method == method.encode()
-    assert outcome.head.trailing == b"extra"
+    upgraded, answer = await exchange(raw_request(method=method, path=path) + b"extra", lookup)
+    assert upgraded is None
+    assert answer is not None and answer.status == (405 if path == RPC_PATH else 404)
     assert lookup.calls == []
-    await server.send_all(b"still open")  # nothing written, nothing closed
-    assert await client.receive_some() == b"still open"
 
 
 async def test_absolute_form_target_is_routed() -> None:
     data = raw_request(path="http://agentd" + RPC_PATH)
-    outcome, _ = await exchange(data)
-    assert isinstance(outcome, Upgraded)
+    upgraded, _ = await exchange(data)
+    assert isinstance(upgraded, Upgraded)
 
 
 # ---- raw yamux upgrade -----------------------------------------------------------------------------
@@ -445,67 +469,67 @@ async def test_yamux_upgrade_keeps_bytes_sent_with_the_head() -> None:
     client, server = trio.testing.memory_stream_pair()
     first_request = bytes.fromhex("0000000000000001" + "00000005") + b"hello"
     await client.send_all(raw_request() + YAMUX_SYN + first_request)
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Upgraded)
-    assert outcome.protocol is Upgrade.YAMUX
-    assert isinstance(outcome.transport, PrefixedStream)
-    assert outcome.agent == AGENT
-    assert (outcome.version, outcome.role, outcome.monitoring) == (ApiVersion(2, 10), "agent", True)
-    got = bytearray()
-    got += await outcome.transport.receive_some(5)
-    assert got == YAMUX_SYN[:5]
-    while len(got) < 12 + len(first_request):
-        got += await outcome.transport.receive_some()
-    assert got == YAMUX_SYN + first_request
-    answer = await client.receive_some()
-    assert answer == b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n"
-    await client.send_all(b"later")
-    assert await outcome.transport.receive_some() == b"later"
-    await outcome.transport.send_all(b"from server")
-    assert await client.receive_some() == b"from server"
+
+    async def hold(outcome: Upgraded[Agent]) -> None:
+        assert outcome.protocol is Upgrade.YAMUX
+        assert isinstance(outcome.transport, PrefixedStream)
+        assert outcome.agent == AGENT
+        assert (outcome.version, outcome.role, outcome.monitoring) == (ApiVersion(2, 10), "agent", True)
+        got = bytearray()
+        got += await outcome.transport.receive_some(5)
+        assert got == YAMUX_SYN[:5]
+        while len(got) < 12 + len(first_request):
+            got += await outcome.transport.receive_some()
+        assert got == YAMUX_SYN + first_request
+        answer = await client.receive_some()
+        assert answer == b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n"
+        await client.send_all(b"later")
+        assert await outcome.transport.receive_some() == b"later"
+        await outcome.transport.send_all(b"from server")
+        assert await client.receive_some() == b"from server"
+
+    app, sessions = front_door(hold=hold)
+    await app.handle_connection(server)
+    assert len(sessions.upgraded) == 1
 
 
 async def test_yamux_upgrade_without_trailing_bytes_returns_the_stream_itself() -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(raw_request())
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Upgraded)
-    assert outcome.transport is server
+    app, sessions = front_door()
+    await app.handle_connection(server)
+    assert sessions.upgraded[0].transport is server
 
 
 async def test_upgrade_client_yamux_round_trip() -> None:
     client, server = trio.testing.memory_stream_pair()
-    outcomes: list[object] = []
 
-    async def serve() -> None:
-        outcome = await accept_agent(server, lookup=FakeLookup())
-        assert isinstance(outcome, Upgraded)
+    async def hold(outcome: Upgraded[Agent]) -> None:
         # The server's first bytes go out in the same write as the 101's tail would on a socket.
         await outcome.transport.send_all(b"server-first")
-        outcomes.append(outcome)
+        assert await outcome.transport.receive_some() == YAMUX_SYN
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+        nursery.start_soon(serve_one, server, None, hold)
         transport = await upgrade_client(client, token=TOKEN)
         await transport.send_all(YAMUX_SYN)
         assert await transport.receive_some() == b"server-first"
-    upgraded = outcomes[0]
-    assert isinstance(upgraded, Upgraded)
-    assert await upgraded.transport.receive_some() == YAMUX_SYN
 
 
 async def test_upgrade_client_keeps_bytes_after_the_101() -> None:
     client, server = trio.testing.memory_stream_pair()
 
-    async def eager_server() -> None:
-        head = await read_request_head(server)
-        assert head.method == b"GET"
-        await server.send_all(
+    async def eager_route(request: Request) -> None:
+        assert request.method == "GET"
+        request.responded = True
+        await request.stream.send_all(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n" + YAMUX_SYN
         )
 
+    router = Router()
+    router.add(RPC_PATH, eager_route, methods=("GET",))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(eager_server)
+        nursery.start_soon(HttpApp(router).handle_connection, server)
         transport = await upgrade_client(client, token=TOKEN)
     assert isinstance(transport, PrefixedStream)
     assert await transport.receive_some() == YAMUX_SYN
@@ -517,9 +541,10 @@ async def test_upgrade_client_raises_status_and_message(
 ) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: accept_agent(server, lookup=FakeLookup(agents={})))
+        nursery.start_soon(serve_one, server, FakeLookup(agents={}))
         with pytest.raises(UpgradeError) as info:
             await upgrade_client(client, token=TOKEN, websocket=websocket)
+        await client.aclose()
     assert info.value.status == 401
     assert info.value.message == "Workspace agent not authorized."
     assert "provision job" in info.value.detail
@@ -529,9 +554,10 @@ async def test_upgrade_client_raises_status_and_message(
 async def test_upgrade_client_version_refusal(autojump_clock: trio.testing.MockClock) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: accept_agent(server, lookup=FakeLookup()))
+        nursery.start_soon(serve_one, server)
         with pytest.raises(UpgradeError) as info:
             await upgrade_client(client, token=TOKEN, version="3.0")
+        await client.aclose()
     assert info.value.status == 400
     assert info.value.detail == "version: server is at version 2.10, behind requested major version 3.0"
 
@@ -540,16 +566,20 @@ async def test_upgrade_client_version_refusal(autojump_clock: trio.testing.MockC
 
 
 async def websocket_round_trip(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
-    outcomes: list[object] = []
+    clients: list[trio.abc.Stream] = []
+    connected = trio.Event()
 
-    async def serve() -> None:
-        outcomes.append(await accept_agent(server, lookup=FakeLookup()))
+    async def hold(upgraded: Upgraded[Agent]) -> None:
+        await connected.wait()
+        await _websocket_round_trip(upgraded, clients[0])
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        transport = await upgrade_client(client, token=TOKEN, websocket=True, version=None, role=None)
-    upgraded = outcomes[0]
-    assert isinstance(upgraded, Upgraded)
+        nursery.start_soon(serve_one, server, None, hold)
+        clients.append(await upgrade_client(client, token=TOKEN, websocket=True, version=None, role=None))
+        connected.set()
+
+
+async def _websocket_round_trip(upgraded: Upgraded[Agent], transport: trio.abc.Stream) -> None:
     assert upgraded.protocol is Upgrade.WEBSOCKET
     assert (upgraded.version, upgraded.version_string, upgraded.monitoring) == (ApiVersion(2, 0), "2.0", True)
     assert isinstance(upgraded.transport, WebSocketByteStream)
@@ -599,126 +629,105 @@ async def test_websocket_frames_sent_with_the_head_are_kept() -> None:
         wsproto.events.Message(data=YAMUX_SYN)
     )
     await client.send_all(request + masked)
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Upgraded)
-    assert await outcome.transport.receive_some() == YAMUX_SYN
-    ws.receive_data(bytes(await client.receive_some()))
-    events = list(ws.events())
-    assert isinstance(events[0], wsproto.events.AcceptConnection)
+
+    async def hold(outcome: Upgraded[Agent]) -> None:
+        assert await outcome.transport.receive_some() == YAMUX_SYN
+        ws.receive_data(bytes(await client.receive_some()))
+        events = list(ws.events())
+        assert isinstance(events[0], wsproto.events.AcceptConnection)
+
+    app, sessions = front_door(hold=hold)
+    await app.handle_connection(server)
+    assert len(sessions.upgraded) == 1
 
 
-# ---- bounds ------------------------------------------------------------------------------------------
+# ---- bounds (the front door's: agentd.http) ----------------------------------------------------------
 
 
 async def test_oversized_head_gets_431_json() -> None:
     data = raw_request(headers=[("X-Filler", "a" * 20000), ("Coder-Session-Token", str(TOKEN))])
-    outcome, answer = await exchange(data)
-    assert isinstance(outcome, Rejected)
+    upgraded, answer = await exchange(data)
+    assert upgraded is None
     assert answer is not None and answer.status == 431
     assert json.loads(answer.body)["message"] == "Request header fields too large."
 
 
 async def test_oversized_head_arriving_in_one_piece_gets_431() -> None:
     data = raw_request(headers=[("X-Filler", "a" * 17000)])
-    outcome, answer = await exchange(data, max_bytes=16384, timeout=10)
-    assert isinstance(outcome, Rejected) and outcome.error.status == 431
+    upgraded, answer = await exchange(data, max_head_bytes=16384)
+    assert upgraded is None
     assert answer is not None and answer.status == 431
 
 
 async def test_malformed_head_gets_400_json() -> None:
-    outcome, answer = await exchange(b"GET /api HTTP/1.1\r\nno colon here\r\n\r\n")
-    assert isinstance(outcome, Rejected)
+    upgraded, answer = await exchange(b"GET /api HTTP/1.1\r\nno colon here\r\n\r\n")
+    assert upgraded is None
     assert answer is not None and answer.status == 400
     assert json.loads(answer.body)["message"] == "Malformed HTTP request."
 
 
-async def test_slow_client_is_closed_after_10_seconds(autojump_clock: trio.testing.MockClock) -> None:
-    client, server = trio.testing.memory_stream_pair()
+async def test_slow_client_gets_408_after_10_seconds(autojump_clock: trio.testing.MockClock) -> None:
     start = trio.current_time()
-    await client.send_all(raw_request()[:30])
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Closed)
+    upgraded, answer = await exchange(raw_request()[:30])
+    assert upgraded is None
+    assert answer is not None and answer.status == 408
     assert trio.current_time() - start == pytest.approx(10.0)
-    assert await client.receive_some() == b""  # closed without an answer
 
 
-async def test_silent_client_is_closed_after_10_seconds(autojump_clock: trio.testing.MockClock) -> None:
-    client, server = trio.testing.memory_stream_pair()
+async def test_silent_client_gets_408_after_10_seconds(autojump_clock: trio.testing.MockClock) -> None:
     start = trio.current_time()
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Closed)
+    upgraded, answer = await exchange(b"")
+    assert upgraded is None
+    assert answer is not None and answer.status == 408
     assert trio.current_time() - start == pytest.approx(10.0)
-    assert await client.receive_some() == b""
 
 
-async def test_trickling_client_shares_one_deadline(autojump_clock: trio.testing.MockClock) -> None:
+async def test_trickling_client_is_bounded_by_the_head_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     data = raw_request()
+    app, sessions = front_door()
+    received = bytearray()
 
     async def trickle() -> None:
-        with pytest.raises(trio.BrokenResourceError):  # the server hung up on us
-            for i in range(len(data)):
-                await client.send_all(data[i : i + 1])
-                await trio.sleep(1)
+        for i in range(len(data)):
+            await client.send_all(data[i : i + 1])
+            await trio.sleep(1)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle)
         start = trio.current_time()
-        outcome = await accept_agent(server, lookup=FakeLookup())
-        assert isinstance(outcome, Closed)
-        assert trio.current_time() - start <= 10.0 + 1e-6
+        await app.handle_connection(server)
+        assert trio.current_time() - start <= 10.0 + LINGER_SECONDS + 1e-6
+        nursery.cancel_scope.cancel()
+    while chunk := await client.receive_some():
+        received += chunk
+    assert parse_answer(bytes(received)).status == 408
+    assert sessions.upgraded == []
 
 
-async def test_slow_lookup_is_bounded_by_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+async def test_slow_lookup_is_bounded_by_the_handshake_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The head arrived at once; the lookup and upgrade then get HANDSHAKE_TIMEOUT of their own."""
+
     class SlowLookup(FakeLookup):
         async def __call__(self, token: uuid.UUID) -> Agent | None:
             await trio.sleep(60)
             return AGENT
 
-    client, server = trio.testing.memory_stream_pair()
-    head = RequestHead(
-        method=b"GET",
-        target=(RPC_PATH + "?version=2.10").encode(),
-        headers=[
-            (b"host", b"agentd"),
-            (b"connection", b"Upgrade"),
-            (b"upgrade", b"yamux"),
-            (b"coder-session-token", str(TOKEN).encode()),
-        ],
-    )
     start = trio.current_time()
-    outcome = await handle_rpc_request(server, head, lookup=SlowLookup())
-    assert isinstance(outcome, Closed)
-    assert trio.current_time() - start == pytest.approx(10.0)
-    assert await client.receive_some() == b""
+    upgraded, answer = await exchange(raw_request(), SlowLookup())
+    assert (upgraded, answer) == (None, None)  # closed without an answer
+    assert trio.current_time() - start == pytest.approx(HANDSHAKE_TIMEOUT)
 
 
 async def test_client_leaving_before_a_request_is_closed() -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.aclose()
-    outcome = await accept_agent(server, lookup=FakeLookup())
-    assert isinstance(outcome, Closed)
-
-
-async def test_head_from_another_parsers_text_form() -> None:
-    """The lead's dispatcher (agentd.http) decodes heads as latin-1 text; the round trip is lossless."""
-    client, server = trio.testing.memory_stream_pair()
-    head = RequestHead.from_text(
-        "GET",
-        RPC_PATH + "?version=2.10&role=agent",
-        [
-            ("Host", "agentd"),
-            ("Connection", "Upgrade"),
-            ("Upgrade", "yamux"),
-            ("Coder-Session-Token", str(TOKEN)),
-        ],
-        "1.1",
-        YAMUX_SYN,
-    )
-    outcome = await handle_rpc_request(server, head, lookup=FakeLookup())
-    assert isinstance(outcome, Upgraded)
-    assert await outcome.transport.receive_some() == YAMUX_SYN
-    assert (
-        await client.receive_some()
-        == b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: yamux\r\n\r\n"
-    )
+    app, sessions = front_door()
+    await app.handle_connection(server)
+    assert sessions.upgraded == []
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")

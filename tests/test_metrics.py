@@ -158,21 +158,6 @@ def test_agent_reported_names_cannot_duplicate_agentds_own() -> None:
         AgentMetrics(extra_counters={"agentd_agentstats_x": ("no", lambda: 0)})
 
 
-async def test_handle_serves_the_exposition() -> None:
-    sent: list[tuple[int, bytes, str]] = []
-
-    class Request:
-        async def send_response(self, status: int, body: bytes, *, content_type: str = "") -> None:
-            sent.append((status, body, content_type))
-
-    m = AgentMetrics()
-    m.update(ALICE, [ReportedMetric("x", "gauge", 1)])
-    await m.handle(Request())
-    [(status, body, content_type)] = sent
-    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
-    assert body.decode() == m.render()
-
-
 def test_one_agent_cannot_take_every_series() -> None:
     m = AgentMetrics(max_series=10, max_series_per_agent=3)
     m.update(ALICE, [ReportedMetric("m", "gauge", i, (("i", str(i)),)) for i in range(5)])

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import agentd.testing
+from agentd.model import AgentIdentity
 from agentd.monitor import (
     BUILD_OUTDATED,
     DISCONNECT,
@@ -21,10 +22,9 @@ from agentd.monitor import (
     Watch,
     disconnect_timeout_for,
 )
-from agentd.services.base import AgentIdentity
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.test_connection import RecordingPublisher, add_build, seed
 

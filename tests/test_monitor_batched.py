@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from agentd.components import Components
+from agentd.model import PREBUILDS_USER_ID, WorkspaceIdentity
 from agentd.monitor import (
     AGENT_DELETED,
     BUILD_OUTDATED,
@@ -23,12 +24,12 @@ from agentd.monitor import (
     ConnectionMonitor,
     Watch,
 )
-from agentd.services.base import PREBUILDS_USER_ID, WorkspaceCache, WorkspaceIdentity
+from agentd.services.base import WorkspaceCache
 from agentd.services.events import AGT_CONNECTION_UPDATE, Events
 from agentd.services.workspace_cache import REFRESH_INTERVAL, WorkspaceCacheRefresher
 from agentd.store import Database
 from agentd.store import monitors as monitor_rows
-from agentd.store.connection import (
+from agentd.store.sessions import (
     authenticate_agent,
     authenticate_connection,
     workspace_identities,

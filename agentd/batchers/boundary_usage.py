@@ -21,8 +21,8 @@ import attrs
 import trio
 import trio_util  # type: ignore[import-untyped]
 
+from agentd.clock import Now, utcnow
 from agentd.logfmt import elapsed_ms
-from agentd.services.base import Now, utcnow
 from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store import boundary as store

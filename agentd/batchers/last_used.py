@@ -16,8 +16,8 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.clock import Now, utcnow
 from agentd.logfmt import elapsed_ms
-from agentd.services.base import Now, utcnow
 from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.activity import batch_update_last_used_at

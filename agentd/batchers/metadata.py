@@ -24,8 +24,8 @@ from typing import Protocol
 import attrs
 import trio
 
+from agentd.channels import METADATA_BATCH_CHANNEL
 from agentd.logfmt import elapsed_ms
-from agentd.services.events import METADATA_BATCH_CHANNEL
 from agentd.shutdown import CleanupDeadline
 from agentd.store import Database
 from agentd.store.errors import QueryCanceled, StoreError
@@ -48,7 +48,6 @@ FLUSH_INTERVAL_S = 5.0
 SHUTDOWN_FLUSH_TIMEOUT_S = 15.0
 DROP_WARN_INTERVAL_S = 10.0
 #: A raw-std base64 UUID is 22 bytes; 363 of them (7986 bytes) fit PostgreSQL's 8000-byte NOTIFY limit.
-ENCODED_ID_LEN = 22
 MAX_IDS_PER_MESSAGE = 363
 
 

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import CallShape, RpcMethod, method_table
 from agentd.drpc.stream import (
-    Connection,
+    DrpcConnection,
     Event,
     MessageReceived,
     RecvClosed,
@@ -36,7 +36,7 @@ from agentd.drpc.stream import (
     RemoteError,
     Role,
 )
-from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
+from agentd.drpc.wire import MAX_PACKET_SIZE, DrpcProtocolError
 
 if TYPE_CHECKING:
     from agentd.client.stubs import AgentStub, TailnetStub
@@ -61,13 +61,13 @@ class StreamOpener(Protocol):
 
 
 class _Link:
-    """One transport + its client-side DRPC :class:`Connection` + events not yet consumed."""
+    """One transport + its client-side DRPC :class:`DrpcConnection` + events not yet consumed."""
 
     __slots__ = ("conn", "events", "idle", "transport", "writing")
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, max_packet_size: int) -> None:
         self.transport = transport
-        self.conn = Connection(Role.CLIENT, max_packet_size=max_packet_size)
+        self.conn = DrpcConnection(Role.CLIENT, max_packet_size=max_packet_size)
         self.events: deque[Event] = deque()
         self.writing = False
         self.idle: trio.Event | None = None
@@ -100,7 +100,7 @@ class _Link:
                 raise trio.BrokenResourceError("the server closed the stream before the RPC ended")
             try:
                 events.extend(self.conn.receive_data(data))
-            except ProtocolError as exc:
+            except DrpcProtocolError as exc:
                 raise trio.BrokenResourceError(f"drpc protocol error: {exc}") from exc
         return events.popleft()
 

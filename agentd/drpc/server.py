@@ -1,6 +1,6 @@
 """trio DRPC server: Go's ``drpcserver.ServeOne`` per transport, and an accept loop per session.
 
-Each transport (one mux stream under Coder) has a sans-I/O :class:`~agentd.drpc.stream.Connection`
+Each transport (one mux stream under Coder) has a sans-I/O :class:`~agentd.drpc.stream.DrpcConnection`
 and, at any time, exactly one task reading it.  A handler runs in its own task while a reader keeps
 reading, so that the peer's FIN, Close, Cancel or Error cancels it: to keep a task switch off the
 reply's path, the reading task runs a unary/server-stream handler itself and hands the read loop to
@@ -31,15 +31,15 @@ from google.protobuf.message import DecodeError, Message
 from agentd.drpc.errors import UNIMPLEMENTED, UNIMPLEMENTED_TEXT, RpcError, unknown_rpc_text
 from agentd.drpc.registry import CallShape, Handler, Registry, RpcMethod
 from agentd.drpc.stream import (
-    Connection,
+    DrpcConnection,
     Event,
     Invoked,
     MessageReceived,
     RecvClosed,
     Role,
-    StreamClosedError,
+    RpcClosedError,
 )
-from agentd.drpc.wire import MAX_PACKET_SIZE, ProtocolError
+from agentd.drpc.wire import MAX_PACKET_SIZE, DrpcProtocolError
 from agentd.logfmt import quote
 
 __all__ = ["RequestBudget", "ServerLimits", "StreamAcceptor", "serve_session", "serve_stream"]
@@ -204,7 +204,7 @@ class _HandlerStream:
         server = self._server
         try:
             server.conn.send_message(payload)
-        except StreamClosedError:
+        except RpcClosedError:
             raise trio.BrokenResourceError("the RPC is over") from None
         await server.flush()
         if server.broken:
@@ -310,7 +310,7 @@ class _StreamServer:
         #: until the first complete packet: when the stream is reset for not sending one
         self._first_deadline = first_deadline
         self.registry = registry
-        self.conn = Connection(Role.SERVER, max_packet_size=max_size)
+        self.conn = DrpcConnection(Role.SERVER, max_packet_size=max_size)
         self.max_size = max_size
         self.call: _Call | None = None
         self._writing = False
@@ -387,7 +387,7 @@ class _StreamServer:
                 return True, None
             try:
                 events = conn.receive_data(data)
-            except ProtocolError as exc:
+            except DrpcProtocolError as exc:
                 log.debug("drpc %sprotocol error, closing the stream: %s", self.tag, exc)
                 return False, None
             if deadline is not None and conn.packets:
@@ -537,7 +537,7 @@ class _StreamServer:
                 except RpcError as exc:
                     outcome, code, message = ERROR, exc.code, exc.message
                     self._queue_error(call, code, message)
-                except StreamClosedError:
+                except RpcClosedError:
                     outcome = CANCELLED
                     return
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

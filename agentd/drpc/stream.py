@@ -1,6 +1,6 @@
 """Sans-I/O DRPC transport state: one active RPC ("stream") at a time, as Go's drpcmanager.
 
-A :class:`Connection` owns one transport's :class:`~agentd.drpc.wire.PacketParser`, the active
+A :class:`DrpcConnection` owns one transport's :class:`~agentd.drpc.wire.PacketParser`, the active
 :class:`RpcStream` and an outgoing byte buffer.  ``receive_data(bytes)`` returns events; commands
 (``invoke``, ``send_message``, ``close_send``, ``close``, ``send_error``, ``cancel``) queue bytes
 that ``data_to_send()`` hands to the I/O layer, so a whole unary reply (Message + CloseSend) is one
@@ -16,9 +16,9 @@ from typing import NamedTuple
 import attrs
 
 from agentd.drpc.wire import (
+    DrpcProtocolError,
     Kind,
     PacketParser,
-    ProtocolError,
     append_packet,
     decode_error,
     decode_metadata,
@@ -27,7 +27,7 @@ from agentd.drpc.wire import (
 )
 
 __all__ = [
-    "Connection",
+    "DrpcConnection",
     "Event",
     "Invoked",
     "MessageReceived",
@@ -36,8 +36,8 @@ __all__ = [
     "RemoteClosed",
     "RemoteError",
     "Role",
+    "RpcClosedError",
     "RpcStream",
-    "StreamClosedError",
     "Superseded",
 ]
 
@@ -47,7 +47,7 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
-class StreamClosedError(Exception):
+class RpcClosedError(Exception):
     """A local send on an RPC whose send side is closed or which has terminated."""
 
 
@@ -125,7 +125,7 @@ class RpcStream:
 # -------------------------------------------------------------------------------------- connection
 
 
-class Connection:
+class DrpcConnection:
     """One DRPC transport (one mux stream under Coder): packet parsing, the active RPC, output."""
 
     __slots__ = ("_last_sid", "_metadata", "_out", "_parser", "_superseded", "packets", "role", "stream")
@@ -165,7 +165,7 @@ class Connection:
     # ------------------------------------------------------------------------------- input
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed transport bytes; return the resulting events.  Raises ProtocolError."""
+        """Feed transport bytes; return the resulting events.  Raises DrpcProtocolError."""
         events: list[Event] = []
         for pkt in self._parser.feed(data):
             self.packets += 1
@@ -184,7 +184,7 @@ class Connection:
         if cur is None or sid > cur.stream_id:
             return self._new_stream_packet(kind, sid, data)
         if kind == Kind.INVOKE:
-            raise ProtocolError("invoke on existing stream")
+            raise DrpcProtocolError("invoke on existing stream")
         if cur.terminated or kind == Kind.INVOKE_METADATA:
             return None
         if kind == Kind.MESSAGE:
@@ -209,7 +209,7 @@ class Connection:
 
     def _new_stream_packet(self, kind: int, sid: int, data: bytes) -> Event | None:
         if self.role is Role.CLIENT:
-            raise ProtocolError(f"packet for unknown stream {sid}")
+            raise DrpcProtocolError(f"packet for unknown stream {sid}")
         superseded = self._supersede()
         if superseded is not None:
             self._superseded = superseded
@@ -221,7 +221,7 @@ class Connection:
         try:
             rpc = data.decode()
         except UnicodeDecodeError as exc:
-            raise ProtocolError("rpc name is not UTF-8") from exc
+            raise DrpcProtocolError("rpc name is not UTF-8") from exc
         metadata: dict[str, str] = {}
         if self._metadata is not None:
             if self._metadata[0] == sid:
@@ -258,14 +258,14 @@ class Connection:
     def _current(self) -> RpcStream:
         st = self.stream
         if st is None:
-            raise StreamClosedError("no RPC on this transport")
+            raise RpcClosedError("no RPC on this transport")
         return st
 
     def send_message(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue a Message packet; raises StreamClosedError after CloseSend or termination."""
+        """Queue a Message packet; raises RpcClosedError after CloseSend or termination."""
         st = self._current()
         if st.terminated or st.send_closed:
-            raise StreamClosedError("send on a closed RPC")
+            raise RpcClosedError("send on a closed RPC")
         append_packet(self._out, Kind.MESSAGE, st.stream_id, st._next_id(), data)
 
     def close_send(self) -> bool:

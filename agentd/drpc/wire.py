@@ -2,7 +2,7 @@
 
 Pure functions and one incremental parser; no I/O.  The parser is a streaming parser: it ignores
 transport boundaries (one packet may arrive one byte at a time, many packets may share one read).
-Every malformed input raises :class:`ProtocolError` and nothing else.
+Every malformed input raises :class:`DrpcProtocolError` and nothing else.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ __all__ = [
     "MAX_PACKET_SIZE",
     "MAX_VARINT_LEN",
     "SPLIT_SIZE",
+    "DrpcProtocolError",
     "Frame",
     "Kind",
     "Packet",
     "PacketParser",
-    "ProtocolError",
     "append_frame",
     "append_packet",
     "append_varint",
@@ -44,7 +44,7 @@ _U64_MAX = (1 << 64) - 1
 _MAX_HEADER_LEN = 1 + 3 * MAX_VARINT_LEN
 
 
-class ProtocolError(Exception):
+class DrpcProtocolError(Exception):
     """The peer broke the DRPC protocol; the transport (one mux stream) must be closed."""
 
 
@@ -79,7 +79,7 @@ def append_varint(buf: bytearray, value: int) -> None:
 def read_varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
     """Decode a varint at ``pos``; return ``(value, next_pos)`` or None if more bytes are needed.
 
-    Raises ProtocolError when the 10th byte still has the continuation bit (Go: "varint too long")
+    Raises DrpcProtocolError when the 10th byte still has the continuation bit (Go: "varint too long")
     or the value does not fit in 64 bits.
     """
     end = len(data)
@@ -92,10 +92,10 @@ def read_varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, in
         value |= (b & 0x7F) << shift
         if b < 0x80:
             if value > _U64_MAX:
-                raise ProtocolError("varint overflows 64 bits")
+                raise DrpcProtocolError("varint overflows 64 bits")
             return value, pos + i + 1
         shift += 7
-    raise ProtocolError("varint too long")
+    raise DrpcProtocolError("varint too long")
 
 
 # ----------------------------------------------------------------------------------------- frames
@@ -276,7 +276,7 @@ class PacketParser:
                         break
                     cb, sid, mid, length, body = header
                 if length > self._max:
-                    raise ProtocolError("data overflow")
+                    raise DrpcProtocolError("data overflow")
                 end = body + length
                 if end > n:
                     break
@@ -288,7 +288,7 @@ class PacketParser:
                     if kind in _KNOWN_KINDS:
                         out.append(Packet(kind, sid, mid, bytes(buf[body:end]), bool(cb & 0x80)))
                     elif not cb & 0x80:
-                        raise ProtocolError(f"unknown packet kind {kind}")
+                        raise DrpcProtocolError(f"unknown packet kind {kind}")
                     continue
                 pkt = self._frame(cb, sid, mid, bytes(buf[body:end]))
                 if pkt is not None:
@@ -303,7 +303,7 @@ class PacketParser:
     def _frame(self, cb: int, sid: int, mid: int, data: bytes) -> Packet | None:
         kind = (cb & 0x7E) >> 1
         if sid < self._sid or (sid == self._sid and mid < self._mid):
-            raise ProtocolError("id monotonicity violation")
+            raise DrpcProtocolError("id monotonicity violation")
         if sid != self._sid or mid != self._mid:
             # A newer id: whatever was partially assembled is abandoned (Go does the same).
             self._sid = sid
@@ -312,9 +312,9 @@ class PacketParser:
             self._data = bytearray()
         if self._partial:
             if kind != self._kind:
-                raise ProtocolError("packet kind change")
+                raise DrpcProtocolError("packet kind change")
             if len(self._data) + len(data) > self._max:
-                raise ProtocolError("data overflow")
+                raise DrpcProtocolError("data overflow")
             self._data += data
             self._control = self._control or bool(cb & 0x80)
         else:
@@ -337,7 +337,7 @@ class PacketParser:
         if kind not in _KNOWN_KINDS:
             if self._control:
                 return None  # forward-compatible extension: ignore
-            raise ProtocolError(f"unknown packet kind {kind}")
+            raise DrpcProtocolError(f"unknown packet kind {kind}")
         return Packet(kind, sid, mid, data, self._control)
 
 
@@ -382,13 +382,13 @@ def encode_metadata(metadata: dict[str, str]) -> bytes:
 
 def _read_len_field(data: bytes, pos: int, end: int, tag: int) -> tuple[bytes, int]:
     if pos >= end or data[pos] != tag:
-        raise ProtocolError("invalid metadata")
+        raise DrpcProtocolError("invalid metadata")
     r = read_varint(data, pos + 1)
     if r is None:
-        raise ProtocolError("invalid metadata")
+        raise DrpcProtocolError("invalid metadata")
     length, pos = r
     if length > end - pos:
-        raise ProtocolError("invalid metadata")
+        raise DrpcProtocolError("invalid metadata")
     return data[pos : pos + length], pos + length
 
 
@@ -403,8 +403,8 @@ def decode_metadata(data: bytes) -> dict[str, str]:
             key, p = _read_len_field(entry, 0, len(entry), 0x0A)
             value, p = _read_len_field(entry, p, len(entry), 0x12)
             if p != len(entry):
-                raise ProtocolError("invalid metadata")
+                raise DrpcProtocolError("invalid metadata")
             out[key.decode()] = value.decode()
     except UnicodeDecodeError as exc:
-        raise ProtocolError("invalid metadata") from exc
+        raise DrpcProtocolError("invalid metadata") from exc
     return out

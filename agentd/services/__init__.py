@@ -8,7 +8,7 @@ Contract for a service module ``agentd/services/<api>.py``:
   method following the agentd.drpc handler contract);
 * optionally ``async def load(self) -> None`` — per-connection state read before the first RPC is
   served (e.g. resource monitors, spec §4.1 step 4); an exception refuses the connection. What many
-  connections need is better read by the connect query itself (``agentd.store.connection.
+  connections need is better read by the connect query itself (``agentd.store.sessions.
   authenticate_connection``) and handed over in ``scope.preload``: one round trip per connect;
 * optionally ``async def run(self, *, task_status=trio.TASK_STATUS_IGNORED)`` — a long-lived task of
   that API (started before the first RPC, cancelled when the session ends).

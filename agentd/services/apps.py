@@ -26,17 +26,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import attrs
 import trio
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
+from agentd.model import AgentIdentity, WorkspaceIdentity
 from agentd.proto import agent_pb2
-from agentd.services.base import (
-    AGENT,
-    AgentIdentity,
-    ConnectionScope,
-    Handler,
-    Now,
-    WorkspaceCache,
-    WorkspaceIdentity,
-)
+from agentd.services.base import AGENT, ConnectionScope, WorkspaceCache
 from agentd.services.events import AGT_APP_STATUS_UPDATE, APP_HEALTH, Events
 from agentd.store import Database
 from agentd.store.activity import activity_bump_workspace

@@ -14,8 +14,9 @@ from typing import Any
 import attrs
 import trio
 
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Settings
+from agentd.services.base import AGENT, ConnectionScope, Settings
 
 __all__ = ["BannerConfigError", "BannersService", "banners_from_mapping", "build"]
 

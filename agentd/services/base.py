@@ -9,93 +9,48 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
+import trio
+
+from agentd.clock import Now, utcnow
+from agentd.drpc.registry import Handler
+from agentd.model import AgentIdentity, WorkspaceIdentity
+
+if TYPE_CHECKING:
+    from agentd.components import Components
+    from agentd.services.events import Events
+    from agentd.store import Database
+    from agentd.store.sessions import Preload
 
 AGENT = "/coder.agent.v2.Agent/"
-TAILNET = "/coder.tailnet.v2.Tailnet/"
-
-#: Prebuilt workspaces are owned by this system user (spec §4.4).
-PREBUILDS_USER_ID = uuid.UUID("c42fdf75-3097-471c-8c33-fb52454d81c0")
-
-#: Go's zero time, which Coder stores for "never" in NOT NULL timestamp columns.
-ZERO_TIME = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
-
-Handler = Callable[..., Awaitable[Any]]
-
-
-def utcnow() -> dt.datetime:
-    """Wall-clock now in UTC: the default ``now`` every service takes (tests inject their own)."""
-    return dt.datetime.now(dt.UTC)
-
-
-Now = Callable[[], dt.datetime]
-
-
-@attrs.frozen
-class AgentIdentity:
-    """Who is on this connection, fixed at authentication (spec §4.2 Options, §2.7)."""
-
-    agent_id: uuid.UUID
-    agent_name: str
-    parent_id: uuid.UUID | None
-    resource_id: uuid.UUID
-    build_id: uuid.UUID
-    workspace_id: uuid.UUID
-    workspace_name: str
-    owner_id: uuid.UUID
-    owner_username: str
-    organization_id: uuid.UUID
-    template_id: uuid.UUID
-    template_version_id: uuid.UUID
-    api_version: tuple[int, int] = (2, 10)
-
-    @property
-    def peer_name(self) -> str:
-        """Tailnet peer name: ``<owner>-<workspace>-<agent>`` (spec §2.7)."""
-        return f"{self.owner_username}-{self.workspace_name}-{self.agent_name}"
-
-    @property
-    def is_prebuild(self) -> bool:
-        return self.owner_id == PREBUILDS_USER_ID
 
 
 class Service(Protocol):
-    """One API's per-connection object."""
+    """One API's per-connection object, as ``build(scope)`` returns it.
+
+    Optionally it also has ``async def load(self) -> None`` (read its per-connection state before
+    the first call; see :class:`Loads`) and ``async def run(self, *, task_status)`` (a long-lived
+    task next to its calls; see :class:`Runs`). agentd.connection.ApiTask calls both if present.
+    """
 
     def handlers(self) -> Mapping[str, Handler]:
         """Full RPC path (``/coder.agent.v2.Agent/GetManifest``) → handler."""
         ...
 
 
-def uuid_field(raw: bytes, field: str) -> uuid.UUID:
-    """Parse a 16-byte UUID field of a request, naming the field on error (spec: ids are raw bytes)."""
-    from agentd.drpc.errors import RpcError
+class Loads(Protocol):
+    """A service that reads its per-connection state once, before its first call."""
 
-    if len(raw) != 16:
-        raise RpcError(f"invalid {field}: expected 16 bytes, got {len(raw)}")
-    return uuid.UUID(bytes=bytes(raw))
+    async def load(self) -> None: ...
 
 
-@attrs.frozen
-class WorkspaceIdentity:
-    """The cached workspace fields of spec §4.3 (ACLs deliberately not cached)."""
+class Runs(Protocol):
+    """A service with a long-lived task of its own, started in its API's nursery."""
 
-    id: uuid.UUID
-    owner_id: uuid.UUID
-    organization_id: uuid.UUID
-    template_id: uuid.UUID
-    name: str
-    owner_username: str
-    template_name: str
-    autostart_schedule: str | None = None
-    task_id: uuid.UUID | None = None
-
-    @property
-    def is_prebuild(self) -> bool:
-        return self.owner_id == PREBUILDS_USER_ID
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
 
 
 @attrs.define
@@ -129,30 +84,19 @@ class Settings:
 
 
 @attrs.frozen
-class Preload:
-    """Per-connection state read once at connect, in the token lookup's query, for the services that
-    would otherwise each ``load()`` it (spec §4.1 step 4): one round trip instead of one per service."""
-
-    #: ``agentd.store.monitors.MemoryMonitor`` or None (the template defines none).
-    memory_monitor: Any = None
-    #: ``agentd.store.monitors.VolumeMonitor`` rows, ordered by path.
-    volume_monitors: tuple[Any, ...] = ()
-
-
-@attrs.frozen
 class ConnectionScope:
     """Everything a per-connection service may depend on; each service module's ``build(scope)`` takes it.
 
     ``components`` is the daemon-wide :class:`agentd.components.Components` (batchers, coordinator, DERP
-    map source, metrics), typed loosely here to keep this module free of their imports.
+    map source, metrics).
     """
 
     ident: AgentIdentity
-    db: Any  # agentd.store.Database
-    events: Any  # agentd.services.events.Events
+    db: Database
+    events: Events
     cache: WorkspaceCache
     settings: Settings
-    components: Any  # agentd.components.Components
+    components: Components
     now: Now = utcnow
     #: What the connect query already read (None: each service loads its own, e.g. in service tests).
     preload: Preload | None = None

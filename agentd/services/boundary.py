@@ -24,10 +24,12 @@ from collections.abc import Mapping
 
 import attrs
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.logfmt import logfmt
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Now
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import boundary as store
 
 log = logging.getLogger("agentd.boundary")

@@ -17,9 +17,11 @@ import attrs
 import trio
 from google.protobuf import empty_pb2
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Now
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store.connection_logs import ConnectionLogRow, LogWorkspace, fetch_log_workspace
 
 Action = agent_pb2.Connection.Action

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import attrs
 from google.protobuf import json_format
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Now
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import context_state as store
 
 INT64_MAX = 2**63 - 1

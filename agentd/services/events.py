@@ -9,6 +9,8 @@ from typing import Protocol
 
 import attrs
 
+from agentd.channels import agent_logs_channel, workspace_channel
+
 
 class Publisher(Protocol):
     async def publish(self, channel: str, payload: str | bytes) -> None: ...
@@ -26,16 +28,6 @@ AGT_LOGS_OVERFLOW = "agt_logs_overflow"
 AGT_APP_STATUS_UPDATE = "agt_app_status_update"
 STATS_UPDATE = "stats_update"
 AGT_CONNECTION_UPDATE = "agt_connection_update"
-
-METADATA_BATCH_CHANNEL = "workspace_agent_metadata_batch"
-
-
-def workspace_channel(owner_id: uuid.UUID) -> str:
-    return f"workspace_owner:{owner_id}"
-
-
-def agent_logs_channel(agent_id: uuid.UUID) -> str:
-    return f"agent-logs:{agent_id}"
 
 
 def _workspace_body(kind: str, workspace_id: uuid.UUID, agent_id: uuid.UUID | None) -> str:

@@ -24,9 +24,10 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
 from agentd.services import events
-from agentd.services.base import AGENT, ConnectionScope, Handler
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.services.logs import go_quote
 from agentd.store import lifecycle as store
 from agentd.store.errors import StoreError

@@ -22,10 +22,12 @@ from collections.abc import Mapping
 
 import attrs
 
+from agentd.channels import agent_logs_channel
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
 from agentd.services import events
-from agentd.services.base import AGENT, ConnectionScope, Handler
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import logs as store
 from agentd.store.errors import StoreError
 
@@ -183,7 +185,7 @@ class LogsService:
             first = self.scope.events.workspace_notice(
                 ident.owner_id, events.AGT_FIRST_LOGS, ident.workspace_id, ident.agent_id
             )
-            self._notice_texts = store.LogsNotices(events.agent_logs_channel(ident.agent_id), first)
+            self._notice_texts = store.LogsNotices(agent_logs_channel(ident.agent_id), first)
         return self._notice_texts
 
     def _agent_missing(self) -> RpcError:

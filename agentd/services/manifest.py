@@ -18,8 +18,9 @@ import attrs
 from google.protobuf import duration_pb2
 
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2, tailnet_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Settings
+from agentd.services.base import AGENT, ConnectionScope, Settings
 from agentd.services.logs import go_quote
 from agentd.store import manifest as store
 from agentd.tailnet.derpmap import DERPMapError, default_derp_map, with_home_params

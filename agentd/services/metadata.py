@@ -20,9 +20,11 @@ import attrs
 import trio
 
 from agentd.batchers.metadata import Publisher, write_and_notify
+from agentd.clock import Now, utcnow
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Now, utcnow
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import Database
 from agentd.store.metadata import MetadataUpdate, batch_update_metadata
 

@@ -18,9 +18,11 @@ from collections.abc import Mapping, Sequence
 import attrs
 import trio
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ConnectionScope, Handler, Now
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.services.boundary import rfc3339_nano  # Go marshals time.Time in JSON as RFC3339Nano
 from agentd.store import monitors as store
 from agentd.store import notifications
@@ -179,7 +181,7 @@ class ResourcesMonitoringService:
         """
         preload = self.scope.preload
         if preload is not None:
-            # Read with the token lookup (agentd.store.connection.authenticate_connection).
+            # Read with the token lookup (agentd.store.sessions.authenticate_connection).
             self.memory = preload.memory_monitor
             self.volumes = list(preload.volume_monitors)
         else:

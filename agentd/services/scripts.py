@@ -15,8 +15,10 @@ import attrs
 from google.protobuf import timestamp_pb2
 
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
+from agentd.model import ZERO_TIME
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, ZERO_TIME, ConnectionScope, Handler
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import Database
 from agentd.store.errors import UniqueViolation
 from agentd.store.scripts import ScriptTiming, insert_script_timing

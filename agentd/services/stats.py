@@ -19,19 +19,13 @@ from typing import Protocol
 import attrs
 import trio
 
+from agentd.clock import Now, utcnow
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
 from agentd.metrics import COUNTER, GAUGE, AgentLabels, AgentMetrics, ReportedMetric
+from agentd.model import WorkspaceIdentity
 from agentd.proto import agent_pb2
-from agentd.services.base import (
-    AGENT,
-    ConnectionScope,
-    Handler,
-    Now,
-    Settings,
-    WorkspaceCache,
-    WorkspaceIdentity,
-    utcnow,
-)
+from agentd.services.base import AGENT, ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import STATS_UPDATE, Events
 from agentd.store import Database
 from agentd.store.activity import Bump, activity_bump_workspace

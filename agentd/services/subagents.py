@@ -22,9 +22,12 @@ from collections.abc import Mapping
 
 import attrs
 
+from agentd.clock import Now
 from agentd.drpc.errors import RpcError
+from agentd.drpc.registry import Handler
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
-from agentd.services.base import AGENT, AgentIdentity, ConnectionScope, Handler, Now
+from agentd.services.base import AGENT, ConnectionScope
 from agentd.store import Database
 from agentd.store.agents import get_agent_by_id
 from agentd.store.errors import StoreError, UniqueViolation

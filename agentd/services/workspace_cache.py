@@ -19,7 +19,8 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
-from agentd.services.base import WorkspaceCache, WorkspaceIdentity
+from agentd.model import WorkspaceIdentity
+from agentd.services.base import WorkspaceCache
 
 __all__ = ["REFRESH_INTERVAL", "CacheEntry", "WorkspaceCacheRefresher"]
 
@@ -28,7 +29,7 @@ log = logging.getLogger("agentd.services.workspace_cache")
 #: coderd's workspaceCacheRefreshInterval.
 REFRESH_INTERVAL = 5 * 60.0
 
-#: Reads many workspaces' identities at once (``agentd.store.connection.workspace_identities``).
+#: Reads many workspaces' identities at once (``agentd.store.sessions.workspace_identities``).
 Reader = Callable[[Sequence[uuid.UUID]], Awaitable[dict[uuid.UUID, WorkspaceIdentity]]]
 
 _UNREAD: Any = object()

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from agentd.services.base import WorkspaceIdentity
-from agentd.store.connection import IDENTITY_COLUMNS, identity_from_row
+from agentd.model import WorkspaceIdentity
 from agentd.store.db import Database, Transaction
+from agentd.store.sessions import IDENTITY_COLUMNS, identity_from_row
 
 __all__ = ["AgentStatsRow", "insert_agent_stats", "workspace_by_agent_id"]
 

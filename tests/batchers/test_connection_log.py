@@ -15,7 +15,7 @@ import trio.testing
 
 import agentd.testing
 from agentd.batchers.connection_log import Batch, ConnectionLogBatcher, merge
-from agentd.services.base import AgentIdentity
+from agentd.model import AgentIdentity
 from agentd.store import Database
 from agentd.store.connection_logs import ConnectionLogRow, upsert_connection_logs
 from tests.services.audit_support import T0, seed_agent

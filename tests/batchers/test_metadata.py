@@ -19,7 +19,7 @@ from agentd.batchers.metadata import (
     encode_agent_ids,
     notify_payloads,
 )
-from agentd.services.events import METADATA_BATCH_CHANNEL
+from agentd.channels import METADATA_BATCH_CHANNEL
 from agentd.store import Database, PubSub
 from agentd.store.metadata import MetadataUpdate, metadata_rows
 from tests.services.audit_support import T0

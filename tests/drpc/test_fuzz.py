@@ -1,12 +1,19 @@
-"""Random frames and bytes never raise anything but the documented ProtocolError."""
+"""Random frames and bytes never raise anything but the documented DrpcProtocolError."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentd.drpc.stream import Connection, Role
-from agentd.drpc.wire import Frame, PacketParser, ProtocolError, append_frame, decode_metadata, read_varint
+from agentd.drpc.stream import DrpcConnection, Role
+from agentd.drpc.wire import (
+    DrpcProtocolError,
+    Frame,
+    PacketParser,
+    append_frame,
+    decode_metadata,
+    read_varint,
+)
 
 FUZZ = settings(max_examples=150, deadline=None)
 
@@ -29,11 +36,11 @@ def _encode(fs: list[Frame]) -> bytes:
 
 
 def _drive(role: Role, data: bytes, chunk: int) -> None:
-    conn = Connection(role, max_packet_size=64)
+    conn = DrpcConnection(role, max_packet_size=64)
     try:
         for i in range(0, len(data), chunk):
             conn.receive_data(data[i : i + chunk])
-    except ProtocolError:
+    except DrpcProtocolError:
         pass
 
 
@@ -52,11 +59,11 @@ def test_random_bytes(data: bytes, chunk: int) -> None:
     _drive(Role.CLIENT, data, chunk)
     try:
         read_varint(data, 0)
-    except ProtocolError:
+    except DrpcProtocolError:
         pass
     try:
         decode_metadata(data)
-    except ProtocolError:
+    except DrpcProtocolError:
         pass
 
 
@@ -66,13 +73,13 @@ def test_parser_whole_equals_bytewise(fs: list[Frame]) -> None:
     data = _encode(fs)
     try:
         whole = PacketParser(64).feed(data)
-    except ProtocolError:
+    except DrpcProtocolError:
         whole = None
     p = PacketParser(64)
     out = []
     try:
         for i in range(len(data)):
             out += p.feed(data[i : i + 1])
-    except ProtocolError:
+    except DrpcProtocolError:
         out = None  # type: ignore[assignment]
     assert whole == out

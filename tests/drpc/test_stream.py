@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentd.drpc.stream import (
-    Connection,
+    DrpcConnection,
     Invoked,
     MessageReceived,
     RecvClosed,
@@ -15,10 +15,10 @@ from agentd.drpc.stream import (
     RemoteClosed,
     RemoteError,
     Role,
-    StreamClosedError,
+    RpcClosedError,
     Superseded,
 )
-from agentd.drpc.wire import Kind, ProtocolError, append_packet, encode_error, encode_metadata
+from agentd.drpc.wire import DrpcProtocolError, Kind, append_packet, encode_error, encode_metadata
 
 H = bytes.fromhex
 
@@ -30,7 +30,7 @@ def pkt(kind: int, sid: int, mid: int, data: bytes = b"", control: bool = False)
 
 
 def test_server_unary_sequence() -> None:
-    c = Connection(Role.SERVER)
+    c = DrpcConnection(Role.SERVER)
     evs = c.receive_data(
         pkt(Kind.INVOKE, 1, 1, b"/a.B/C") + pkt(Kind.MESSAGE, 1, 2, b"x") + pkt(Kind.CLOSE_SEND, 1, 3)
     )
@@ -45,7 +45,7 @@ def test_server_unary_sequence() -> None:
     # The client's Close after the response is ignored; so is anything else for the dead stream.
     assert c.receive_data(pkt(Kind.CLOSE, 1, 4) + pkt(Kind.MESSAGE, 1, 5)) == []
     assert c.close() is False and c.send_error(0, "x") is False and c.close_send() is False
-    with pytest.raises(StreamClosedError):
+    with pytest.raises(RpcClosedError):
         c.send_message(b"")
 
 
@@ -58,7 +58,7 @@ def test_server_unary_sequence() -> None:
     ],
 )
 def test_remote_termination(packet: bytes, event: object) -> None:
-    c = Connection(Role.SERVER)
+    c = DrpcConnection(Role.SERVER)
     c.receive_data(pkt(Kind.INVOKE, 1, 1, b"/a.B/C"))
     (ev,) = c.receive_data(packet)
     assert type(ev) is type(event) and ev == event
@@ -68,7 +68,7 @@ def test_remote_termination(packet: bytes, event: object) -> None:
 
 
 def test_new_invoke_supersedes_active_rpc_and_metadata_applies() -> None:
-    c = Connection(Role.SERVER)
+    c = DrpcConnection(Role.SERVER)
     c.receive_data(pkt(Kind.INVOKE, 1, 1, b"/a.B/C"))
     evs = c.receive_data(
         pkt(Kind.INVOKE_METADATA, 2, 1, encode_metadata({"k": "v"})) + pkt(Kind.INVOKE, 2, 2, b"/a.B/D")
@@ -85,22 +85,22 @@ def test_new_invoke_supersedes_active_rpc_and_metadata_applies() -> None:
 
 
 def test_protocol_errors() -> None:
-    c = Connection(Role.SERVER)
+    c = DrpcConnection(Role.SERVER)
     c.receive_data(pkt(Kind.INVOKE, 1, 1, b"/a.B/C"))
-    with pytest.raises(ProtocolError, match="invoke on existing stream"):
+    with pytest.raises(DrpcProtocolError, match="invoke on existing stream"):
         c.receive_data(pkt(Kind.INVOKE, 1, 2, b"/a.B/C"))
-    with pytest.raises(ProtocolError):
-        Connection(Role.SERVER).receive_data(pkt(Kind.INVOKE_METADATA, 1, 1, b"\x12\x00"))
-    with pytest.raises(ProtocolError):
-        Connection(Role.SERVER).receive_data(pkt(Kind.INVOKE, 1, 1, b"\xff"))
-    client = Connection(Role.CLIENT)
+    with pytest.raises(DrpcProtocolError):
+        DrpcConnection(Role.SERVER).receive_data(pkt(Kind.INVOKE_METADATA, 1, 1, b"\x12\x00"))
+    with pytest.raises(DrpcProtocolError):
+        DrpcConnection(Role.SERVER).receive_data(pkt(Kind.INVOKE, 1, 1, b"\xff"))
+    client = DrpcConnection(Role.CLIENT)
     client.invoke("/a.B/C")
-    with pytest.raises(ProtocolError, match="unknown stream"):
+    with pytest.raises(DrpcProtocolError, match="unknown stream"):
         client.receive_data(pkt(Kind.MESSAGE, 2, 1))
 
 
 def test_client_sequence_with_metadata_and_ids() -> None:
-    c = Connection(Role.CLIENT)
+    c = DrpcConnection(Role.CLIENT)
     c.invoke("/coder.agent.v2.Agent/GetManifest", {"k": "v"})
     c.send_message(b"")
     c.close_send()
@@ -124,7 +124,7 @@ def test_client_sequence_with_metadata_and_ids() -> None:
 
 
 def test_bidi_half_close_both_ways() -> None:
-    c = Connection(Role.SERVER)
+    c = DrpcConnection(Role.SERVER)
     c.receive_data(pkt(Kind.INVOKE, 1, 1, b"/t.T/Coordinate"))
     c.send_message(b"a")
     assert c.receive_data(pkt(Kind.CLOSE_SEND, 1, 2)) == [RecvClosed(1)]
@@ -145,8 +145,8 @@ def test_bidi_half_close_both_ways() -> None:
     )
 )
 def test_random_command_and_packet_sequences(ops: list[str]) -> None:
-    """Any interleaving: only StreamClosedError from sends; nothing is sent after termination."""
-    c = Connection(Role.SERVER)
+    """Any interleaving: only RpcClosedError from sends; nothing is sent after termination."""
+    c = DrpcConnection(Role.SERVER)
     c.receive_data(pkt(Kind.INVOKE, 1, 1, b"/a.B/C"))
     mid = 2
     for op in ops:
@@ -169,7 +169,7 @@ def test_random_command_and_packet_sequences(ops: list[str]) -> None:
         if op == "msg":
             try:
                 c.send_message(b"m")
-            except StreamClosedError:
+            except RpcClosedError:
                 assert not was_active or (c.stream is not None and c.stream.send_closed)
         else:
             getattr(

@@ -6,11 +6,11 @@ import pytest
 
 from agentd.drpc.wire import (
     MAX_PACKET_SIZE,
+    DrpcProtocolError,
     Frame,
     Kind,
     Packet,
     PacketParser,
-    ProtocolError,
     append_frame,
     append_packet,
     append_varint,
@@ -53,9 +53,9 @@ def test_varint_vectors(value: int, hexbytes: str) -> None:
 
 
 def test_varint_too_long_and_overflow() -> None:
-    with pytest.raises(ProtocolError, match="varint too long"):
+    with pytest.raises(DrpcProtocolError, match="varint too long"):
         read_varint(b"\xff" * 10 + b"\x01", 0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(DrpcProtocolError):
         read_varint(b"\xff" * 9 + b"\x7f", 0)  # 70 bits
     with pytest.raises(ValueError):
         append_varint(bytearray(), 2**64)
@@ -140,7 +140,7 @@ def test_metadata_vectors() -> None:
     ],
 )
 def test_metadata_strict(bad: str) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(DrpcProtocolError):
         decode_metadata(H(bad))
 
 
@@ -192,11 +192,11 @@ def test_frame_roundtrip_and_control_bits() -> None:
 def test_monotonicity_and_gaps() -> None:
     p = PacketParser()
     assert p.feed(H("05 01 01 00 05 01 05 00"))[1].message_id == 5  # gaps are fine
-    with pytest.raises(ProtocolError, match="monotonicity"):
+    with pytest.raises(DrpcProtocolError, match="monotonicity"):
         p.feed(H("05 01 05 00"))  # replaying an id is fatal
-    with pytest.raises(ProtocolError, match="monotonicity"):
+    with pytest.raises(DrpcProtocolError, match="monotonicity"):
         PacketParser().feed(H("05 00 01 00"))  # stream 0 is never valid
-    with pytest.raises(ProtocolError, match="monotonicity"):
+    with pytest.raises(DrpcProtocolError, match="monotonicity"):
         PacketParser().feed(H("05 01 00 00"))  # message 0 either
 
 
@@ -206,7 +206,7 @@ def test_partial_packet_discarded_by_newer_id_and_kind_change() -> None:
     assert p.feed(H("05 01 02 01 62")) == [Packet(Kind.MESSAGE, 1, 2, b"b")]
     p = PacketParser()
     p.feed(H("04 01 01 01 61"))
-    with pytest.raises(ProtocolError, match="kind change"):
+    with pytest.raises(DrpcProtocolError, match="kind change"):
         p.feed(H("07 01 01 00"))
     p = PacketParser()
     assert p.feed(H("04 01 01 01 61 05 01 01 01 62")) == [Packet(Kind.MESSAGE, 1, 1, b"ab")]
@@ -216,9 +216,9 @@ def test_unknown_kinds() -> None:
     # Kind 9 with the control bit: ignored (ids still advance); without: protocol error.
     p = PacketParser()
     assert p.feed(H("93 01 01 00 05 01 02 00")) == [Packet(Kind.MESSAGE, 1, 2, b"")]
-    with pytest.raises(ProtocolError, match="unknown packet kind"):
+    with pytest.raises(DrpcProtocolError, match="unknown packet kind"):
         PacketParser().feed(H("13 01 01 00"))
-    with pytest.raises(ProtocolError, match="unknown packet kind"):
+    with pytest.raises(DrpcProtocolError, match="unknown packet kind"):
         PacketParser().feed(H("01 01 01 00"))  # kind 0 is reserved
     # A control bit on any frame makes the packet control.
     p = PacketParser()
@@ -232,10 +232,10 @@ def test_packet_size_limit() -> None:
     assert len(pkt.data) == MAX_PACKET_SIZE
     over = bytearray()
     append_packet(over, Kind.MESSAGE, 1, 1, bytes(MAX_PACKET_SIZE + 1))
-    with pytest.raises(ProtocolError, match="overflow"):
+    with pytest.raises(DrpcProtocolError, match="overflow"):
         PacketParser().feed(bytes(over))
     # One frame announcing more than the limit fails at its header, before buffering the body.
     big = bytearray(b"\x05\x01\x01")
     append_varint(big, MAX_PACKET_SIZE + 1)
-    with pytest.raises(ProtocolError, match="overflow"):
+    with pytest.raises(DrpcProtocolError, match="overflow"):
         PacketParser().feed(bytes(big))

@@ -10,15 +10,10 @@ import attrs
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.components import Components
-from agentd.services.base import (
-    AgentIdentity,
-    ConnectionScope,
-    Settings,
-    WorkspaceCache,
-    WorkspaceIdentity,
-)
+from agentd.model import AgentIdentity, WorkspaceIdentity
+from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 
 T0 = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
 

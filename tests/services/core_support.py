@@ -20,7 +20,8 @@ import trio
 
 from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
 from agentd.components import Components
-from agentd.services.base import AgentIdentity, ConnectionScope, Settings, WorkspaceCache
+from agentd.model import AgentIdentity
+from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
 from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store import db as db_module

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import apps
 from agentd.services.apps import go_unquote, strip_ansi, strip_html, ui_sanitize
-from agentd.services.base import AgentIdentity
 from agentd.services.events import Events
 from agentd.store import MISSED, Database, PubSub, Subscription
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope
 

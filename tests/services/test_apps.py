@@ -15,12 +15,12 @@ import trio
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import apps
-from agentd.services.base import AgentIdentity
 from agentd.services.events import Events
 from agentd.store import MISSED, Database, PubSub, Subscription
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import make_scope
 

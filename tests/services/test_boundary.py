@@ -14,9 +14,9 @@ import trio
 from agentd.batchers.boundary_usage import BoundaryUsageTracker
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import boundary
-from agentd.services.base import AgentIdentity
 from agentd.store import Database
 from agentd.store.agents import token_digest
 from agentd.testing import serve_agent

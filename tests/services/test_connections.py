@@ -14,9 +14,9 @@ from google.protobuf import empty_pb2
 from agentd.batchers.connection_log import ConnectionLogBatcher
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import connections
-from agentd.services.base import AgentIdentity
 from agentd.services.connections import parse_ip
 from agentd.store import Database
 from agentd.testing import serve_agent

@@ -11,9 +11,10 @@ import trio
 from google.protobuf import timestamp_pb2
 
 from agentd.drpc.errors import RpcError
+from agentd.model import ZERO_TIME
 from agentd.proto import agent_pb2
 from agentd.services import lifecycle
-from agentd.services.base import AGENT, ZERO_TIME
+from agentd.services.base import AGENT
 from agentd.services.events import Events
 from agentd.store import Database
 from agentd.store.pubsub import PubSub

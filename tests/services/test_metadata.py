@@ -18,15 +18,16 @@ import trio.testing
 import agentd.testing
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.batchers.metadata import MetadataBatcher
+from agentd.channels import METADATA_BATCH_CHANNEL
 from agentd.components import Components
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
-from agentd.services.base import AgentIdentity
-from agentd.services.events import METADATA_BATCH_CHANNEL, Events
+from agentd.services.events import Events
 from agentd.services.metadata import MetadataService, build
 from agentd.store import Database, PubSub
-from agentd.store.connection import authenticate_agent
 from agentd.store.metadata import MetadataRow, metadata_rows
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope
 

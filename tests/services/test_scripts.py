@@ -13,11 +13,11 @@ from google.protobuf import timestamp_pb2
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import scripts
-from agentd.services.base import AgentIdentity
 from agentd.store import Database
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, make_scope
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import lifecycle
-from agentd.services.base import AgentIdentity
 from agentd.store import Database
 from agentd.store.pubsub import PubSub
 from tests.services.core_support import (

@@ -25,8 +25,9 @@ from agentd.connection import start_components
 from agentd.daemon import build_components
 from agentd.drpc.errors import RpcError
 from agentd.metrics import AgentMetrics
+from agentd.model import PREBUILDS_USER_ID, AgentIdentity
 from agentd.proto import agent_pb2
-from agentd.services.base import PREBUILDS_USER_ID, AgentIdentity, Settings
+from agentd.services.base import Settings
 from agentd.services.events import Events
 from agentd.services.stats import (
     DEFAULT_REPORT_INTERVAL,

@@ -16,13 +16,13 @@ import trio
 
 from agentd.admin import create_workspace, validate_workspace_spec
 from agentd.drpc.errors import RpcError
+from agentd.model import AgentIdentity
 from agentd.proto import agent_pb2
 from agentd.services import subagents
-from agentd.services.base import AgentIdentity
 from agentd.services.subagents import clamp_sharing_level, hashed_slug
 from agentd.store import Database
 from agentd.store.agents import get_agent_by_token, token_digest
-from agentd.store.connection import authenticate_agent
+from agentd.store.sessions import authenticate_agent
 from agentd.store.subagents import AppUpsert, upsert_app
 from agentd.testing import serve_agent
 from tests.services.audit_support import T0, FakeNow, make_scope

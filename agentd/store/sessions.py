@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import attrs
 from psycopg import sql as pgsql
 
-from agentd.services.base import AgentIdentity, Preload, WorkspaceIdentity
+from agentd.model import AgentIdentity, WorkspaceIdentity
 from agentd.store.agents import AUTHORIZED_AGENT, get_agent_by_token, token_matches, token_param
 from agentd.store.db import Database, Transaction
 from agentd.store.monitors import MemoryMonitor, VolumeMonitor
@@ -168,6 +168,17 @@ async def workspace_identity(db: Queryable, workspace_id: uuid.UUID) -> Workspac
 
 
 # ---- connect: one query --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Preload:
+    """Per-connection state read once at connect, in the token lookup's query, for the services that
+    would otherwise each ``load()`` it (spec §4.1 step 4): one round trip instead of one per service."""
+
+    #: None: the template defines no memory monitor.
+    memory_monitor: MemoryMonitor | None = None
+    #: ordered by path
+    volume_monitors: tuple[VolumeMonitor, ...] = ()
 
 
 @attrs.frozen
