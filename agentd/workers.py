@@ -53,6 +53,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio_util import periodic  # type: ignore[import-untyped]
 
 from agentd import __version__, systemd
 from agentd.agent.backoff import Backoff
@@ -541,7 +542,7 @@ class Supervisor:
 
     async def _watchdog(self, interval: float | None) -> None:
         """Ping systemd only while every worker is alive and pinging; kill a worker that hangs."""
-        while True:
+        async for _ in periodic(interval if interval is not None else WORKER_WATCHDOG_INTERVAL):
             now = trio.current_time()
             healthy = True
             for worker in self.workers:
@@ -558,7 +559,6 @@ class Supervisor:
                     worker.signal(signal.SIGKILL)
             if healthy and interval is not None:
                 await self.notifier.notify("WATCHDOG=1")
-            await trio.sleep(interval if interval is not None else WORKER_WATCHDOG_INTERVAL)
 
     async def _stop_workers(self) -> None:
         """SIGTERM every worker and wait for them; SIGKILL what is left after the grace period."""
