@@ -33,6 +33,12 @@ OperatingSystem = Literal["linux", "darwin", "windows"]
 Architecture = Literal["amd64", "arm64", "armv7", "386"]
 DISPLAY_APPS: tuple[DisplayApp, ...] = get_args(DisplayApp)
 
+
+def _one_of(labels: Any) -> msgspec.Meta:
+    """An enum's error lists its labels in the declared order (msgspec's own order is sorted)."""
+    return expect("one of " + ", ".join(get_args(labels)))
+
+
 _NAME_RE = r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?$"
 _SLUG_RE = r"^[a-z0-9](?:-?[a-z0-9])*$"
 _USERNAME_RE = r"^[a-zA-Z0-9](?:[a-zA-Z0-9-_.]*[a-zA-Z0-9])?$"
@@ -135,9 +141,9 @@ class App(_Table, frozen=True, kw_only=True):
     url: str | None = None
     external: bool = False
     subdomain: bool = False
-    sharing_level: SharingLevel = "owner"
+    sharing_level: Annotated[SharingLevel, _one_of(SharingLevel)] = "owner"
     hidden: bool = False
-    open_in: OpenIn = "slim-window"
+    open_in: Annotated[OpenIn, _one_of(OpenIn)] = "slim-window"
     display_group: str | None = None
     tooltip: Text2048 = ""
     display_order: NonNegative = 0
@@ -198,15 +204,15 @@ class Devcontainer(_Table, frozen=True, kw_only=True):
 
 class Agent(_Table, frozen=True, kw_only=True):
     name: Name
-    operating_system: OperatingSystem = "linux"
-    architecture: Architecture = "amd64"
+    operating_system: Annotated[OperatingSystem, _one_of(OperatingSystem)] = "linux"
+    architecture: Annotated[Architecture, _one_of(Architecture)] = "amd64"
     directory: Text4096 = ""
     environment_variables: dict[str, str] = msgspec.field(default_factory=dict)
     connection_timeout_seconds: NonNegative = 120
     troubleshooting_url: str = ""
     motd_file: str = ""
-    display_apps: tuple[DisplayApp, ...] = DISPLAY_APPS
-    api_key_scope: ApiKeyScope = "all"
+    display_apps: tuple[Annotated[DisplayApp, _one_of(DisplayApp)], ...] = DISPLAY_APPS
+    api_key_scope: Annotated[ApiKeyScope, _one_of(ApiKeyScope)] = "all"
     display_order: NonNegative = 0
     #: None: a random token (printed once by create-workspace).
     auth_token: uuid.UUID | None = None

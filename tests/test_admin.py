@@ -102,7 +102,7 @@ def _mutated(path: list[Any], value: Any, *, delete: bool = False) -> dict[str, 
         (
             ["agents", 0, "display_apps"],
             ["emacs"],
-            "agents[0].display_apps[0]: must be one of port_forwarding_helper",
+            "agents[0].display_apps[0]: must be one of vscode, vscode_insiders, web_terminal",
         ),
         (["agents", 0, "name"], "bad name", "agents[0].name: must be letters"),
         (
