@@ -56,7 +56,7 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from trio_util import periodic  # type: ignore[import-untyped]
+from trio_util import AsyncValue, periodic  # type: ignore[import-untyped]
 
 from agentd import __version__, systemd
 from agentd.agent.backoff import Backoff
@@ -211,8 +211,8 @@ class Worker:
     process: trio.Process | None = None
     ready: bool = False
     ever_ready: trio.Event = attrs.field(factory=trio.Event)
-    #: set at every READY=1; `reload` replaces it before forwarding SIGHUP and waits for it
-    ready_event: trio.Event = attrs.field(factory=trio.Event)
+    #: READY=1 notifications so far: `reload` waits for the count to pass the one at its SIGHUP
+    readies: AsyncValue = attrs.field(factory=lambda: AsyncValue(0))
     last_ping: float = -math.inf
     restarts: int = 0
     exited: trio.Event = attrs.field(factory=trio.Event)
@@ -537,12 +537,12 @@ class Supervisor:
             worker.ready = True
             worker.last_ping = trio.current_time()
             worker.ever_ready.set()
-            worker.ready_event.set()
+            worker.readies.value += 1
         elif line == "WATCHDOG=1":
             worker.last_ping = trio.current_time()
         elif line == "STOPPING=1":
             worker.ready = False
-        # RELOADING=1: `reload` already armed ready_event before forwarding SIGHUP
+        # RELOADING=1: `reload` noted the READY=1 count before forwarding SIGHUP
 
     async def _watchdog(self, interval: float | None) -> None:
         """Ping systemd only while every worker is alive and pinging; kill a worker that hangs."""
@@ -615,16 +615,15 @@ class Supervisor:
                 if new.workers != self.config.workers:
                     log.warning("reloaded; a change of workers takes effect after a restart")
                 self.config = attrs.evolve(self.config, log_level=new.log_level)
-            waiting = []
+            waiting: list[tuple[Worker, int]] = []
             for worker in self.workers:
                 if worker.alive and worker.ready:
-                    worker.ready_event = trio.Event()
-                    waiting.append(worker)
+                    waiting.append((worker, worker.readies.value))
                     worker.signal(signal.SIGHUP)
             with trio.move_on_after(FETCH_TIMEOUT):
-                for worker in waiting:
-                    await worker.ready_event.wait()
-            late = [str(w.index) for w in waiting if not w.ready_event.is_set()]
+                for worker, before in waiting:
+                    await worker.readies.wait_value(lambda count, before=before: count > before)
+            late = [str(w.index) for w, before in waiting if w.readies.value == before]
             if late:
                 log.warning(
                     "SIGHUP forwarded; worker(s) %s did not confirm within %g s",
