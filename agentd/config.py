@@ -223,8 +223,8 @@ def _count(key: str) -> msgspec.Meta:
 
 
 class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """The `--config` TOML file as written (UNSET: not in the file); `config_values` makes it
-    Config keyword arguments. Ranges come from NUMBER_RANGES and COUNT_RANGES, as for the flags."""
+    """The `--config` TOML file as written (UNSET: not in the file); `config_values_from_mapping`
+    makes it Config keyword arguments. Ranges come from NUMBER_RANGES and COUNT_RANGES, as for the flags."""
 
     data_dir: str | UnsetType = UNSET
     postgres_url: str | UnsetType = UNSET
@@ -237,9 +237,7 @@ class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     #: The `[banners]` table, checked by agentd.services.banners.
     banners: dict[str, Any] | UnsetType = UNSET
     metrics_listen: Annotated[str, expect('an address string or "none"')] | UnsetType = UNSET
-    coordinator: Annotated[Literal["memory", "postgres"], expect('"memory" or "postgres"')] | UnsetType = (
-        UNSET
-    )
+    coordinator: Annotated[Coordinator, expect('"memory" or "postgres"')] | UnsetType = UNSET
     coordinator_heartbeat: Annotated[float, _seconds("coordinator_heartbeat")] | UnsetType = UNSET
     database_timeout: Annotated[float, _seconds("database_timeout")] | UnsetType = UNSET
     workers: Annotated[int, _count("workers")] | UnsetType = UNSET
