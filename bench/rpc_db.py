@@ -81,7 +81,7 @@ async def _seed(url: str, n: int) -> list[str]:
     async with open_database(url) as db:
         await migrate(db)
         for i in range(n):
-            created = await create_workspace(db, dict(spec, name=f"bench-{i}"))
+            created = await create_workspace(db, msgspec.structs.replace(spec, name=f"bench-{i}"))
             tokens.append(str(created.agents[0].token))
     return tokens
 

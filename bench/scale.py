@@ -130,7 +130,7 @@ def bench_spec(index: int) -> WorkspaceSpec:
 
 
 def metadata_keys() -> list[str]:
-    return [m["key"] for m in bench_spec(0)["agents"][0]["metadata"]]
+    return [m.key for m in bench_spec(0).agents[0].metadata]
 
 
 async def _migrate_and_create_first(url: str) -> tuple[str, str, str]:
