@@ -133,12 +133,12 @@ def _validate_coordinator(_inst: object, _attr: attrs.Attribute[str], value: str
         raise ConfigError(f'coordinator {value!r}: expected "memory" or "postgres"')
 
 
-def check_number(key: str, value: float, source: str | None = None) -> float:
-    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range."""
+def check_number(key: str, value: float) -> float:
+    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range
+    (the config file's own check is ConfigFile's, with the same ranges and words)."""
     low, high = NUMBER_RANGES[key]
     if not (math.isfinite(value) and low <= value <= high):
-        where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
-        raise ConfigError(f"{where} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
+        raise ConfigError(f"field {key!r} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
     return float(value)
 
 
@@ -146,12 +146,11 @@ def _validate_number(_inst: object, attr: attrs.Attribute[float], value: float) 
     check_number(attr.name, value)
 
 
-def check_count(key: str, value: object, source: str | None = None) -> int:
+def check_count(key: str, value: object) -> int:
     """`value` if it is a whole number in `key`'s range, else a one-line error naming field and range."""
     low, high = COUNT_RANGES[key]
-    where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{where} must be a whole number in {low}..{high}, got {value!r}")
+        raise ConfigError(f"field {key!r} must be a whole number in {low}..{high}, got {value!r}")
     return value
 
 

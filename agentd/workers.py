@@ -717,7 +717,6 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 @attrs.define
 class _Family:
-    type: str
     documentation: str
     samples: dict[SampleKey, tuple[float, float | None]] = attrs.field(factory=dict)
 
@@ -731,9 +730,7 @@ def merge_families(texts: Sequence[str], *, latest_prefix: str = "agentd_agentst
     families: dict[tuple[str, str], _Family] = {}
     for text in texts:
         for parsed in text_string_to_metric_families(text):
-            family = families.setdefault(
-                (parsed.name, parsed.type), _Family(parsed.type, parsed.documentation)
-            )
+            family = families.setdefault((parsed.name, parsed.type), _Family(parsed.documentation))
             newest_wins = parsed.name.startswith(latest_prefix)
             for sample in parsed.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
