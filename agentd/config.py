@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import attrs
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from agentd import typed_toml
+from agentd.typed_toml import expect
 
 DEFAULT_TCP_PORT = 3113
 #: The operator listener's default port (/metrics; Coder's --prometheus-address default is 2112 too).
 DEFAULT_METRICS_PORT = 2112
 DEFAULT_SOCKET_NAME = "agentd.sock"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+Coordinator = Literal["memory", "postgres"]
 #: Every numeric setting's finite range (inclusive). Checked with the rest of the file and the flags
 #: before anything starts, so inf, nan, 1e15 or a negative never reaches a timer.
 #: shutdown_timeout: agentd exits within it + agentd.shutdown.MARGIN; keep that below the unit's
@@ -127,12 +133,12 @@ def _validate_coordinator(_inst: object, _attr: attrs.Attribute[str], value: str
         raise ConfigError(f'coordinator {value!r}: expected "memory" or "postgres"')
 
 
-def check_number(key: str, value: float, source: str | None = None) -> float:
-    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range."""
+def check_number(key: str, value: float) -> float:
+    """`value` as a float if it lies in `key`'s range, else a one-line error naming field and range
+    (the config file's own check is ConfigFile's, with the same ranges and words)."""
     low, high = NUMBER_RANGES[key]
     if not (math.isfinite(value) and low <= value <= high):
-        where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
-        raise ConfigError(f"{where} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
+        raise ConfigError(f"field {key!r} must be a number of seconds in {low:g}..{high:g}, got {value:g}")
     return float(value)
 
 
@@ -140,12 +146,11 @@ def _validate_number(_inst: object, attr: attrs.Attribute[float], value: float) 
     check_number(attr.name, value)
 
 
-def check_count(key: str, value: object, source: str | None = None) -> int:
+def check_count(key: str, value: object) -> int:
     """`value` if it is a whole number in `key`'s range, else a one-line error naming field and range."""
     low, high = COUNT_RANGES[key]
-    where = f"{source}: field {key!r}" if source is not None else f"field {key!r}"
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{where} must be a whole number in {low}..{high}, got {value!r}")
+        raise ConfigError(f"field {key!r} must be a whole number in {low}..{high}, got {value!r}")
     return value
 
 
@@ -206,69 +211,62 @@ class Config:
         return () if socket_activated else self.default_listen_addresses()
 
 
-# TOML key -> (expected python type(s), human name of the type)
-_FILE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "data_dir": ((str,), "a string"),
-    "postgres_url": ((str,), "a string"),
-    "listen": ((list,), "an array of strings"),
-    "log_level": ((str,), "a string"),
-    "shutdown_timeout": ((int, float), "a number of seconds"),
-    "agent_stats_refresh_interval": ((int, float), "a number of seconds"),
-    "banners": ((dict,), "a table"),
-    "metrics_listen": ((str,), 'an address string or "none"'),
-    "coordinator": ((str,), "a string"),
-    "coordinator_heartbeat": ((int, float), "a number of seconds"),
-    "database_timeout": ((int, float), "a number of seconds"),
-    "workers": ((int,), "a whole number"),
-    "max_streams_per_agent": ((int,), "a whole number"),
-    "request_buffer_bytes": ((int,), "a whole number of bytes"),
-    "first_packet_timeout": ((int, float), "a number of seconds"),
-}
+def _seconds(key: str) -> msgspec.Meta:
+    low, high = NUMBER_RANGES[key]
+    return expect(f"a number of seconds in {low:g}..{high:g}", ge=low, le=high)
+
+
+def _count(key: str) -> msgspec.Meta:
+    low, high = COUNT_RANGES[key]
+    return expect(f"a whole number in {low}..{high}", ge=low, le=high)
+
+
+class ConfigFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The `--config` TOML file as written (UNSET: not in the file); `config_values_from_mapping`
+    makes it Config keyword arguments. Ranges come from NUMBER_RANGES and COUNT_RANGES, as for the flags."""
+
+    data_dir: str | UnsetType = UNSET
+    postgres_url: str | UnsetType = UNSET
+    listen: tuple[str, ...] | UnsetType = UNSET
+    log_level: Annotated[LogLevel, expect("one of " + ", ".join(LOG_LEVELS))] | UnsetType = UNSET
+    shutdown_timeout: Annotated[float, _seconds("shutdown_timeout")] | UnsetType = UNSET
+    agent_stats_refresh_interval: Annotated[float, _seconds("agent_stats_refresh_interval")] | UnsetType = (
+        UNSET
+    )
+    #: The `[banners]` table, checked by agentd.services.banners.
+    banners: dict[str, Any] | UnsetType = UNSET
+    metrics_listen: Annotated[str, expect('an address string or "none"')] | UnsetType = UNSET
+    coordinator: Annotated[Coordinator, expect('"memory" or "postgres"')] | UnsetType = UNSET
+    coordinator_heartbeat: Annotated[float, _seconds("coordinator_heartbeat")] | UnsetType = UNSET
+    database_timeout: Annotated[float, _seconds("database_timeout")] | UnsetType = UNSET
+    workers: Annotated[int, _count("workers")] | UnsetType = UNSET
+    max_streams_per_agent: Annotated[int, _count("max_streams_per_agent")] | UnsetType = UNSET
+    request_buffer_bytes: Annotated[int, _count("request_buffer_bytes")] | UnsetType = UNSET
+    first_packet_timeout: Annotated[float, _seconds("first_packet_timeout")] | UnsetType = UNSET
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read and strictly validate a config file; returns Config keyword arguments."""
-    try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    raw = typed_toml.read_toml(path, ConfigError)
     return config_values_from_mapping(raw, source=str(path), base_dir=path.parent.resolve())
 
 
 def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir: Path) -> dict[str, Any]:
     """Validate a parsed config table (strict: unknown keys are errors) and convert it."""
+    try:
+        file = typed_toml.convert(raw, ConfigFile)
+    except typed_toml.Problem as problem:
+        raise _file_error(source, problem) from None
     out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in _FILE_KEYS:
-            known = ", ".join(sorted(_FILE_KEYS))
-            raise ConfigError(f"{source}: unknown field {key!r} (known fields: {known})")
-        types, type_name = _FILE_KEYS[key]
-        if not _has_type(value, types):
-            raise ConfigError(f"{source}: field {key!r} must be {type_name}")
+    for key, value in msgspec.structs.asdict(file).items():
+        if value is UNSET:
+            continue
         if key == "data_dir":
             out[key] = _resolve_path(value, base_dir)
         elif key == "listen":
-            addresses = []
-            for item in value:
-                if not isinstance(item, str):
-                    raise ConfigError(f"{source}: field 'listen' must be {type_name}")
-                addresses.append(_parse_in(source, item, base_dir))
-            out[key] = tuple(addresses)
+            out[key] = tuple(_parse_in(source, item, base_dir) for item in value)
         elif key == "metrics_listen":
             out[key] = None if value in ("", "none") else _parse_in(source, value, base_dir)
-        elif key in NUMBER_RANGES:
-            out[key] = check_number(key, value, source)
-        elif key in COUNT_RANGES:
-            out[key] = check_count(key, value, source)
-        elif key == "log_level" and value not in LOG_LEVELS:
-            raise ConfigError(
-                f"{source}: field 'log_level' is {value!r}, expected one of {', '.join(LOG_LEVELS)}"
-            )
         elif key == "banners":
             from agentd.services.banners import BannerConfigError, banners_from_mapping
 
@@ -281,8 +279,14 @@ def config_values_from_mapping(raw: Mapping[str, Any], *, source: str, base_dir:
     return out
 
 
-def _has_type(value: Any, types: tuple[type, ...]) -> bool:
-    return not isinstance(value, bool) and isinstance(value, types)
+def _file_error(source: str, problem: typed_toml.Problem) -> ConfigError:
+    """A top-level key is "field 'x'" (as for the flags' checks); a nested one its dotted path."""
+    if problem.kind == "unknown" and problem.path.isidentifier():
+        known = ", ".join(sorted(problem.allowed))
+        return ConfigError(f"{source}: unknown field {problem.path!r} (known fields: {known})")
+    if problem.path.isidentifier():
+        return ConfigError(f"{source}: field {problem.path!r} {problem.text}")
+    return ConfigError(f"{source}: {problem}")
 
 
 def _parse_in(source: str, text: str, base_dir: Path) -> ListenAddress:

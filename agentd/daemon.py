@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from agentd import __version__, systemd
 from agentd.components import Components
@@ -38,6 +40,7 @@ from agentd.http import HttpApp, Request, Router
 from agentd.listeners import BoundListener, Server, bind_all, describe_peer
 from agentd.logfmt import logfmt
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agentd.metrics import Families, private_registry
 from agentd.mux import MuxConfig
 from agentd.services.base import Settings
 from agentd.services.events import Events
@@ -272,20 +275,32 @@ def build_components(
 
 @attrs.define(eq=False)
 class MetricsRoute:
-    """``GET /metrics``: agent-reported series, batcher drop counters and the build-duration histogram."""
+    """``GET /metrics``: agent-reported series, agentd's own figures and the build-duration histogram,
+    collected in a registry of this route's own and written by prometheus_client."""
 
     components: Components
+    _registry: CollectorRegistry = attrs.field(init=False)
+    #: the same with each agent-reported sample's report time (?timestamps=1: agentd.workers' parent)
+    _stamped: CollectorRegistry = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._registry = self._collectors(timestamps=False)
+        self._stamped = self._collectors(timestamps=True)
+
+    def _collectors(self, *, timestamps: bool) -> CollectorRegistry:
+        components = self.components
+        agent_metrics = components.metrics
+        collectors: list[Collector] = []
+        if agent_metrics is not None:
+            collectors.append(Families(lambda: agent_metrics.families(timestamps=timestamps)))
+        collectors.append(Families(lambda: components.server_metrics.families(components)))
+        if components.build_durations is not None:
+            collectors.append(components.build_durations)
+        return private_registry(*collectors)
 
     async def handle(self, request: Request) -> None:
-        # ?timestamps=1: agentd.workers' parent merging its workers' expositions
-        timestamps = request.query_value("timestamps") == "1"
-        parts = [self.components.server_metrics.render(self.components)]
-        if self.components.metrics is not None:
-            parts.insert(0, self.components.metrics.render(timestamps=timestamps))
-        if self.components.build_durations is not None:
-            parts.append(self.components.build_durations.render())
-        body = "".join(part if part.endswith("\n") or not part else part + "\n" for part in parts)
-        await request.send_response(200, body.encode("utf-8"), content_type=METRICS_CONTENT_TYPE)
+        registry = self._stamped if request.query_value("timestamps") == "1" else self._registry
+        await request.send_response(200, generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
 
 def build_router(

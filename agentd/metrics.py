@@ -9,10 +9,13 @@ beyond either are rejected and counted; stale ones are swept first), at most
 stopped reporting expire after ``expiry`` seconds. Invalid names, unknown types, a name reported with
 two types, and labels clashing with the identity labels are skipped and counted.
 
-``render()`` is the Prometheus text exposition format (version 0.0.4) of all live series plus the
-batchers' own counters. Agent-reported names are exposed under their own prefix, ``agentd_agentstats_``
-(as coderd exposes them under ``coderd_agentstats_``), which none of agentd's own metric names uses, so
-an agent can never produce a second HELP/TYPE block for one of agentd's names.
+``AgentMetrics`` is a prometheus_client collector over those bounded series (``collect()``, and
+``render()``: the text exposition, version 0.0.4, written by prometheus_client's ``generate_latest``)
+plus the batchers' own counters. Agent-reported names are exposed under their own prefix,
+``agentd_agentstats_`` (as coderd exposes them under ``coderd_agentstats_``), which none of agentd's
+own metric names uses, so an agent can never produce a second HELP/TYPE block for one of agentd's
+names. A reported counter is exposed the way Prometheus names counters: its sample name ends in
+``_total`` (added if the agent's name lacks it).
 """
 
 from __future__ import annotations
@@ -21,22 +24,31 @@ import collections
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = [
     "AGENT_METRIC_PREFIX",
     "CONTENT_TYPE",
     "AgentLabels",
     "AgentMetrics",
+    "Families",
     "ReportedMetric",
-    "escape_label_value",
-    "format_value",
+    "exposition",
+    "private_registry",
 ]
 
-#: The Prometheus text exposition format's media type.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The Prometheus text exposition format's media type (what ``generate_latest`` writes).
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
+# Instruments (the build-duration Histogram) would add a `<name>_created` gauge per series: a
+# timestamp that agentd.workers' merge would add up across workers. agentd exposes none.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 COUNTER = "counter"
 GAUGE = "gauge"
@@ -91,18 +103,35 @@ class _Sample:
     updated: float
 
 
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@attrs.frozen
+class Families:
+    """A prometheus_client collector over a function that yields metric families."""
+
+    families: Callable[[], Iterable[Metric]]
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families()
 
 
-def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+def private_registry(*collectors: Collector) -> CollectorRegistry:
+    """A registry of its own (never prometheus_client's global one) holding ``collectors``."""
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors:
+        registry.register(collector)
+    return registry
+
+
+def exposition(*collectors: Collector) -> str:
+    """The Prometheus text exposition of ``collectors``."""
+    return generate_latest(private_registry(*collectors)).decode("utf-8")
+
+
+def _exposed_names(name: str, kind: str) -> tuple[str, str]:
+    """(family, sample) names a reported metric takes in the exposition, before the prefix."""
+    if kind == COUNTER:
+        family = name.removesuffix("_total")
+        return family, family + "_total"
+    return name, name
 
 
 @attrs.define(eq=False)
@@ -119,6 +148,8 @@ class AgentMetrics:
     invalid_metrics: int = attrs.field(default=0, init=False)
     _series: dict[SeriesKey, _Sample] = attrs.field(factory=dict, init=False)
     _types: dict[str, str] = attrs.field(factory=dict, init=False)
+    #: exposed family and sample names (see _exposed_names) → the reported name that has them
+    _owners: dict[str, str] = attrs.field(factory=dict, init=False)
     _per_agent: collections.Counter[tuple[tuple[str, str], ...]] = attrs.field(
         factory=collections.Counter, init=False
     )
@@ -157,7 +188,10 @@ class AgentMetrics:
             if full:
                 self.rejected_series += 1
                 continue
-            self._types.setdefault(metric.name, metric.kind)
+            if metric.name not in self._types:
+                self._types[metric.name] = metric.kind
+                for exposed in _exposed_names(metric.name, metric.kind):
+                    self._owners[exposed] = metric.name
             self._series[key] = _Sample(metric.value, now)
             self._per_agent[identity] += 1
 
@@ -165,6 +199,11 @@ class AgentMetrics:
         if metric.kind not in (COUNTER, GAUGE) or not _NAME_RE.match(metric.name):
             return None
         if self._types.get(metric.name, metric.kind) != metric.kind:
+            return None
+        # e.g. a counter "x" (exposed as x_total) and a gauge "x_total": one exposed name, two metrics
+        if any(
+            self._owners.get(n, metric.name) != metric.name for n in _exposed_names(metric.name, metric.kind)
+        ):
             return None
         if len(metric.labels) > self.max_labels:
             return None
@@ -191,7 +230,8 @@ class AgentMetrics:
             self._drop(k)
         live = {name for name, _ in self._series}
         for name in [n for n in self._types if n not in live]:
-            del self._types[name]
+            for exposed in _exposed_names(name, self._types.pop(name)):
+                self._owners.pop(exposed, None)
 
     def forget(self, agent: AgentLabels) -> None:
         """Drop every series of ``agent`` (e.g. its workspace was deleted)."""
@@ -208,25 +248,34 @@ class AgentMetrics:
         self._expire(self.clock())
         return {k: s.value for k, s in self._series.items()}
 
-    def render(self, *, timestamps: bool = False) -> str:
-        """The Prometheus text exposition of every live series and the bookkeeping counters.
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's Collector protocol: every live series and the bookkeeping counters."""
+        return self.families()
 
-        ``timestamps``: end each agent-reported sample with the wall-clock time (ms) it was reported,
-        so that agentd.workers can keep the newest when an agent moved between workers."""
+    def families(self, *, timestamps: bool = False) -> Iterator[Metric]:
+        """The metric families of every live series and of the bookkeeping counters.
+
+        ``timestamps``: each agent-reported sample carries the wall-clock time it was reported, so
+        that agentd.workers can keep the newest when an agent moved between workers."""
         now = self.clock()
         self._expire(now)
-        wall_ms = time.time() * 1000.0
-        lines: list[str] = []
-        by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float, str]]] = {}
+        wall = time.time()
+        by_name: dict[str, Metric] = {}
         for (name, labels), sample in sorted(self._series.items()):
-            suffix = f" {int(wall_ms - (now - sample.updated) * 1000.0)}" if timestamps else ""
-            by_name.setdefault(AGENT_METRIC_PREFIX + name, []).append((labels, sample.value, suffix))
-        for name, series in by_name.items():
-            lines.append(f"# HELP {name} Reported by workspace agents.")
-            lines.append(f"# TYPE {name} {self._types[name[len(AGENT_METRIC_PREFIX) :]]}")
-            lines.extend(
-                f"{name}{_labels(labels)} {format_value(value)}{suffix}" for labels, value, suffix in series
+            family_name, sample_name = _exposed_names(name, self._types[name])
+            family = by_name.get(name)
+            if family is None:
+                family = Metric(
+                    AGENT_METRIC_PREFIX + family_name, "Reported by workspace agents.", self._types[name]
+                )
+                by_name[name] = family
+            family.add_sample(
+                AGENT_METRIC_PREFIX + sample_name,
+                dict(labels),
+                sample.value,
+                wall - (now - sample.updated) if timestamps else None,
             )
+        yield from by_name.values()
         counters: list[tuple[str, str, float]] = [
             (
                 "agentd_agent_metrics_rejected_series_total",
@@ -241,12 +290,8 @@ class AgentMetrics:
         ]
         counters.extend((n, h, get()) for n, (h, get) in sorted(self.extra_counters.items()))
         for name, help_text, value in counters:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} counter")
-            lines.append(f"{name} {format_value(value)}")
-        return "\n".join(lines) + "\n"
+            yield CounterMetricFamily(name, help_text, value=value)
 
-
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{n}="{escape_label_value(v)}"' for n, v in pairs)
-    return "{" + inner + "}" if inner else ""
+    def render(self, *, timestamps: bool = False) -> str:
+        """The Prometheus text exposition of :meth:`families`."""
+        return exposition(Families(lambda: self.families(timestamps=timestamps)))

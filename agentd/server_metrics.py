@@ -3,21 +3,31 @@ kind, database failures among them) and the batchers' writes.
 
 One :class:`ServerMetrics` per process (a field of `agentd.components.Components`). Sessions and
 RPCs are counted where they happen (`agentd.connection`: a session's start and end, every call an
-API task runs); the batchers' figures are read from their own public counters when ``/metrics`` is
-rendered. Every label set is bounded: ``api`` and ``method`` come from the composed services (the
-RPC table), ``kind`` and ``batcher`` from the fixed lists below.
+API task runs) in plain dicts: the per-RPC path stays one increment, without the lock and label
+lookup of a prometheus_client instrument (every caller is on the one trio thread); ``families``
+exposes them as prometheus_client metric families. The batchers' figures are read from their own
+public counters when ``/metrics`` is rendered. Every label set is bounded: ``api`` and ``method``
+come from the composed services (the RPC table), ``kind`` and ``batcher`` from the fixed lists below.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import outcome
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from agentd.drpc.errors import RpcError
-from agentd.metrics import format_value
+from agentd.metrics import Families, exposition
 from agentd.store.errors import StoreError
 
 __all__ = ["BATCHERS", "ERROR_KINDS", "RPC_DURATION_BUCKETS", "ServerMetrics", "error_kind"]
@@ -46,10 +56,6 @@ class _Histogram:
     counts: list[int] = attrs.field(factory=lambda: [0] * len(RPC_DURATION_BUCKETS))
     total: float = 0.0
     count: int = 0
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 @attrs.define(eq=False)
@@ -96,58 +102,60 @@ class ServerMetrics:
     def errors(self, api: str, method: str, kind: str) -> int:
         return self._errors.get((api, method, kind), 0)
 
-    def render(self, components: Any = None) -> str:
-        """Prometheus text exposition (0.0.4) of these figures and of ``components``' batchers."""
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-
-        family("agentd_agent_sessions", "gauge", "Agent sessions open on this process.")
-        out.append(f"agentd_agent_sessions {self.sessions_open}")
-        family("agentd_agent_sessions_total", "counter", "Agent sessions started on this process.")
-        out.append(f"agentd_agent_sessions_total {self.sessions_total}")
-
-        family("agentd_rpc_calls_total", "counter", "Agent RPCs served, by API and method.")
+    def families(self, components: Any = None) -> Iterator[Metric]:
+        """These figures and ``components``' batchers as prometheus_client metric families."""
+        yield GaugeMetricFamily(
+            "agentd_agent_sessions", "Agent sessions open on this process.", self.sessions_open
+        )
+        yield CounterMetricFamily(
+            "agentd_agent_sessions_total", "Agent sessions started on this process.", self.sessions_total
+        )
+        calls = CounterMetricFamily(
+            "agentd_rpc_calls_total", "Agent RPCs served, by API and method.", labels=("api", "method")
+        )
         for (api, method), n in sorted(self._calls.items()):
-            out.append(f'agentd_rpc_calls_total{{api="{_label(api)}",method="{_label(method)}"}} {n}')
-        family(
+            calls.add_metric((api, method), n)
+        yield calls
+        errors = CounterMetricFamily(
             "agentd_rpc_errors_total",
-            "counter",
             "Agent RPCs that failed, by kind: rejected (bad request), database, internal.",
+            labels=("api", "method", "kind"),
         )
         for (api, method, kind), n in sorted(self._errors.items()):
-            labels = f'api="{_label(api)}",method="{_label(method)}",kind="{kind}"'
-            out.append(f"agentd_rpc_errors_total{{{labels}}} {n}")
-        family(
+            errors.add_metric((api, method, kind), n)
+        yield errors
+        durations = HistogramMetricFamily(
             "agentd_rpc_duration_seconds",
-            "histogram",
             "Unary RPCs: time from the hand-off to the API until the answer.",
+            labels=("api", "method"),
         )
         for (api, method), h in sorted(self._durations.items()):
-            labels = f'api="{_label(api)}",method="{_label(method)}"'
+            buckets: list[tuple[str, float]] = []
             cumulative = 0
             for bound, count in zip(RPC_DURATION_BUCKETS, h.counts, strict=True):
                 cumulative += count
-                out.append(
-                    f'agentd_rpc_duration_seconds_bucket{{{labels},le="{format_value(bound)}"}} {cumulative}'
-                )
-            out.append(f'agentd_rpc_duration_seconds_bucket{{{labels},le="+Inf"}} {h.count}')
-            out.append(f"agentd_rpc_duration_seconds_sum{{{labels}}} {format_value(h.total)}")
-            out.append(f"agentd_rpc_duration_seconds_count{{{labels}}} {h.count}")
+                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+            buckets.append(("+Inf", h.count))
+            durations.add_metric((api, method), buckets, h.total)
+        yield durations
 
-        family("agentd_batcher_flushes_total", "counter", "Batches the process-wide batchers wrote.")
         batchers = [(name, getattr(components, name, None)) for name in BATCHERS]
-        for name, batcher in batchers:
-            if batcher is not None and hasattr(batcher, "flushes"):
-                out.append(f'agentd_batcher_flushes_total{{batcher="{name}"}} {batcher.flushes}')
-        family(
+        flushes = CounterMetricFamily(
+            "agentd_batcher_flushes_total", "Batches the process-wide batchers wrote.", labels=("batcher",)
+        )
+        dropped = CounterMetricFamily(
             "agentd_batcher_dropped_total",
-            "counter",
             "Updates the batchers dropped because their buffer was full.",
+            labels=("batcher",),
         )
         for name, batcher in batchers:
+            if batcher is not None and hasattr(batcher, "flushes"):
+                flushes.add_metric((name,), batcher.flushes)
             if batcher is not None and hasattr(batcher, "dropped"):
-                out.append(f'agentd_batcher_dropped_total{{batcher="{name}"}} {batcher.dropped}')
-        return "\n".join(out) + "\n"
+                dropped.add_metric((name,), batcher.dropped)
+        yield flushes
+        yield dropped
+
+    def render(self, components: Any = None) -> str:
+        """Prometheus text exposition of :meth:`families`."""
+        return exposition(Families(lambda: self.families(components)))

@@ -13,6 +13,7 @@ from collections.abc import Mapping, MutableMapping
 
 import attrs
 import trio
+from trio_util import periodic  # type: ignore[import-untyped]
 
 SD_LISTEN_FDS_START = 3
 
@@ -114,6 +115,5 @@ async def run_watchdog(
     task_status.started()
     if interval is None or not notifier.enabled:
         await trio.sleep_forever()
-    while True:
+    async for _ in periodic(interval):
         await notifier.notify("WATCHDOG=1")
-        await trio.sleep(interval)

@@ -53,6 +53,10 @@ from typing import Any
 
 import attrs
 import trio
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from trio_util import AsyncValue, periodic  # type: ignore[import-untyped]
 
 from agentd import __version__, systemd
 from agentd.agent.backoff import Backoff
@@ -60,6 +64,7 @@ from agentd.config import Config, ListenAddress, TcpAddress, UnixAddress, UserEr
 from agentd.http import HttpApp, Request, Router
 from agentd.listeners import BACKLOG, BoundListener, ListenError, Server, adopt_socket, bind_all, bind_unix
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agentd.metrics import Families, exposition, private_registry
 
 log = logging.getLogger("agentd.workers")
 
@@ -206,8 +211,8 @@ class Worker:
     process: trio.Process | None = None
     ready: bool = False
     ever_ready: trio.Event = attrs.field(factory=trio.Event)
-    #: set at every READY=1; `reload` replaces it before forwarding SIGHUP and waits for it
-    ready_event: trio.Event = attrs.field(factory=trio.Event)
+    #: READY=1 notifications so far: `reload` waits for the count to pass the one at its SIGHUP
+    readies: AsyncValue = attrs.field(factory=lambda: AsyncValue(0))
     last_ping: float = -math.inf
     restarts: int = 0
     exited: trio.Event = attrs.field(factory=trio.Event)
@@ -532,16 +537,16 @@ class Supervisor:
             worker.ready = True
             worker.last_ping = trio.current_time()
             worker.ever_ready.set()
-            worker.ready_event.set()
+            worker.readies.value += 1
         elif line == "WATCHDOG=1":
             worker.last_ping = trio.current_time()
         elif line == "STOPPING=1":
             worker.ready = False
-        # RELOADING=1: `reload` already armed ready_event before forwarding SIGHUP
+        # RELOADING=1: `reload` noted the READY=1 count before forwarding SIGHUP
 
     async def _watchdog(self, interval: float | None) -> None:
         """Ping systemd only while every worker is alive and pinging; kill a worker that hangs."""
-        while True:
+        async for _ in periodic(interval if interval is not None else WORKER_WATCHDOG_INTERVAL):
             now = trio.current_time()
             healthy = True
             for worker in self.workers:
@@ -558,7 +563,6 @@ class Supervisor:
                     worker.signal(signal.SIGKILL)
             if healthy and interval is not None:
                 await self.notifier.notify("WATCHDOG=1")
-            await trio.sleep(interval if interval is not None else WORKER_WATCHDOG_INTERVAL)
 
     async def _stop_workers(self) -> None:
         """SIGTERM every worker and wait for them; SIGKILL what is left after the grace period."""
@@ -611,16 +615,15 @@ class Supervisor:
                 if new.workers != self.config.workers:
                     log.warning("reloaded; a change of workers takes effect after a restart")
                 self.config = attrs.evolve(self.config, log_level=new.log_level)
-            waiting = []
+            waiting: list[tuple[Worker, int]] = []
             for worker in self.workers:
                 if worker.alive and worker.ready:
-                    worker.ready_event = trio.Event()
-                    waiting.append(worker)
+                    waiting.append((worker, worker.readies.value))
                     worker.signal(signal.SIGHUP)
             with trio.move_on_after(FETCH_TIMEOUT):
-                for worker in waiting:
-                    await worker.ready_event.wait()
-            late = [str(w.index) for w in waiting if not w.ready_event.is_set()]
+                for worker, before in waiting:
+                    await worker.readies.wait_value(lambda count, before=before: count > before)
+            late = [str(w.index) for w, before in waiting if w.readies.value == before]
             if late:
                 log.warning(
                     "SIGHUP forwarded; worker(s) %s did not confirm within %g s",
@@ -661,10 +664,10 @@ class Supervisor:
     async def _handle_metrics(self, request: Request) -> None:
         results = await self._fetch_all("/metrics?timestamps=1")
         texts = [body.decode("utf-8", "replace") for _w, status, body in results if status == 200]
-        merged = merge_expositions(texts)
         up = [(w.index, 1.0 if status == 200 else 0.0) for w, status, _ in results]
-        body = merged + render_worker_series(up, [(w.index, w.restarts) for w in self.workers])
-        await request.send_response(200, body.encode("utf-8"), content_type=METRICS_CONTENT_TYPE)
+        families = merge_families(texts) + worker_families(up, [(w.index, w.restarts) for w in self.workers])
+        body = generate_latest(private_registry(Families(lambda: families)))
+        await request.send_response(200, body, content_type=METRICS_CONTENT_TYPE)
 
     async def _handle_healthz(self, request: Request) -> None:
         results = await self._fetch_all("/healthz")
@@ -709,109 +712,67 @@ async def http_get_unix(path: Path, target: str) -> tuple[int, bytes]:
 # Merging the workers' /metrics
 
 
-def _split_sample(line: str) -> tuple[str, str, float, float | None] | None:
-    """`name{labels} value [timestamp]` → (name, labels text with braces or "", value, timestamp)."""
-    i = 0
-    while i < len(line) and line[i] not in "{ ":
-        i += 1
-    name = line[:i]
-    labels = ""
-    if i < len(line) and line[i] == "{":
-        j = i + 1
-        quoted = False
-        while j < len(line):
-            c = line[j]
-            if quoted and c == "\\":
-                j += 2
-                continue
-            if c == '"':
-                quoted = not quoted
-            elif c == "}" and not quoted:
-                break
-            j += 1
-        labels = line[i : j + 1]
-        i = j + 1
-    rest = line[i:].split()
-    if not name or not rest:
-        return None
-    try:
-        value = float(rest[0])
-        ts = float(rest[1]) if len(rest) > 1 else None
-    except ValueError:
-        return None
-    return name, labels, value, ts
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 @attrs.define
 class _Family:
-    help: str | None = None
-    type: str | None = None
-    samples: dict[tuple[str, str], tuple[float, float | None]] = attrs.field(factory=dict)
+    documentation: str
+    samples: dict[SampleKey, tuple[float, float | None]] = attrs.field(factory=dict)
+
+
+def merge_families(texts: Sequence[str], *, latest_prefix: str = "agentd_agentstats_") -> list[Metric]:
+    """One set of metric families from the workers' expositions (parsed by prometheus_client):
+    samples of the same name and labels are added up, except agent-reported series (`latest_prefix`),
+    where the newest timestamp wins. The merged samples carry no timestamp."""
+    # keyed by type too: the parser names a counter family without its _total, so the gauge
+    # agentd_agent_sessions and the counter agentd_agent_sessions_total share a name
+    families: dict[tuple[str, str], _Family] = {}
+    for text in texts:
+        for parsed in text_string_to_metric_families(text):
+            family = families.setdefault((parsed.name, parsed.type), _Family(parsed.documentation))
+            newest_wins = parsed.name.startswith(latest_prefix)
+            for sample in parsed.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                ts = float(sample.timestamp) if sample.timestamp is not None else None
+                old = family.samples.get(key)
+                if old is None:
+                    family.samples[key] = (sample.value, ts)
+                elif newest_wins:
+                    if (ts or 0.0) >= (old[1] or 0.0):
+                        family.samples[key] = (sample.value, ts)
+                else:
+                    family.samples[key] = (old[0] + sample.value, None)
+    merged: list[Metric] = []
+    for (name, kind), family in families.items():
+        metric = Metric(name, family.documentation, kind)
+        for (sample_name, labels), (value, _ts) in family.samples.items():
+            metric.add_sample(sample_name, dict(labels), value)
+        merged.append(metric)
+    return merged
+
+
+def worker_families(up: Iterable[tuple[int, float]], restarts: Iterable[tuple[int, int]]) -> list[Metric]:
+    """The parent's own series: which workers answered this scrape, and how often each was restarted."""
+    up_family = GaugeMetricFamily(
+        "agentd_worker_up", "Whether the worker answered this scrape (1) or not (0).", labels=("worker",)
+    )
+    for index, value in up:
+        up_family.add_metric((str(index),), value)
+    restarts_family = CounterMetricFamily(
+        "agentd_worker_restarts_total",
+        "Times the parent restarted the worker after it died.",
+        labels=("worker",),
+    )
+    for index, count in restarts:
+        restarts_family.add_metric((str(index),), count)
+    return [up_family, restarts_family]
 
 
 def merge_expositions(texts: Sequence[str], *, latest_prefix: str = "agentd_agentstats_") -> str:
-    """One exposition from the workers' ones: samples of the same name and labels are added up,
-    except agent-reported series (`latest_prefix`), where the newest timestamp wins. Timestamps are
-    not repeated in the output."""
-    from agentd.metrics import format_value
-
-    families: dict[str, _Family] = {}
-    for text in texts:
-        family_name: str | None = None
-        for line in text.splitlines():
-            if not line:
-                continue
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                parts = line.split(" ", 3)
-                if len(parts) < 3:
-                    continue
-                family_name = parts[2]
-                family = families.setdefault(family_name, _Family())
-                if parts[1] == "HELP":
-                    family.help = parts[3] if len(parts) > 3 else ""
-                else:
-                    family.type = parts[3] if len(parts) > 3 else "untyped"
-                continue
-            if line.startswith("#"):
-                continue
-            sample = _split_sample(line)
-            if sample is None:
-                continue
-            name, labels, value, ts = sample
-            owner = family_name if family_name is not None and name.startswith(family_name) else name
-            family = families.setdefault(owner, _Family())
-            key = (name, labels)
-            old = family.samples.get(key)
-            if old is None:
-                family.samples[key] = (value, ts)
-            elif owner.startswith(latest_prefix):
-                if (ts or 0.0) >= (old[1] or 0.0):
-                    family.samples[key] = (value, ts)
-            else:
-                family.samples[key] = (old[0] + value, None)
-    lines: list[str] = []
-    for name, family in families.items():
-        if family.help is not None:
-            lines.append(f"# HELP {name} {family.help}")
-        if family.type is not None:
-            lines.append(f"# TYPE {name} {family.type}")
-        lines.extend(
-            f"{sample}{labels} {format_value(value)}"
-            for (sample, labels), (value, _ts) in family.samples.items()
-        )
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-def render_worker_series(up: Iterable[tuple[int, float]], restarts: Iterable[tuple[int, int]]) -> str:
-    lines = [
-        "# HELP agentd_worker_up Whether the worker answered this scrape (1) or not (0).",
-        "# TYPE agentd_worker_up gauge",
-        *(f'agentd_worker_up{{worker="{i}"}} {int(v)}' for i, v in up),
-        "# HELP agentd_worker_restarts_total Times the parent restarted the worker after it died.",
-        "# TYPE agentd_worker_restarts_total counter",
-        *(f'agentd_worker_restarts_total{{worker="{i}"}} {n}' for i, n in restarts),
-    ]
-    return "\n".join(lines) + "\n"
+    """The text exposition of :func:`merge_families`."""
+    merged = merge_families(texts, latest_prefix=latest_prefix)
+    return exposition(Families(lambda: merged))
 
 
 def run_parent(config: Config, worker_command: Sequence[str], reload_config: Callable[[], Config]) -> int:
@@ -825,6 +786,7 @@ __all__ = [
     "Supervisor",
     "WorkerSpec",
     "merge_expositions",
+    "merge_families",
     "run_parent",
     "run_worker",
     "worker_spec_from_environ",

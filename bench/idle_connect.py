@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import psycopg
 import trio
 
@@ -74,7 +75,9 @@ async def seed(server_url: str, dbname: str, n: int) -> list[uuid.UUID]:
             await db.execute("TRUNCATE workspaces, users, organizations, templates CASCADE")
             spec = load_workspace_spec(ROOT / "examples" / "workspace.toml")
             for i in range(n):
-                await create_workspace(db, {**spec, "name": f"ws{i}", "agents": spec["agents"][:1]})
+                await create_workspace(
+                    db, msgspec.structs.replace(spec, name=f"ws{i}", agents=spec.agents[:1])
+                )
         rows = await db.fetchall("SELECT auth_token FROM workspace_agents ORDER BY id")
     return [row["auth_token"] for row in rows]
 

@@ -34,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +76,12 @@ async def _create_database(admin_url: str, dbname: str, drop: bool = False) -> N
 
 async def _seed(url: str, n: int) -> list[str]:
     spec = load_workspace_spec(ROOT / "examples" / "workspace.toml")
-    spec = dict(spec, agents=spec["agents"][:1])
+    spec = msgspec.structs.replace(spec, agents=spec.agents[:1])
     tokens = []
     async with open_database(url) as db:
         await migrate(db)
         for i in range(n):
-            created = await create_workspace(db, dict(spec, name=f"bench-{i}"))
+            created = await create_workspace(db, msgspec.structs.replace(spec, name=f"bench-{i}"))
             tokens.append(str(created.agents[0].token))
     return tokens
 

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import attrs
+import msgspec
 import psycopg
 import trio
 from psycopg import sql as pgsql
@@ -68,7 +69,7 @@ from psycopg import sql as pgsql
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agentd.admin import create_workspace, load_workspace_spec  # noqa: E402
+from agentd.admin import WorkspaceSpec, create_workspace, load_workspace_spec  # noqa: E402
 from agentd.proto import agent_pb2, tailnet_pb2  # noqa: E402
 from agentd.store import open_database  # noqa: E402
 from agentd.store.migrate import migrate  # noqa: E402
@@ -122,16 +123,14 @@ class SeededAgent:
     log_source_id: uuid.UUID
 
 
-def bench_spec(index: int) -> dict[str, Any]:
+def bench_spec(index: int) -> WorkspaceSpec:
     """examples/workspace.toml with only its first agent, under a unique workspace name."""
     spec = load_workspace_spec(EXAMPLE)
-    spec["name"] = f"scale-{index}"
-    spec["agents"] = spec["agents"][:1]
-    return spec
+    return msgspec.structs.replace(spec, name=f"scale-{index}", agents=spec.agents[:1])
 
 
 def metadata_keys() -> list[str]:
-    return [m["key"] for m in bench_spec(0)["agents"][0]["metadata"]]
+    return [m.key for m in bench_spec(0).agents[0].metadata]
 
 
 async def _migrate_and_create_first(url: str) -> tuple[str, str, str]:

@@ -38,27 +38,27 @@ def _minimal() -> dict[str, Any]:
 
 def test_example_file_exercises_every_section() -> None:
     spec = load_workspace_spec(EXAMPLE)
-    main = spec["agents"][0]
-    assert main["apps"] and any(app["healthcheck"] for app in main["apps"])
-    assert main["scripts"] and main["metadata"] and main["devcontainers"]
-    assert main["memory_monitor"] and main["volume_monitors"]
-    assert main["environment_variables"]
+    main = spec.agents[0]
+    assert main.apps and any(app.healthcheck for app in main.apps)
+    assert main.scripts and main.metadata and main.devcontainers
+    assert main.resources_monitoring.memory and main.resources_monitoring.volumes
+    assert main.environment_variables
 
 
 def test_minimal_file_gets_defaults() -> None:
     spec = validate_workspace_spec(_minimal())
-    assert spec["organization"]["name"] == "coder"
-    assert spec["template"]["version"] == "v1"
-    agent = spec["agents"][0]
-    assert agent["operating_system"] == "linux"
-    assert agent["display_apps"] == [
+    assert spec.organization.name == "coder"
+    assert spec.template.version == "v1"
+    agent = spec.agents[0]
+    assert agent.operating_system == "linux"
+    assert agent.display_apps == (
         "vscode",
         "vscode_insiders",
         "web_terminal",
         "ssh_helper",
         "port_forwarding_helper",
-    ]
-    assert agent["apps"] == [] and agent["memory_monitor"] is None
+    )
+    assert agent.apps == () and agent.resources_monitoring.memory is None
 
 
 def _mutated(path: list[Any], value: Any, *, delete: bool = False) -> dict[str, Any]:
@@ -99,7 +99,11 @@ def _mutated(path: list[Any], value: Any, *, delete: bool = False) -> dict[str, 
             "world",
             "agents[0].apps[0].sharing_level: must be one of",
         ),
-        (["agents", 0, "display_apps"], ["emacs"], "agents[0].display_apps: has unknown entries ['emacs']"),
+        (
+            ["agents", 0, "display_apps"],
+            ["emacs"],
+            "agents[0].display_apps[0]: must be one of vscode, vscode_insiders, web_terminal",
+        ),
         (["agents", 0, "name"], "bad name", "agents[0].name: must be letters"),
         (
             ["agents", 0, "apps", 1, "slug"],
@@ -107,7 +111,11 @@ def _mutated(path: list[Any], value: Any, *, delete: bool = False) -> dict[str, 
             "agents[0].apps[1].slug: duplicate value 'code-server'",
         ),
         (["agents", 1, "name"], "main", "agents[1].name: duplicate value 'main'"),
-        (["agents", 0, "resources_monitoring", "memory", "threshold"], 101, "must be between 0 and 100"),
+        (
+            ["agents", 0, "resources_monitoring", "memory", "threshold"],
+            101,
+            "threshold: must be an integer in 0..100, got 101",
+        ),
         (["agents", 0, "auth_token"], "not-a-uuid", "agents[0].auth_token: must be a UUID"),
         (["agents", 0, "environment_variables"], {"A": 1}, "must be a table of strings"),
         (["agents"], [], "agents: at least one [[agents]] table is required"),

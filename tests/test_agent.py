@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import agentd.testing
-from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
+from agentd.admin import CreatedWorkspace, WorkspaceSpec, create_workspace, validate_workspace_spec
 from agentd.agent import AGENT_VERSION, Agent
 from agentd.agent.lifecycle import TERMINAL_STARTUP
 from agentd.connection import AgentSessions, ServiceTemplate, load_service_builders, start_components
@@ -39,7 +39,7 @@ def clock() -> trio.testing.MockClock:
     return agentd.testing.virtual_clock(threshold=0.1)
 
 
-def workspace_spec(**agent_overrides: Any) -> dict[str, Any]:
+def workspace_spec(**agent_overrides: Any) -> WorkspaceSpec:
     """examples/workspace.toml with scripts and metadata a test machine can run."""
     raw = tomllib.loads(EXAMPLE.read_text())
     main = raw["agents"][0]

@@ -107,9 +107,12 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("data_dir = [", "invalid TOML"),
         ('datadir = "/x"', "unknown field 'datadir'"),
         ("listen = 5", "field 'listen' must be an array of strings"),
-        ("listen = [5]", "field 'listen' must be an array of strings"),
+        ("listen = [5]", r"bad\.toml: listen\[0\]: must be a string, got 5"),
         ('listen = ["ftp://x"]', "listen address 'ftp://x'"),
-        ('log_level = "loud"', r"bad\.toml: field 'log_level' is 'loud', expected one of debug"),
+        (
+            'log_level = "loud"',
+            r"bad\.toml: field 'log_level' must be one of debug, info, warning, error, got 'loud'",
+        ),
         ("shutdown_timeout = true", "field 'shutdown_timeout' must be a number"),
         ("shutdown_timeout = -1", r"bad\.toml: field 'shutdown_timeout' must be .* in 0\.\.3600, got -1"),
         ("shutdown_timeout = inf", r"field 'shutdown_timeout' .* in 0\.\.3600, got inf"),
@@ -189,7 +192,9 @@ def test_coordinator_choice_and_heartbeat(tmp_path: Path) -> None:
     config = build_config(config_file=path, environ={})
     assert (config.coordinator, config.coordinator_heartbeat) == ("memory", 0.5)
     path.write_text('coordinator = "etcd"\n')
-    with pytest.raises(ConfigError, match='coordinator \'etcd\': expected "memory" or "postgres"'):
+    with pytest.raises(
+        ConfigError, match="field 'coordinator' must be \"memory\" or \"postgres\", got 'etcd'"
+    ):
         build_config(config_file=path, environ={})
     path.write_text("coordinator_heartbeat = 0\n")
     with pytest.raises(ConfigError, match="'coordinator_heartbeat' must be a number of seconds in"):

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
+from agentd.admin import CreatedWorkspace, WorkspaceSpec, create_workspace, validate_workspace_spec
 from agentd.client import UNIMPLEMENTED, RpcClient, RpcError
 from agentd.components import Components
 from agentd.connection import (
@@ -43,7 +43,9 @@ BANNERS = AGENT + "GetAnnouncementBanners"
 APP_HEALTHS = AGENT + "BatchUpdateAppHealths"
 
 
-def workspace_spec(name: str = "dev", *, username: str = "alice", agents: tuple[str, ...] = ("main",)) -> Any:
+def workspace_spec(
+    name: str = "dev", *, username: str = "alice", agents: tuple[str, ...] = ("main",)
+) -> WorkspaceSpec:
     return validate_workspace_spec(
         {
             "name": name,

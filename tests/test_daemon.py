@@ -92,7 +92,7 @@ async def test_metrics_only_on_the_operator_listener(db_url: str, tmp_path: Path
             raw += chunk
         assert raw.startswith(b"HTTP/1.1 200 ")
         assert f"\r\ncontent-type: {METRICS_CONTENT_TYPE}\r\n".encode() in raw
-        assert b"\nagentd_agent_stats_dropped_total 0\n" in raw
+        assert b"\nagentd_agent_stats_dropped_total 0.0\n" in raw
         status, body = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), "/healthz")
         assert status == 200 and body["status"] == "ok"
         status, _ = await _get(await trio.open_tcp_stream("127.0.0.1", operator_port), RPC_PATH)

@@ -107,8 +107,8 @@ async def test_every_queried_metric_is_exposed_by_a_running_daemon(
     exposition = body.decode()
     exposed = exposed_names(exposition)
     assert f"{AGENT_METRIC_PREFIX}agent_load" in exposed  # the agent's report, under agentd's prefix
-    assert 'agentd_rpc_calls_total{api="manifest",method="GetManifest"} 1' in exposition
-    assert "\nagentd_agent_sessions 1\n" in exposition
+    assert 'agentd_rpc_calls_total{api="manifest",method="GetManifest"} 1.0' in exposition
+    assert "\nagentd_agent_sessions 1.0\n" in exposition
 
     missing: dict[str, list[str]] = {}
     for query in queries(dashboard()):

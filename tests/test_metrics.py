@@ -6,8 +6,10 @@ import math
 
 import attrs
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-from agentd.metrics import AgentLabels, AgentMetrics, ReportedMetric, escape_label_value, format_value
+from agentd.metrics import AgentLabels, AgentMetrics, ReportedMetric
 
 ALICE = AgentLabels("alice", "dev", "main", "docker")
 BOB = AgentLabels("bob", "ws", "main", "docker")
@@ -38,43 +40,70 @@ def test_series_carry_identity_and_metric_labels() -> None:
     assert m.samples() == {key: 5}
 
 
+def families(text: str) -> dict[str, tuple[str, str, list[Sample]]]:
+    """Each family's name in its TYPE line -> (type, help, samples), as prometheus_client's parser
+    reads the exposition (it names a counter family without the _total its samples carry)."""
+    return {
+        f.name + "_total" if f.type == "counter" else f.name: (f.type, f.documentation, f.samples)
+        for f in text_string_to_metric_families(text)
+    }
+
+
+def identity(agent: AgentLabels) -> dict[str, str]:
+    return dict(agent.pairs())
+
+
 def test_render_exposition_format() -> None:
     m = AgentMetrics()
     m.update(ALICE, [ReportedMetric("agent_load", "gauge", 0.25), ReportedMetric("agent_up", "counter", 1)])
     m.update(BOB, [ReportedMetric("agent_load", "gauge", 2)])
     text = m.render()
     assert text.endswith("\n")
-    lines = text.splitlines()
-    i = lines.index("# TYPE agentd_agentstats_agent_load gauge")
-    assert lines[i - 1] == "# HELP agentd_agentstats_agent_load Reported by workspace agents."
-    assert lines[i + 1] == (
-        'agentd_agentstats_agent_load{username="alice",workspace_name="dev",agent_name="main",'
-        'template_name="docker"} 0.25'
+    parsed = families(text)
+    assert parsed["agentd_agentstats_agent_load"] == (
+        "gauge",
+        "Reported by workspace agents.",
+        [
+            Sample("agentd_agentstats_agent_load", identity(ALICE), 0.25),
+            Sample("agentd_agentstats_agent_load", identity(BOB), 2.0),
+        ],
     )
-    assert lines[i + 2] == (
-        'agentd_agentstats_agent_load{username="bob",workspace_name="ws",agent_name="main",'
-        'template_name="docker"} 2'
-    )
-    assert "# TYPE agentd_agentstats_agent_up counter" in lines
-    assert "agentd_agent_metrics_rejected_series_total 0" in lines
-    assert "agentd_agent_metrics_invalid_total 0" in lines
+    # a counter's samples end in _total, the name Prometheus gives counters
+    kind, _, samples = parsed["agentd_agentstats_agent_up_total"]
+    assert kind == "counter" and samples == [Sample("agentd_agentstats_agent_up_total", identity(ALICE), 1.0)]
+    for name in ("agentd_agent_metrics_rejected_series_total", "agentd_agent_metrics_invalid_total"):
+        assert parsed[name][0] == "counter" and parsed[name][2] == [Sample(name, {}, 0.0)]
 
 
 def test_label_values_are_escaped() -> None:
-    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     m = AgentMetrics()
-    m.update(AgentLabels('we"ird', "w", "a", "t"), [ReportedMetric("x", "gauge", 1)])
-    assert 'username="we\\"ird"' in m.render()
+    m.update(AgentLabels('we"ird\\\n', "w", "a", "t"), [ReportedMetric("x", "gauge", 1)])
+    assert 'username="we\\"ird\\\\\\n"' in m.render()
+    [sample] = families(m.render())["agentd_agentstats_x"][2]
+    assert sample.labels["username"] == 'we"ird\\\n'
 
 
 def test_special_values() -> None:
-    assert [format_value(v) for v in (math.nan, math.inf, -math.inf, 3.0, 1.5)] == [
-        "NaN",
-        "+Inf",
-        "-Inf",
-        "3",
-        "1.5",
-    ]
+    m = AgentMetrics()
+    values = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "three": 3.0, "half": 1.5}
+    m.update(ALICE, [ReportedMetric(name, "gauge", value) for name, value in values.items()])
+    lines = {line.split("{")[0]: line.rsplit(" ", 1)[1] for line in m.render().splitlines() if "{" in line}
+    assert lines == {
+        "agentd_agentstats_nan": "NaN",
+        "agentd_agentstats_inf": "+Inf",
+        "agentd_agentstats_ninf": "-Inf",
+        "agentd_agentstats_three": "3.0",
+        "agentd_agentstats_half": "1.5",
+    }
+
+
+def test_a_counter_and_a_gauge_cannot_share_an_exposed_name() -> None:
+    m = AgentMetrics()
+    m.update(ALICE, [ReportedMetric("x", "counter", 1)])  # exposed as agentd_agentstats_x_total
+    m.update(BOB, [ReportedMetric("x_total", "gauge", 2), ReportedMetric("x_total", "counter", 3)])
+    assert m.invalid_metrics == 2 and m.series_count == 1
+    names = [line.split()[2] for line in m.render().splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))
 
 
 def test_series_cap_rejects_new_series_and_counts() -> None:
@@ -83,7 +112,7 @@ def test_series_cap_rejects_new_series_and_counts() -> None:
     assert m.series_count == 2 and m.rejected_series == 1
     m.update(ALICE, [ReportedMetric("m0", "gauge", 9)])  # an existing series still updates
     assert m.rejected_series == 1
-    assert "agentd_agent_metrics_rejected_series_total 1" in m.render().splitlines()
+    assert families(m.render())["agentd_agent_metrics_rejected_series_total"][2][0].value == 1
 
 
 def test_stale_series_expire_and_free_room() -> None:
@@ -141,7 +170,9 @@ def test_extra_counters_are_rendered() -> None:
     m = AgentMetrics(
         extra_counters={"agentd_metadata_dropped_total": ("Dropped metadata updates.", lambda: 7)}
     )
-    assert "agentd_metadata_dropped_total 7" in m.render().splitlines()
+    assert families(m.render())["agentd_metadata_dropped_total"][2] == [
+        Sample("agentd_metadata_dropped_total", {}, 7.0)
+    ]
 
 
 def test_agent_reported_names_cannot_duplicate_agentds_own() -> None:
@@ -152,7 +183,7 @@ def test_agent_reported_names_cannot_duplicate_agentds_own() -> None:
     for kind in ("HELP", "TYPE"):
         blocks = [line.split()[2] for line in lines if line.startswith(f"# {kind} ")]
         assert len(blocks) == len(set(blocks)), blocks
-    assert "agentd_agent_stats_dropped_total 3" in lines
+    assert "agentd_agent_stats_dropped_total 3.0" in lines
     assert any(line.startswith("agentd_agentstats_agentd_agent_stats_dropped_total{") for line in lines)
     with pytest.raises(ValueError, match="prefix"):
         AgentMetrics(extra_counters={"agentd_agentstats_x": ("no", lambda: 0)})

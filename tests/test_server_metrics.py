@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import attrs
 import outcome
+import pytest
+from prometheus_client.samples import Sample
 
 from agentd.drpc.errors import RpcError
 from agentd.server_metrics import RPC_DURATION_BUCKETS, ServerMetrics, error_kind
 from agentd.store.errors import StoreError
+from tests.test_metrics import families
 
 
 @attrs.define
@@ -45,24 +48,43 @@ def test_calls_latency_and_errors_render_as_prometheus_text() -> None:
     text = m.render(
         FakeComponents(metadata_batcher=Batcher(flushes=4, dropped=2), last_used=Batcher(flushes=1))
     )
-    lines = text.splitlines()
-    assert "agentd_agent_sessions 1" in lines and "agentd_agent_sessions_total 2" in lines
-    labels = 'api="manifest",method="GetManifest"'
-    assert f"agentd_rpc_calls_total{{{labels}}} 3" in lines
-    assert f'agentd_rpc_errors_total{{{labels},kind="database"}} 1' in lines
-    buckets = [line for line in lines if line.startswith("agentd_rpc_duration_seconds_bucket")]
-    assert len(buckets) == len(RPC_DURATION_BUCKETS) + 1
-    assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="0.005"}} 1' in lines  # cumulative
-    assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="0.25"}} 2' in lines
-    assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="10"}} 2' in lines
-    assert f'agentd_rpc_duration_seconds_bucket{{{labels},le="+Inf"}} 3' in lines
-    assert f"agentd_rpc_duration_seconds_count{{{labels}}} 3" in lines
-    assert 'agentd_rpc_calls_total{api="tailnet",method="Coordinate"} 1' in lines
-    assert not any('method="Coordinate"' in line for line in lines if line.startswith("agentd_rpc_duration"))
-    assert 'agentd_batcher_flushes_total{batcher="metadata_batcher"} 4' in lines
-    assert 'agentd_batcher_flushes_total{batcher="last_used"} 1' in lines
-    assert 'agentd_batcher_dropped_total{batcher="metadata_batcher"} 2' in lines
-    assert not any('batcher="stats_batcher"' in line for line in lines)  # not configured
+    parsed = families(text)
+    assert parsed["agentd_agent_sessions"][2] == [Sample("agentd_agent_sessions", {}, 1.0)]
+    assert parsed["agentd_agent_sessions"][0] == "gauge"
+    assert parsed["agentd_agent_sessions_total"][2] == [Sample("agentd_agent_sessions_total", {}, 2.0)]
+    labels = {"api": "manifest", "method": "GetManifest"}
+    calls = parsed["agentd_rpc_calls_total"]
+    assert calls[0] == "counter"
+    assert Sample("agentd_rpc_calls_total", labels, 3.0) in calls[2]
+    assert Sample("agentd_rpc_calls_total", {"api": "tailnet", "method": "Coordinate"}, 1.0) in calls[2]
+    assert parsed["agentd_rpc_errors_total"][2] == [
+        Sample("agentd_rpc_errors_total", {**labels, "kind": "database"}, 1.0)
+    ]
+    kind, _, durations = parsed["agentd_rpc_duration_seconds"]
+    assert kind == "histogram"
+    buckets = {float(s.labels["le"]): s.value for s in durations if s.name.endswith("_bucket")}
+    assert list(buckets) == [*RPC_DURATION_BUCKETS, float("inf")]
+    assert (buckets[0.001], buckets[0.005], buckets[0.25], buckets[10.0], buckets[float("inf")]) == (
+        0,
+        1,
+        2,
+        2,
+        3,
+    )
+    assert Sample("agentd_rpc_duration_seconds_count", labels, 3.0) in durations
+    [total] = [s.value for s in durations if s.name == "agentd_rpc_duration_seconds_sum"]
+    assert total == pytest.approx(60.203)
+    assert not any(s.labels.get("method") == "Coordinate" for s in durations)  # a stream is not timed
+    assert parsed["agentd_batcher_flushes_total"][2] == [
+        Sample("agentd_batcher_flushes_total", {"batcher": "metadata_batcher"}, 4.0),
+        Sample("agentd_batcher_flushes_total", {"batcher": "last_used"}, 1.0),
+    ]
+    # only batchers that keep a drop count, and none that is not configured (stats_batcher)
+    assert parsed["agentd_batcher_dropped_total"][2] == [
+        Sample("agentd_batcher_dropped_total", {"batcher": "metadata_batcher"}, 2.0),
+        Sample("agentd_batcher_dropped_total", {"batcher": "last_used"}, 0.0),
+    ]
     # every family has exactly one HELP and one TYPE line
-    families = [line.split()[2] for line in lines if line.startswith("# TYPE")]
-    assert len(families) == len(set(families)) == 7
+    lines = text.splitlines()
+    types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert len(types) == len(set(types)) == 7 == len(parsed)

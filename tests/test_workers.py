@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from prometheus_client.samples import Sample
 
 from agentd.client import RpcClient
 from agentd.config import ConfigError, build_config
@@ -36,6 +37,7 @@ from agentd.store import Database
 from agentd.store.testing import SeededAgent, seed_workspace
 from agentd.workers import merge_expositions
 from tests.test_cli import _agentd, _env, _http_get, _main, _one_error_line, _serve, private_dir
+from tests.test_metrics import families
 
 __all__ = ["private_dir"]  # a fixture
 
@@ -81,25 +83,39 @@ def test_merge_sums_agentd_series_and_keeps_the_newest_agent_series() -> None:
             "h_count 1",
         ]
     )
-    merged = merge_expositions([worker0, worker1]).splitlines()
-    assert merged == [
-        "# HELP agentd_agentstats_cpu Reported by workspace agents.",
-        "# TYPE agentd_agentstats_cpu gauge",
-        'agentd_agentstats_cpu{agent_name="a",note="x} y"} 7',
-        'agentd_agentstats_cpu{agent_name="b"} 5',
-        'agentd_agentstats_cpu{agent_name="c"} 9',
-        "# HELP agentd_stats_dropped_total Dropped.",
-        "# TYPE agentd_stats_dropped_total counter",
-        "agentd_stats_dropped_total 5",
-        "# HELP h Build durations.",
-        "# TYPE h histogram",
-        'h_bucket{le="1"} 1',
-        'h_bucket{le="+Inf"} 3',
-        "h_sum 4.5",
-        "h_count 3",
-    ]
+    merged = merge_expositions([worker0, worker1])
+    assert families(merged) == {
+        "agentd_agentstats_cpu": (
+            "gauge",
+            "Reported by workspace agents.",
+            [
+                Sample("agentd_agentstats_cpu", {"agent_name": "a", "note": "x} y"}, 7.0),
+                Sample("agentd_agentstats_cpu", {"agent_name": "b"}, 5.0),
+                Sample("agentd_agentstats_cpu", {"agent_name": "c"}, 9.0),
+            ],
+        ),
+        "agentd_stats_dropped_total": (
+            "counter",
+            "Dropped.",
+            [Sample("agentd_stats_dropped_total", {}, 5.0)],
+        ),
+        "h": (
+            "histogram",
+            "Build durations.",
+            [
+                Sample("h_bucket", {"le": "1"}, 1.0),
+                Sample("h_bucket", {"le": "+Inf"}, 3.0),
+                Sample("h_sum", {}, 4.5),
+                Sample("h_count", {}, 3.0),
+            ],
+        ),
+    }
+    assert " 2000" not in merged and " 1500" not in merged  # the timestamps are not repeated
     # the order of the workers does not matter for the newest-wins rule
-    assert merge_expositions([worker1, worker0]).count('note="x} y"} 7') == 1
+    swapped = families(merge_expositions([worker1, worker0]))
+    assert {name: sorted(map(repr, f[2])) for name, f in swapped.items()} == {
+        name: sorted(map(repr, f[2])) for name, f in families(merged).items()
+    }
 
 
 # -------------------------------------------------------------------------------------------------
@@ -115,7 +131,10 @@ def test_workers_config_errors_are_one_line(tmp_path: Path, capsys: pytest.Captu
     config = tmp_path / "agentd.toml"
     config.write_text("workers = 1.5\n")
     result = _main(capsys, "serve", "--config", str(config), "--data-dir", str(tmp_path))
-    assert _one_error_line(result) == f"agentd: {config}: field 'workers' must be a whole number"
+    assert (
+        _one_error_line(result)
+        == f"agentd: {config}: field 'workers' must be a whole number in 1..64, got 1.5"
+    )
     config.write_text("workers = 100\n")
     result = _main(capsys, "serve", "--config", str(config), "--data-dir", str(tmp_path))
     assert (
@@ -319,15 +338,20 @@ async def test_two_workers_share_the_listeners_and_report_as_one_host(
         status, body = await _get(host.metrics_port, "/metrics")
         assert status == 200
         text = body.decode()
+        parsed = families(text)
+        load = {s.labels["agent_name"]: s for s in parsed["agentd_agentstats_load"][2]}
         for i, name in enumerate(AGENTS):  # every agent's series, whichever worker it reported to
-            assert re.search(rf'agentd_agentstats_load\{{[^}}]*agent_name="{name}"[^}}]*\}} {i}\n', text), (
-                text
-            )
+            assert load[name].value == i and load[name].timestamp is None, text
         assert text.count("# TYPE agentd_agentstats_load gauge") == 1
         assert text.count("# TYPE agentd_agent_metrics_invalid_total counter") == 1
-        assert 'agentd_worker_up{worker="0"} 1' in text and 'agentd_worker_up{worker="1"} 1' in text
-        assert 'agentd_worker_restarts_total{worker="1"} 0' in text
-        assert "1000" not in text.split("agentd_agentstats_load", 1)[1].split("\n")[0]  # no timestamps
+        assert parsed["agentd_worker_up"][2] == [
+            Sample("agentd_worker_up", {"worker": "0"}, 1.0),
+            Sample("agentd_worker_up", {"worker": "1"}, 1.0),
+        ]
+        assert (
+            Sample("agentd_worker_restarts_total", {"worker": "1"}, 0.0)
+            in parsed["agentd_worker_restarts_total"][2]
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -384,7 +408,8 @@ async def test_a_killed_worker_is_restarted_and_its_agents_redial(
         assert victim_pid not in pids and len(set(pids)) == 2
         assert "restarting it in" in host.text and "was killed by SIGKILL" in host.text
         _, body = await _get(host.metrics_port, "/metrics")
-        assert re.search(rb'agentd_worker_restarts_total\{worker="\d"\} 1', body)
+        restarts = families(body.decode())["agentd_worker_restarts_total"][2]
+        assert sorted(s.value for s in restarts) == [0.0, 1.0]
         assert reconnected < 10, reconnected
         nursery.cancel_scope.cancel()
 
@@ -597,15 +622,10 @@ def test_agent_series_carry_their_report_time_on_request() -> None:
     metrics = AgentMetrics(clock=lambda: clock[0])
     metrics.update(AgentLabels("u", "w", "a", "t"), [ReportedMetric("load", "gauge", 2.0)])
     clock[0] += 5.0  # reported 5 s ago
-    plain = [line for line in metrics.render().splitlines() if line.startswith("agentd_agentstats_load")]
-    assert plain == [
-        'agentd_agentstats_load{username="u",workspace_name="w",agent_name="a",template_name="t"} 2'
-    ]
-    [stamped] = [
-        line
-        for line in metrics.render(timestamps=True).splitlines()
-        if line.startswith("agentd_agentstats_load")
-    ]
-    assert stamped.startswith(plain[0] + " ")
-    reported_ms = int(stamped.rsplit(" ", 1)[1])
-    assert abs(reported_ms - (time.time() - 5.0) * 1000) < 2000
+    identity = {"username": "u", "workspace_name": "w", "agent_name": "a", "template_name": "t"}
+    [plain] = families(metrics.render())["agentd_agentstats_load"][2]
+    assert plain == Sample("agentd_agentstats_load", identity, 2.0)  # no timestamp
+    [stamped] = families(metrics.render(timestamps=True))["agentd_agentstats_load"][2]
+    assert (stamped.name, stamped.labels, stamped.value) == (plain.name, plain.labels, plain.value)
+    assert stamped.timestamp is not None
+    assert abs(float(stamped.timestamp) - (time.time() - 5.0)) < 2

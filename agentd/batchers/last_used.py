@@ -54,11 +54,9 @@ class LastUsedTracker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            first = True
+            # periodic's first tick is immediate: it writes what was marked before `run` (usually
+            # nothing, which costs nothing), then one tick every interval.
             async for _ in periodic(self.interval):
-                if first:  # periodic's first iteration is immediate; flushes start one interval in
-                    first = False
-                    continue
                 with trio.move_on_after(self.flush_timeout):
                     await self._flush()
         finally:

@@ -9,16 +9,26 @@ these handlers never fail.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
+import msgspec
 import trio
 
+from agentd import typed_toml
 from agentd.drpc.registry import Handler
 from agentd.proto import agent_pb2
 from agentd.services.base import AGENT, ConnectionScope, Settings
+from agentd.typed_toml import expect
 
-__all__ = ["BannerConfigError", "BannersService", "banners_from_mapping", "build"]
+__all__ = [
+    "BannerConfigError",
+    "BannerTable",
+    "BannersService",
+    "BannersTable",
+    "banners_from_mapping",
+    "build",
+]
 
 Banner = tuple[bool, str, str]
 
@@ -61,25 +71,22 @@ class BannerConfigError(ValueError):
     """A ``[banners]`` table that does not have the documented shape; the text names the key."""
 
 
-_BANNER_KEYS = {"enabled", "message", "background_color"}
+class BannerTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One banner: ``[banners.service]`` or an entry of ``[[banners.announcement]]``."""
+
+    enabled: bool = True
+    message: str = ""
+    background_color: Annotated[str, expect('a string like "#004852"')] = ""
+
+    def as_tuple(self) -> Banner:
+        return (self.enabled, self.message, self.background_color)
 
 
-def _banner(raw: Any, where: str) -> Banner:
-    if not isinstance(raw, Mapping):
-        raise BannerConfigError(f"{where}: expected a table with enabled, message, background_color")
-    unknown = sorted(set(raw) - _BANNER_KEYS)
-    if unknown:
-        raise BannerConfigError(f"{where}: unknown key {unknown[0]!r}")
-    enabled = raw.get("enabled", True)
-    message = raw.get("message", "")
-    color = raw.get("background_color", "")
-    if not isinstance(enabled, bool):
-        raise BannerConfigError(f"{where}.enabled: expected true or false")
-    if not isinstance(message, str):
-        raise BannerConfigError(f"{where}.message: expected a string")
-    if not isinstance(color, str):
-        raise BannerConfigError(f'{where}.background_color: expected a string like "#004852"')
-    return (enabled, message, color)
+class BannersTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The daemon configuration's ``[banners]`` table (None: not set, the Settings default stays)."""
+
+    service: BannerTable | None = None
+    announcement: tuple[BannerTable, ...] | None = None
 
 
 def banners_from_mapping(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,19 +103,13 @@ def banners_from_mapping(raw: Mapping[str, Any]) -> dict[str, Any]:
     Returns ``{"service_banner": ..., "announcement_banners": ...}`` for ``attrs.evolve(settings, **it)``.
     Raises BannerConfigError naming the offending key.
     """
-    unknown = sorted(set(raw) - {"service", "announcement"})
-    if unknown:
-        raise BannerConfigError(f"banners: unknown key {unknown[0]!r}")
+    try:
+        table = typed_toml.convert(raw, BannersTable, root="banners")
+    except typed_toml.Problem as problem:
+        raise BannerConfigError(str(problem)) from None
     out: dict[str, Any] = {}
-    if "service" in raw:
-        out["service_banner"] = _banner(raw["service"], "banners.service")
-    if "announcement" in raw:
-        items = raw["announcement"]
-        if not isinstance(items, list):
-            raise BannerConfigError(
-                "banners.announcement: expected an array of tables ([[banners.announcement]])"
-            )
-        out["announcement_banners"] = tuple(
-            _banner(item, f"banners.announcement[{i}]") for i, item in enumerate(items)
-        )
+    if table.service is not None:
+        out["service_banner"] = table.service.as_tuple()
+    if table.announcement is not None:
+        out["announcement_banners"] = tuple(banner.as_tuple() for banner in table.announcement)
     return out

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from prometheus_client import Histogram
+from prometheus_client.metrics_core import Metric
 
 from agentd.drpc.errors import RpcError
 from agentd.drpc.registry import Handler
+from agentd.metrics import exposition
 from agentd.proto import agent_pb2
 from agentd.services import events
 from agentd.services.base import AGENT, ConnectionScope
@@ -131,35 +133,26 @@ BUILD_DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0)
 _BUILD_DURATION_LABELS = ("template_name", "organization_name", "transition", "status", "is_prebuild")
 
 
-def _prom_value(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _prom_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-@attrs.define(eq=False)
-class _Series:
-    counts: list[int]
-    total: float = 0.0
-    count: int = 0
-
-
 @attrs.define(eq=False)
 class BuildDurationHistogram:
     """Coder's ``coderd_template_workspace_build_duration_seconds`` (classic buckets), process-wide.
 
-    Labelled by template_name, organization_name, transition, status (worst startup state of the
-    build's agents) and is_prebuild. ``render()`` gives the Prometheus text exposition.
+    A prometheus_client Histogram (in no registry: the daemon's /metrics registers this collector
+    in its own), labelled by template_name, organization_name, transition, status (worst startup
+    state of the build's agents) and is_prebuild. ``render()`` gives the Prometheus text exposition.
     """
 
     buckets: tuple[float, ...] = BUILD_DURATION_BUCKETS
-    _series: dict[tuple[str, ...], _Series] = attrs.field(factory=dict, init=False)
+    _histogram: Histogram = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._histogram = Histogram(
+            BUILD_DURATION_METRIC,
+            "Duration from workspace build creation to agent ready, by template.",
+            _BUILD_DURATION_LABELS,
+            buckets=self.buckets,
+            registry=None,
+        )
 
     def observe(
         self,
@@ -171,38 +164,29 @@ class BuildDurationHistogram:
         status: str,
         is_prebuild: bool,
     ) -> None:
-        key = (template_name, organization_name, transition, status, "true" if is_prebuild else "false")
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = _Series(counts=[0] * len(self.buckets))
-        for i, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                series.counts[i] += 1
-        series.total += seconds
-        series.count += 1
+        self._histogram.labels(
+            template_name, organization_name, transition, status, "true" if is_prebuild else "false"
+        ).observe(seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        """prometheus_client's Collector protocol."""
+        return self._histogram.collect()
 
     def samples(self) -> dict[tuple[str, ...], tuple[int, float]]:
         """(count, sum) per label tuple, for tests and callers that export elsewhere."""
-        return {key: (s.count, s.total) for key, s in self._series.items()}
+        counts: dict[tuple[str, ...], int] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        for family in self.collect():
+            for sample in family.samples:
+                key = tuple(sample.labels[label] for label in _BUILD_DURATION_LABELS)
+                if sample.name.endswith("_count"):
+                    counts[key] = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    sums[key] = sample.value
+        return {key: (n, sums[key]) for key, n in counts.items()}
 
     def render(self) -> str:
-        name = BUILD_DURATION_METRIC
-        lines = [
-            f"# HELP {name} Duration from workspace build creation to agent ready, by template.",
-            f"# TYPE {name} histogram",
-        ]
-        for key in sorted(self._series):
-            series = self._series[key]
-            labels = ",".join(
-                f'{label}="{_prom_label(value)}"'
-                for label, value in zip(_BUILD_DURATION_LABELS, key, strict=True)
-            )
-            for bound, count in zip(self.buckets, series.counts, strict=True):
-                lines.append(f'{name}_bucket{{{labels},le="{_prom_value(bound)}"}} {count}')
-            lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {series.count}')
-            lines.append(f"{name}_sum{{{labels}}} {_prom_value(series.total)}")
-            lines.append(f"{name}_count{{{labels}}} {series.count}")
-        return "\n".join(lines) + "\n"
+        return exposition(self)
 
 
 @attrs.define(eq=False)

@@ -83,11 +83,8 @@ class WorkspaceCacheRefresher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh every ``interval`` until cancelled."""
         task_status.started()
-        first = True
+        # The first tick is immediate and finds no session registered yet (a no-op without a query).
         async for _ in periodic(self.interval):
-            if first:
-                first = False
-                continue
             await self.refresh()
 
     async def refresh(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import trio
 
-from agentd.admin import CreatedWorkspace, create_workspace, validate_workspace_spec
+from agentd.admin import CreatedWorkspace, WorkspaceSpec, create_workspace, validate_workspace_spec
 from agentd.components import Components
 from agentd.model import AgentIdentity
 from agentd.services.base import ConnectionScope, Settings, WorkspaceCache
@@ -75,7 +75,7 @@ def workspace_event(ident: AgentIdentity, kind: str) -> dict[str, str]:
     return {"kind": kind, "workspace_id": str(ident.workspace_id), "agent_id": str(ident.agent_id)}
 
 
-def workspace_spec(**agent_fields: Any) -> dict[str, Any]:
+def workspace_spec(**agent_fields: Any) -> WorkspaceSpec:
     """A validated create-workspace spec with agents "main" (with ``agent_fields``) and "other"."""
     main = {"name": "main", "directory": "/home/coder", **agent_fields}
     return validate_workspace_spec(
@@ -127,7 +127,7 @@ class Seeded:
     other: AgentIdentity
 
 
-async def seed(db: Database, spec: dict[str, Any] | None = None) -> Seeded:
+async def seed(db: Database, spec: WorkspaceSpec | None = None) -> Seeded:
     """Create the workspace of ``spec`` (default `workspace_spec()`) and return its agents' identities."""
     created = await create_workspace(db, spec if spec is not None else workspace_spec())
     by_name = {a.name: a.id for a in created.agents}

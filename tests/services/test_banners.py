@@ -43,12 +43,18 @@ def test_banners_table_parses_into_settings() -> None:
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
-        ({"servce": {}}, "banners: unknown key 'servce'"),
-        ({"service": "on"}, "banners.service: expected a table"),
-        ({"service": {"enabled": "yes"}}, "banners.service.enabled: expected true or false"),
-        ({"service": {"colour": "#fff"}}, "banners.service: unknown key 'colour'"),
-        ({"announcement": {"message": "x"}}, "banners.announcement: expected an array of tables"),
-        ({"announcement": [{"message": 3}]}, r"banners.announcement\[0\].message: expected a string"),
+        ({"servce": {}}, r"^banners\.servce: unknown field \(allowed: service, announcement\)$"),
+        ({"service": "on"}, "^banners.service: must be a table, got 'on'$"),
+        ({"service": {"enabled": "yes"}}, "^banners.service.enabled: must be true or false, got 'yes'$"),
+        (
+            {"service": {"colour": "#fff"}},
+            r"^banners\.service\.colour: unknown field \(allowed: enabled, message,",
+        ),
+        (
+            {"announcement": {"message": "x"}},
+            "^banners.announcement: must be an array of tables, got a table$",
+        ),
+        ({"announcement": [{"message": 3}]}, r"^banners.announcement\[0\].message: must be a string, got 3$"),
         ({"announcement": [{}, {"background_color": 1}]}, r"banners.announcement\[1\].background_color"),
     ],
 )
@@ -93,5 +99,7 @@ def test_daemon_config_file_carries_banners(tmp_path: Path) -> None:
     assert [b[1] for b in settings.announcement_banners] == ["Welcome", "Old news"]
 
     path.write_text("[banners.service]\nenabled = 1\n")
-    with pytest.raises(ConfigError, match=r"agentd.toml: banners.service.enabled: expected true or false"):
+    with pytest.raises(
+        ConfigError, match=r"agentd.toml: banners.service.enabled: must be true or false, got 1$"
+    ):
         read_config_file(path)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 from google.protobuf import timestamp_pb2
+from prometheus_client.samples import Sample
 
 from agentd.drpc.errors import RpcError
 from agentd.model import ZERO_TIME
@@ -33,6 +34,7 @@ from tests.services.core_support import (
     token_of,
     workspace_event,
 )
+from tests.test_metrics import families
 
 L = agent_pb2.Lifecycle
 
@@ -254,16 +256,31 @@ def test_build_duration_histogram_renders_prometheus_text() -> None:
     hist.observe(42.5, status="success", **labels)  # type: ignore[arg-type]
     hist.observe(5, status="success", **labels)  # type: ignore[arg-type]
     name = "coderd_template_workspace_build_duration_seconds"
-    lbl = 'template_name="d\\"ev",organization_name="acme",transition="start"'
-    lbl += ',status="success",is_prebuild="false"'
-    counts = {"1": 0, "10": 1, "30": 1, "60": 2, "300": 2, "600": 2, "1800": 2, "3600": 2, "+Inf": 2}
-    assert hist.render().splitlines() == [
-        f"# HELP {name} Duration from workspace build creation to agent ready, by template.",
-        f"# TYPE {name} histogram",
-        *[f'{name}_bucket{{{lbl},le="{le}"}} {n}' for le, n in counts.items()],
-        f"{name}_sum{{{lbl}}} 47.5",
-        f"{name}_count{{{lbl}}} 2",
-    ]
+    lbl = {**labels, "status": "success", "is_prebuild": "false"}
+    counts = {
+        "1.0": 0,
+        "10.0": 1,
+        "30.0": 1,
+        "60.0": 2,
+        "300.0": 2,
+        "600.0": 2,
+        "1800.0": 2,
+        "3600.0": 2,
+        "+Inf": 2,
+    }
+    text = hist.render()
+    assert 'template_name="d\\"ev"' in text  # escaped
+    assert families(text) == {
+        name: (
+            "histogram",
+            "Duration from workspace build creation to agent ready, by template.",
+            [
+                *[Sample(f"{name}_bucket", {**lbl, "le": le}, n) for le, n in counts.items()],
+                Sample(f"{name}_count", lbl, 2.0),
+                Sample(f"{name}_sum", lbl, 47.5),
+            ],
+        )
+    }
 
 
 async def test_build_duration_is_observed_once_all_agents_are_ready(db: Database, seeded: Seeded) -> None:

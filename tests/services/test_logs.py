@@ -6,11 +6,13 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentd.admin import Script
 from agentd.drpc.errors import RpcError
 from agentd.proto import agent_pb2
 from agentd.services import logs
@@ -146,20 +148,9 @@ async def seeded(db: Database) -> Seeded:
     from tests.services.core_support import workspace_spec
 
     spec = workspace_spec(scripts=[{"display_name": "Install", "script": "true", "run_on_start": True}])
-    spec["agents"][1]["scripts"] = [
-        {
-            "display_name": "Other",
-            "icon": "",
-            "script": "true",
-            "cron": "",
-            "log_path": "",
-            "run_on_start": False,
-            "run_on_stop": False,
-            "start_blocks_login": False,
-            "timeout_seconds": 0,
-        }
-    ]
-    return await seed(db, spec)
+    main, other = spec.agents
+    other = msgspec.structs.replace(other, scripts=(Script(display_name="Other", script="true"),))
+    return await seed(db, msgspec.structs.replace(spec, agents=(main, other)))
 
 
 async def source_of(db: Database, agent_id: uuid.UUID) -> uuid.UUID:

@@ -504,7 +504,7 @@ async def test_end_to_end_through_an_agent_connection(db: Database, clock: trio.
     assert (await metadata_rows(db, ident.agent_id))["cpu"].value == "12%"
     text = components.metrics.render()
     assert f'agent_name="{ident.agent_name}"' in text
-    assert "agentd_metadata_updates_dropped_total 0" in text.splitlines()
+    assert "agentd_metadata_updates_dropped_total 0.0" in text.splitlines()
 
 
 def daemon_components(db: Database, pubsub: PubSub) -> Components:
