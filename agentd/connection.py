@@ -317,6 +317,9 @@ class ApiTask:
         self.calls += 1
         start = trio.current_time()
         nursery.start_soon(self._run_call, call, handler, args)
+        stats = self.stats if timed else None
+        if stats is not None:
+            stats.in_flight += 1
         try:
             await call.done.wait()
         except BaseException:
@@ -325,6 +328,9 @@ class ApiTask:
             with trio.CancelScope(shield=True):
                 await call.done.wait()
             raise
+        finally:
+            if stats is not None:
+                stats.in_flight -= 1
         if self.stats is not None:
             seconds = trio.current_time() - start if timed else None
             self.stats.record_call(self.name, method, seconds, call.outcome)

@@ -65,6 +65,8 @@ class ServerMetrics:
     #: agent sessions open now / started since the process started
     sessions_open: int = 0
     sessions_total: int = 0
+    #: unary RPCs being handled now (a database that stalls shows here first)
+    in_flight: int = 0
     _calls: dict[tuple[str, str], int] = attrs.field(factory=dict, init=False)
     _errors: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
     _durations: dict[tuple[str, str], _Histogram] = attrs.field(factory=dict, init=False)
@@ -106,6 +108,9 @@ class ServerMetrics:
         """These figures and ``components``' batchers as prometheus_client metric families."""
         yield GaugeMetricFamily(
             "agentd_agent_sessions", "Agent sessions open on this process.", self.sessions_open
+        )
+        yield GaugeMetricFamily(
+            "agentd_rpc_in_flight", "Unary agent RPCs being handled on this process now.", self.in_flight
         )
         yield CounterMetricFamily(
             "agentd_agent_sessions_total", "Agent sessions started on this process.", self.sessions_total

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import outcome
 import pytest
+import trio
 from prometheus_client.samples import Sample
 
+from agentd.components import Components
 from agentd.drpc.errors import RpcError
 from agentd.server_metrics import RPC_DURATION_BUCKETS, ServerMetrics, error_kind
+from agentd.store import Database
 from agentd.store.errors import StoreError
+from agentd.tailnet import Coordinator, DERPMapSource
+from agentd.testing import serve_agent
+from tests.test_connection import seed
 from tests.test_metrics import families
+from tests.test_shutdown import logs_request
 
 
 @attrs.define
@@ -87,4 +96,28 @@ def test_calls_latency_and_errors_render_as_prometheus_text() -> None:
     # every family has exactly one HELP and one TYPE line
     lines = text.splitlines()
     types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
-    assert len(types) == len(set(types)) == 7 == len(parsed)
+    assert len(types) == len(set(types)) == 8 == len(parsed)
+    assert parsed["agentd_rpc_in_flight"][2] == [Sample("agentd_rpc_in_flight", {}, 0.0)]
+
+
+async def test_rpcs_in_flight_count_the_calls_being_handled(db: Database) -> None:
+    """A call waiting in PostgreSQL is in flight (agentd_rpc_in_flight) until it returns."""
+    ws = await seed(db)
+    components = Components(coordinator=Coordinator(), derp_map=DERPMapSource.from_config())
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(
+            functools.partial(serve_agent, db, ws.agents[0].token, services=("logs",), components=components)
+        )
+        assert components.server_metrics.in_flight == 0
+        async with db.transaction() as tx:
+            await tx.execute("LOCK TABLE workspace_agent_logs IN EXCLUSIVE MODE")
+            nursery.start_soon(agent.client.agent.BatchCreateLogs, logs_request(1))
+            with trio.fail_after(10):
+                while components.server_metrics.in_flight != 1:  # noqa: ASYNC110 - the daemon's gauge
+                    await trio.sleep(0.01)
+            assert "agentd_rpc_in_flight 1.0" in components.server_metrics.render(components)
+        with trio.fail_after(10):
+            while components.server_metrics.in_flight != 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert components.server_metrics.calls("logs", "BatchCreateLogs") == 1
+        nursery.cancel_scope.cancel()

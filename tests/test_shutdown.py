@@ -75,9 +75,18 @@ async def count_rows(db: Database, table: str, agent_ids: Sequence[str]) -> int:
     )
 
 
+async def rpcs_in_flight(port: int) -> float:
+    """The serving process's ``agentd_rpc_in_flight``."""
+    status, body = await http_get(port, "/metrics")
+    assert status == 200, body
+    match = re.search(r"^agentd_rpc_in_flight (\S+)$", body, re.M)
+    assert match, body
+    return float(match.group(1))
+
+
 async def lock_waiters(db: Database, text: str) -> int:
     """Statements (of this database) waiting for a lock whose text contains ``text``: the log insert
-    starts ``WITH agent AS``, the activity bump ``WITH latest AS`` (pg_stat_activity keeps only the
+    starts ``WITH agent AS``, the activity bump ``WITH req AS`` (pg_stat_activity keeps only the
     first 1 KiB of a query)."""
     return int(
         await db.fetchval(
@@ -165,10 +174,14 @@ async def test_sigterm_lets_calls_in_flight_finish_and_loses_no_row(
                             calls.start_soon(call, "stats", client.agent.UpdateStats, stats_request(1))
                             stats_calls += 1
                             bumps += 1
-                    # Every log insert and every activity bump waits for the lock: they are in flight.
+                    # Every log insert and every activity bump waits for the lock: they are in flight
+                    # (the bumps share statements: one waits in PostgreSQL, the rest queue behind it).
                     while await lock_waiters(db, "WITH agent AS") < logs_calls:  # noqa: ASYNC110
                         await trio.sleep(0.05)
-                    while await lock_waiters(db, "WITH latest AS") < bumps:  # noqa: ASYNC110
+                    while await lock_waiters(db, "WITH req AS") < 1:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    port = operator_port(serving)
+                    while await rpcs_in_flight(port) < logs_calls + bumps:  # noqa: ASYNC110
                         await trio.sleep(0.05)
                     assert not [o for o in outcomes if o[0] == "logs"]
                     serving.process.send_signal(signal.SIGTERM)
