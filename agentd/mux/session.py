@@ -125,11 +125,11 @@ class Connection:
         self._max_inbound = max_inbound_streams
         self._streams: dict[int, StreamState] = {}
         self._next_id = 1 if is_client else 2
-        #: ids of our streams the peer has not ACKed (or reset) yet: hashicorp's `inflight`, bounded
-        #: by the accept backlog
-        self._inflight: set[int] = set()
-        #: ids of peer-opened streams the application has not accepted yet (the accept backlog)
-        self._unaccepted: set[int] = set()
+        #: our streams the peer has not ACKed (or reset) yet (hashicorp's inflight, bounded by the
+        #: accept backlog)
+        self._outbound_pending = 0
+        #: peer-opened streams the application has not accepted yet (the accept backlog)
+        self._inbound_pending = 0
         #: peer-opened streams still in the table
         self._inbound_live = 0
         self._local_go_away = False
@@ -168,12 +168,12 @@ class Connection:
     @property
     def outbound_pending(self) -> int:
         """Streams we opened that the peer has not ACKed (or reset) yet."""
-        return len(self._inflight)
+        return self._outbound_pending
 
     @property
     def inbound_pending(self) -> int:
         """Peer-opened streams not accepted yet."""
-        return len(self._unaccepted)
+        return self._inbound_pending
 
     @property
     def inbound_live(self) -> int:
@@ -183,11 +183,11 @@ class Connection:
     def outbound_backlog_full(self) -> bool:
         """`accept_backlog` of our streams wait for their ACK: open_stream should wait (for an ACK,
         a RST, or a FIN that ends an unACKed stream: StreamEstablished / StreamReset / StreamEnded)."""
-        return len(self._inflight) >= self._accept_backlog
+        return self._outbound_pending >= self._accept_backlog
 
     def open_pending(self, st: StreamState) -> bool:
         """We opened `st` and wait for the peer's ACK (the open timeout applies)."""
-        return st.id in self._inflight
+        return st._syn_pending and not self._closed
 
     def close_pending(self, st: StreamState) -> bool:
         """We half-closed `st` and wait for the peer's FIN (the close timeout applies)."""
@@ -252,14 +252,16 @@ class Connection:
         self._next_id = sid + 2
         st = StreamState(sid, SYN_SENT)
         st.recv_window = self._max_window  # the SYN's delta grants the peer the extra credit
-        self._inflight.add(sid)
+        self._outbound_pending += 1
         self._streams[sid] = st
         self._queue(_pack(0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, self._max_window - INITIAL_WINDOW))
         return st
 
     def accept_stream(self, st: StreamState) -> None:
         """The application took `st` from the backlog: send the ACK (exactly once)."""
-        self._unaccepted.discard(st.id)
+        if st._in_backlog:
+            st._in_backlog = False
+            self._inbound_pending -= 1
         if not st._ack_pending:
             return
         st._ack_pending = False
@@ -376,8 +378,6 @@ class Connection:
         self._closed = True
         self._dead = list(self._streams.values())
         self._streams.clear()
-        self._inflight.clear()
-        self._unaccepted.clear()
         self._inbound_live = 0
 
     # ---- stream states ---------------------------------------------------------------------------
@@ -393,7 +393,9 @@ class Connection:
             sid = st.id
             if self._streams.pop(sid, None) is not None and (sid ^ self._next_id) & 1:
                 self._inbound_live -= 1  # the peer's ids have the other parity
-            self._inflight.discard(sid)
+            if st._syn_pending:
+                st._syn_pending = False
+                self._outbound_pending -= 1
         return True
 
     # ---- input -----------------------------------------------------------------------------------
@@ -541,22 +543,22 @@ class Connection:
         cap = self._max_inbound
         if (
             self._local_go_away
-            or len(self._unaccepted) >= self._accept_backlog
+            or self._inbound_pending >= self._accept_backlog
             or (cap is not None and self._inbound_live >= cap)
         ):
             self._queue(_pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0))
             return None
         st = StreamState(sid, SYN_RECEIVED)
-        self._unaccepted.add(sid)
+        self._inbound_pending += 1
         self._inbound_live += 1
         self._streams[sid] = st
         events.append(StreamOpened(sid, st))
         return st
 
     def _on_ack(self, st: StreamState, events: list[Event]) -> None:
-        inflight = self._inflight
-        if st.id in inflight:
-            inflight.remove(st.id)
+        if st._syn_pending:
+            st._syn_pending = False
+            self._outbound_pending -= 1
             self._move(st, ACK_RECEIVED)
             events.append(StreamEstablished(st.id, st))
 

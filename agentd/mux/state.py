@@ -145,14 +145,17 @@ class StreamState:
 
     Plain slotted class (not attrs) because it sits on the per-frame hot path. The core changes
     `state` only through `TRANSITIONS`; `id`, `state`, `recv_buf` and the windows are for reading
-    outside the core, `handle` is the I/O adapter's slot. The connection's table drops the stream
-    once it is closed or reset; whoever still holds it (the application's stream object) can drain
-    `recv_buf`.
+    outside the core, `handle` is the I/O adapter's slot. The underscored flags are the core's
+    bookkeeping of the open handshake and the backlogs (hashicorp keeps it in the session: inflight,
+    synCh, acceptCh). The connection's table drops the stream once it is closed or reset; whoever
+    still holds it (the application's stream object) can drain `recv_buf`.
     """
 
     __slots__ = (
         "_ack_pending",
         "_app_closed",
+        "_in_backlog",
+        "_syn_pending",
         "handle",
         "id",
         "recv_buf",
@@ -167,9 +170,13 @@ class StreamState:
         self.recv_buf = RecvBuffer()
         self.recv_window = INITIAL_WINDOW
         self.send_window = INITIAL_WINDOW
+        #: we opened it and no ACK/RST has arrived yet (counts against the outbound backlog)
+        self._syn_pending = state == SYN_SENT
         #: the peer opened it and we have not sent the ACK yet (sent exactly once: on accept, or
         #: with a FIN sent before it)
         self._ack_pending = state == SYN_RECEIVED
+        #: the peer opened it and the application has not accepted it yet (the accept backlog)
+        self._in_backlog = state == SYN_RECEIVED
         #: the application closed both directions: later data from the peer is answered with RST
         self._app_closed = False
         #: slot for the I/O adapter's stream object
