@@ -1,7 +1,8 @@
 """agentd.mux: a hashicorp/yamux v0.1.2-compatible stream multiplexer for trio.
 
-`frame` (codec) and `session` (sans-I/O state machine) do no I/O; `trio_session` runs them over any
-`trio.abc.Stream`.
+`frame` (codec), `state` (stream states and their transition table), `events` and `session` (the
+sans-I/O state machine) do no I/O; `errors` holds every exception; `trio_session` runs the core over
+any `trio.abc.Stream`.
 """
 
 from agentd.mux.errors import MuxError, ProtocolError

@@ -1,4 +1,4 @@
-"""Exceptions of agentd.mux."""
+"""Exceptions of agentd.mux: every error the multiplexer raises or reports."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ class ProtocolError(MuxError):
     """The peer broke the yamux protocol; the session ends.
 
     `code` is the GoAway code to send; `send_go_away` is False where hashicorp tears the session down
-    silently (bad version, unknown frame type).
+    silently (bad version, unknown frame type). The sans-I/O core does not raise it: it reports it as
+    the last event of `Connection.receive_data` (`ProtocolViolated`).
     """
 
     def __init__(
@@ -22,5 +23,18 @@ class ProtocolError(MuxError):
         super().__init__(message)
         self.code = code
         self.send_go_away = send_go_away
-        #: events produced by the same receive_data call before the error (for sans-I/O callers)
-        self.events: list[object] = []
+
+
+class StreamClosedError(MuxError):
+    """The stream was closed locally (write after half-close / close)."""
+
+
+class StreamResetError(MuxError):
+    """The stream was reset (by the peer, by us, or by the close timeout)."""
+
+
+class SessionClosedError(MuxError):
+    """The session is over."""
+
+
+__all__ = ["MuxError", "ProtocolError", "SessionClosedError", "StreamClosedError", "StreamResetError"]

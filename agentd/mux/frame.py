@@ -30,21 +30,6 @@ FLAG_FIN = 0x4
 FLAG_RST = 0x8
 
 
-class FrameType(enum.IntEnum):
-    DATA = TYPE_DATA
-    WINDOW_UPDATE = TYPE_WINDOW_UPDATE
-    PING = TYPE_PING
-    GO_AWAY = TYPE_GO_AWAY
-
-
-class Flag(enum.IntFlag):
-    NONE = 0
-    SYN = FLAG_SYN
-    ACK = FLAG_ACK
-    FIN = FLAG_FIN
-    RST = FLAG_RST
-
-
 class GoAwayCode(enum.IntEnum):
     """GoAway reasons; NORMAL only stops new streams, the others end the session."""
 

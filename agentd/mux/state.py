@@ -31,6 +31,41 @@ STATE_NAMES = {
 #: States in which the peer may still send us data / we may still send the peer data.
 CAN_RECEIVE = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, LOCAL_CLOSE})
 CAN_SEND = frozenset({SYN_SENT, SYN_RECEIVED, ESTABLISHED, REMOTE_CLOSE})
+#: States of a stream that has left the connection's table (nothing more goes out for it).
+FINISHED = frozenset({CLOSED, RESET})
+
+# ---- transitions ------------------------------------------------------------------------------------
+# What moves a stream (hashicorp's stream.go: processFlags for what arrives, sendFlags / Close for
+# what we send). `Connection._move` is the one place that applies them.
+
+#: the peer ACKed a stream we opened
+ACK_RECEIVED = 0
+#: we ACKed a stream the peer opened (on accept, or with an early FIN)
+ACK_SENT = 1
+#: we half-closed
+FIN_SENT = 2
+#: the peer half-closed
+FIN_RECEIVED = 3
+#: either side reset
+RST = 4
+
+_LIVE = (SYN_SENT, SYN_RECEIVED, ESTABLISHED, LOCAL_CLOSE, REMOTE_CLOSE)
+
+#: TRANSITIONS[what happened][state] -> new state. A state missing from a row means the event does
+#: not apply there: an ACK changes nothing, a FIN_SENT sends nothing, a FIN_RECEIVED is a protocol
+#: error (hashicorp's "unexpected FIN flag in state N").
+TRANSITIONS: tuple[dict[int, int], ...] = (
+    # ACK_RECEIVED
+    {SYN_SENT: ESTABLISHED},
+    # ACK_SENT
+    {SYN_RECEIVED: ESTABLISHED},
+    # FIN_SENT
+    {SYN_SENT: LOCAL_CLOSE, SYN_RECEIVED: LOCAL_CLOSE, ESTABLISHED: LOCAL_CLOSE, REMOTE_CLOSE: CLOSED},
+    # FIN_RECEIVED
+    {SYN_SENT: REMOTE_CLOSE, SYN_RECEIVED: REMOTE_CLOSE, ESTABLISHED: REMOTE_CLOSE, LOCAL_CLOSE: CLOSED},
+    # RST (also after the FIN of the same frame closed the stream)
+    dict.fromkeys((*_LIVE, CLOSED), RESET),
+)
 
 
 class RecvBuffer:
@@ -108,24 +143,25 @@ class RecvBuffer:
 class StreamState:
     """One stream's protocol state, receive buffer and windows.
 
-    Plain slotted class (not attrs) because it sits on the per-frame hot path. The table in the
-    connection drops it once the stream is closed or reset; whoever still holds it (the application's
-    stream object) can drain `recv_buf`.
+    Plain slotted class (not attrs) because it sits on the per-frame hot path. The core changes
+    `state` only through `TRANSITIONS`; `id`, `state`, `recv_buf` and the windows are for reading
+    outside the core, `handle` is the I/O adapter's slot. The underscored flags are the core's
+    bookkeeping of the open handshake and the backlogs (hashicorp keeps it in the session: inflight,
+    synCh, acceptCh). The connection's table drops the stream once it is closed or reset; whoever
+    still holds it (the application's stream object) can drain `recv_buf`.
     """
 
     __slots__ = (
-        "ack_pending",
-        "app_closed",
-        "forgotten",
+        "_ack_pending",
+        "_app_closed",
+        "_in_backlog",
+        "_syn_pending",
         "handle",
         "id",
-        "in_backlog",
         "recv_buf",
         "recv_window",
         "send_window",
-        "session_dead",
         "state",
-        "syn_pending",
     )
 
     def __init__(self, stream_id: int, state: int) -> None:
@@ -135,17 +171,14 @@ class StreamState:
         self.recv_window = INITIAL_WINDOW
         self.send_window = INITIAL_WINDOW
         #: we opened it and no ACK/RST has arrived yet (counts against the outbound backlog)
-        self.syn_pending = False
-        #: the peer opened it and we have not sent the ACK yet (sent exactly once, on accept)
-        self.ack_pending = False
-        #: still counted in the inbound (accept) backlog
-        self.in_backlog = False
+        self._syn_pending = state == SYN_SENT
+        #: the peer opened it and we have not sent the ACK yet (sent exactly once: on accept, or
+        #: with a FIN sent before it)
+        self._ack_pending = state == SYN_RECEIVED
+        #: the peer opened it and the application has not accepted it yet (the accept backlog)
+        self._in_backlog = state == SYN_RECEIVED
         #: the application closed both directions: later data from the peer is answered with RST
-        self.app_closed = False
-        #: removed from the connection's table (fully closed or reset)
-        self.forgotten = False
-        #: the whole session ended while this stream was open
-        self.session_dead = False
+        self._app_closed = False
         #: slot for the I/O adapter's stream object
         self.handle: Any = None
 

@@ -19,18 +19,23 @@ from agentd.mux.frame import (
     encode_header,
 )
 from agentd.mux.session import (
+    READ_EOF,
+    READ_RESET,
+    READ_SESSION_ENDED,
+    READ_WAIT,
     Connection,
     ConnectionTerminated,
     DataReceived,
     GoAwayReceived,
     PingAcked,
+    ProtocolViolated,
     StreamEnded,
     StreamEstablished,
     StreamOpened,
     StreamReset,
     WindowUpdated,
 )
-from agentd.mux.state import ESTABLISHED, LOCAL_CLOSE, REMOTE_CLOSE, RESET
+from agentd.mux.state import CAN_SEND, ESTABLISHED, LOCAL_CLOSE, REMOTE_CLOSE, RESET
 
 H = bytes.fromhex
 Y1 = H("00 01 00 01 00 00 00 01 00 00 00 00")
@@ -59,6 +64,15 @@ def server_with_stream_1() -> tuple[Connection, object]:
     return srv, ev.stream
 
 
+def violation(conn: Connection, data: bytes) -> ProtocolError:
+    """Feed `data`, which must break the protocol: the error is the last event and ends the session."""
+    events = conn.receive_data(data)
+    assert events and isinstance(events[-1], ProtocolViolated), events
+    assert not any(isinstance(e, ProtocolViolated) for e in events[:-1])
+    assert conn.closed and conn.error is events[-1].error
+    return events[-1].error
+
+
 def feed_bytewise(conn: Connection, data: bytes) -> list[object]:
     out: list[object] = []
     for i in range(len(data)):
@@ -85,19 +99,19 @@ def test_duplicate_fin_is_protocol_error() -> None:
     srv, _s = server_with_stream_1()
     (ev,) = srv.receive_data(Y3)
     assert isinstance(ev, StreamEnded)
-    with pytest.raises(ProtocolError, match=r"unexpected FIN flag in state 5 \(RemoteClose\)") as info:
-        srv.receive_data(Y3)
-    assert info.value.code == GoAwayCode.PROTOCOL_ERROR
+    err = violation(srv, Y3)
+    assert str(err) == "unexpected FIN flag in state 5 (RemoteClose)"
+    assert err.code == GoAwayCode.PROTOCOL_ERROR
     assert srv.data_to_send() == Y9
-    assert srv.closed
-    with pytest.raises(ProtocolError):
-        srv.receive_data(Y5)
+    # a session that ended parses nothing more (the ping is not answered)
+    assert srv.receive_data(Y5) == []
+    assert srv.data_to_send() == b""
 
 
 def test_window_overrun_is_protocol_error_at_the_header() -> None:
     srv, _ = server_with_stream_1()
-    with pytest.raises(ProtocolError, match="receive window exceeded"):
-        srv.receive_data(Y16)  # body never needed: the header alone is fatal
+    # body never needed: the header alone is fatal
+    assert str(violation(srv, Y16)) == "receive window exceeded"
     assert srv.data_to_send() == Y9
 
 
@@ -110,8 +124,19 @@ def test_max_window_frame_accepted() -> None:
 
 def test_duplicate_syn_is_protocol_error() -> None:
     srv, _ = server_with_stream_1()
-    with pytest.raises(ProtocolError, match="duplicate stream"):
-        srv.receive_data(Y1)
+    assert str(violation(srv, Y1)) == "duplicate stream declared: 1"
+
+
+def test_events_before_a_protocol_error_are_kept_and_the_streams_handed_out_once() -> None:
+    srv, s = server_with_stream_1()
+    events = srv.receive_data(data_frame(1, b"abc") + Y5 + H("00 09 00 00 00 00 00 00 00 00 00 00"))
+    assert [type(e) for e in events] == [DataReceived, ProtocolViolated]
+    assert str(events[-1].error) == "invalid message type 9"
+    assert srv.data_to_send() == Y6  # the ping before the bad frame was answered; no GoAway
+    # the adapter wakes the streams' waiters: each stream once, also when parsing ended the session
+    assert srv.close() == [s]
+    assert srv.close() == []
+    assert srv.read(s, 10) == b"abc" and srv.read_status(s) == READ_SESSION_ENDED
 
 
 def test_backlog_overflow_rsts_without_the_application() -> None:
@@ -193,11 +218,8 @@ def test_remote_go_away_error_terminates() -> None:
 )
 def test_bad_version_or_type_closes_silently(wire: bytes) -> None:
     srv = Connection(is_client=False)
-    with pytest.raises(ProtocolError) as info:
-        srv.receive_data(wire)
-    assert not info.value.send_go_away
+    assert not violation(srv, wire).send_go_away
     assert srv.data_to_send() == b""
-    assert srv.closed
 
 
 def test_unknown_stream_frames_ignored_ping_still_answered() -> None:
@@ -323,11 +345,10 @@ def test_no_leak_after_many_open_close_cycles() -> None:
 @given(st.binary(max_size=200), st.booleans())
 def test_random_bytes_only_events_or_protocol_error(data: bytes, client: bool) -> None:
     conn = Connection(is_client=client, accept_backlog=4)
-    try:
-        conn.receive_data(data)
-    except ProtocolError:
-        assert conn.closed
-        return
+    events = conn.receive_data(data)
+    assert not any(isinstance(e, ProtocolViolated) for e in events[:-1])
+    if events and isinstance(events[-1], ProtocolViolated):
+        assert conn.closed and isinstance(events[-1].error, ProtocolError)
     conn.data_to_send()
 
 
@@ -352,12 +373,12 @@ def test_random_frames_only_events_or_protocol_error(frames: list[tuple[int, int
         else:
             wire += encode_header(ftype, flags, sid, length)
     conn = Connection(is_client=False, accept_backlog=3)
-    try:
-        for ev in conn.receive_data(wire):
-            if isinstance(ev, StreamOpened):
-                conn.accept_stream(ev.stream)
-    except ProtocolError:
-        return
+    for ev in conn.receive_data(wire):
+        if isinstance(ev, StreamOpened):
+            conn.accept_stream(ev.stream)
+        elif isinstance(ev, ProtocolViolated):
+            assert conn.closed
+            return
     for s in list(conn.streams.values()):
         conn.read(s, 1 << 20)
 
@@ -393,7 +414,7 @@ def run_interleaving(rng: random.Random) -> None:
             side = rng.choice("ab")
             s = p[side]
             conn = a if side == "a" else b
-            if s is not None and not s.forgotten and s.state in (1, 2, 3, 5):
+            if s is not None and s.state in CAN_SEND:
                 chunk = rng.randbytes(rng.randint(1, 70000))
                 n = conn.send_data(s, memoryview(chunk))
                 p["sent_ab" if side == "a" else "sent_ba"] += chunk[:n]
@@ -472,5 +493,40 @@ def test_bigger_window_is_granted_on_syn_and_ack() -> None:
     srv.accept_stream(ev.stream)
     assert srv.data_to_send() == encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK, 1, big - 262144)
     srv.receive_data(data_frame(1, b"y" * big))
-    with pytest.raises(ProtocolError):
-        srv.receive_data(data_frame(1, b"z"))
+    assert str(violation(srv, data_frame(1, b"z"))) == "receive window exceeded"
+
+
+def test_queries_the_adapter_waits_on() -> None:
+    cli = Connection(is_client=True, accept_backlog=2)
+    a = cli.open_stream()
+    b = cli.open_stream()
+    assert cli.outbound_backlog_full() and cli.open_pending(a) and cli.open_pending(b)
+    cli.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK, 1, 0))
+    assert not cli.outbound_backlog_full() and not cli.open_pending(a)
+    cli.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, 3, 0))  # a reset frees its slot too
+    assert cli.outbound_pending == 0 and not cli.open_pending(b) and cli.read_status(b) == READ_RESET
+    # reader: wait, then EOF after the peer's FIN
+    assert cli.read_status(a) == READ_WAIT
+    cli.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN, 1, 0))
+    assert cli.read_status(a) == READ_EOF
+    # writer: blocked only while the window is empty and the stream can still send
+    assert cli.send_data(a, memoryview(b"x" * 262144)) == 262144
+    assert cli.send_blocked(a)
+    cli.receive_data(encode_header(TYPE_WINDOW_UPDATE, 0, 1, 10))
+    assert not cli.send_blocked(a)
+    # close timer: from our FIN until the peer's (here it came first: the stream is gone at once)
+    c = cli.open_stream()
+    cli.end_stream(c)
+    assert cli.close_pending(c)
+    cli.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK | FLAG_FIN, 5, 0))
+    assert not cli.close_pending(c) and 5 not in cli.streams
+    cli.end_stream(a)
+    assert not cli.close_pending(a) and cli.num_streams == 0
+
+
+def test_fin_and_rst_in_one_frame_resets_after_closing() -> None:
+    srv, s = server_with_stream_1()
+    srv.end_stream(s)
+    events = srv.receive_data(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN | FLAG_RST, 1, 0))
+    assert [type(e) for e in events] == [StreamEnded, StreamReset]
+    assert s.state == RESET and not srv.streams and srv.inbound_live == 0

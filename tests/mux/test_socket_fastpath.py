@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from agentd.mux import MuxConfig, MuxSession, MuxStream
-from agentd.mux.frame import Flag, FrameDecoder, FrameType, encode_header
+from agentd.mux.frame import FLAG_FIN, FLAG_SYN, TYPE_DATA, FrameDecoder, encode_header
 from agentd.mux.trio_session import _SocketIO
 
 QUIET = MuxConfig(enable_keepalive=False)
@@ -184,11 +184,11 @@ def _raw_stream_bytes(payload: bytes, frame_size: int) -> bytes:
     """What a yamux client writes to open stream 1, send `payload` in Data frames and FIN it."""
     out = bytearray()
     for off in range(0, len(payload), frame_size):
-        flags = Flag.SYN if off == 0 else 0
+        flags = FLAG_SYN if off == 0 else 0
         body = payload[off : off + frame_size]
         if off + frame_size >= len(payload):
-            flags |= Flag.FIN
-        out += encode_header(FrameType.DATA, flags, 1, len(body)) + body
+            flags |= FLAG_FIN
+        out += encode_header(TYPE_DATA, flags, 1, len(body)) + body
     return bytes(out)
 
 
