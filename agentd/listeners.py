@@ -23,7 +23,11 @@ from agentd.config import ListenAddress, TcpAddress, UnixAddress, UserError
 
 log = logging.getLogger("agentd.listeners")
 
-BACKLOG = 1024
+#: Listen backlog: connections the kernel completes while agentd is busy. When a replica or worker
+#: dies, thousands of agents redial the survivors at once; past the backlog the kernel drops their
+#: handshakes (the agents then wait out SYN retries and back off). Go's listeners, Coder's
+#: included, ask for the kernel's maximum too; Linux caps it at net.core.somaxconn (4096 by default).
+BACKLOG = 65535
 SOCKET_MODE = 0o666
 MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
