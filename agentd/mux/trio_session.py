@@ -3,8 +3,8 @@
 Task shape (all under `MuxSession.run`'s nursery):
 - reader: reads the transport in 64 KiB chunks -> `Connection.receive_data` -> wake the waiters
   the events name. On a plain `trio.SocketStream` it waits for readability after a short read and
-  `readv`s into one buffer per thread that every session's reader shares (`_SocketIO`,
-  `_SharedRecvBuffer`); any other `trio.abc.Stream` uses `receive_some`.
+  `readv`s into one buffer per thread that every session's reader shares (`agentd.mux.sockio`);
+  any other `trio.abc.Stream` uses `receive_some`.
   It never blocks on anything but the transport read: pings, RSTs and window updates are only
   queued.
 - writer: the one path to the transport. It drains whatever the core queued (frames from every
@@ -12,10 +12,11 @@ Task shape (all under `MuxSession.run`'s nursery):
   application call can never leave half a frame. An application call writes inline instead when
   the writer is idle (no task switch); on the fast path a write the socket takes at once needs no
   cancel scope and no scheduler pass.
-- keepalive (ping every interval, close the session when the ACK misses the write timeout) and one
-  timer task for stream open / close timeouts.
-Waiting uses a task slot where only one task can wait (a stream's reader, its writer, the writer
-task) and `trio.lowlevel.ParkingLot`s elsewhere, only touched when someone is parked.
+- keepalive (ping every interval, close the session when the ACK misses the write timeout; off for
+  sessions agentd.monitor pings) and one timer task for stream open / close timeouts.
+Waiting uses a task slot (`_TaskSlot`) where only one task can wait (a stream's reader, its writer,
+the writer task) and `trio.lowlevel.ParkingLot`s elsewhere, only touched when someone is parked.
+The socket fast path (direct readv/writev, the per-thread read buffer) is `agentd.mux.sockio`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 import collections
 import math
 import operator
-import os
-import threading
 from typing import Any
 
 import attrs
@@ -32,15 +31,12 @@ import trio
 from trio.lowlevel import (
     Abort,
     ParkingLot,
-    Task,
     cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
     current_task,
     reschedule,
-    wait_readable,
     wait_task_rescheduled,
-    wait_writable,
 )
 
 from agentd.mux.errors import MuxError, ProtocolError, StreamClosedError, StreamResetError
@@ -62,36 +58,15 @@ from agentd.mux.session import (
     StreamReset,
     WindowUpdated,
 )
+from agentd.mux.sockio import RECV_SIZE, SocketIO, shared_recv
 from agentd.mux.state import StreamState
 
-#: transport read size. Each read's Data bodies become new bytes objects handed to the streams;
-#: at 64 KiB they stay below glibc's mmap/trim thresholds, so the heap is reused instead of growing
-#: and shrinking (brk + page faults) once per read as it did with 512 KiB reads
-RECV_SIZE = 64 * 1024
-
-
-class _SharedRecvBuffer(threading.local):
-    """The socket fast path's read buffer: one per thread, shared by every session's reader.
-
-    A session only needs the buffer from a read until `Connection.receive_data` returns, which
-    copies out everything it keeps (Data bodies as bytes, a split header into its own bytearray);
-    the reader does both without an await in between, so no other reader of the thread can run in
-    that window. A buffer per session cost 64 KiB of RSS per connected agent, mostly idle.
-    """
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(RECV_SIZE))
-
-
-_shared_recv = _SharedRecvBuffer()
 #: application writers wait for the writer task once this much is queued (all streams together)
 HIGH_WATER = 1024 * 1024
 #: Data bodies at least this big are written without joining them to the frames around them
 BIG_CHUNK = 32 * 1024
 #: how long a dying session keeps flushing queued frames (e.g. the GoAway of a protocol error)
 FLUSH_GRACE = 1.0
-#: most buffers one writev takes (Linux IOV_MAX)
-IOV_MAX = 1024
 
 
 @attrs.frozen
@@ -105,11 +80,6 @@ class MuxConfig:
     max_stream_window: int = attrs.field(default=INITIAL_WINDOW)
     stream_open_timeout: float = 75.0
     stream_close_timeout: float = 300.0
-    #: agentd extension (not in hashicorp): after sending or receiving, keep the event loop polling
-    #: epoll without sleeping for this many seconds, so a quick reply is picked up without a kernel
-    #: wake-up (like Go's spinning scheduler). Helps round trips on an idle machine (e.g. 2e-4),
-    #: hurts on an oversubscribed one; 0 (default) is off.
-    busy_poll: float = 0.0
     #: agentd extension: at most this many live streams opened by the peer (accepted or waiting in
     #: the backlog, until closed or reset); SYNs past it are refused with RST, so one peer cannot
     #: make the session hold unbounded stream state (each holds up to max_stream_window buffered).
@@ -123,95 +93,28 @@ class MuxConfig:
             raise ValueError("max_stream_window must be at least 256 KiB")
 
 
-class _SocketIO:
-    """Direct syscalls on a `trio.SocketStream`'s descriptor (the transport fast path).
+class _TaskSlot:
+    """Where the one task that may wait for something parks (a stream's reader, its writer, the
+    session's writer task): cheaper than a ParkingLot to create and to park/wake."""
 
-    `SocketStream.receive_some` tries a read first (one EAGAIN per frame on a request/response
-    pattern), allocates a fresh buffer per call and yields after every success; `send_all` needs one
-    joined buffer per write and yields after it too. Here the reader waits for readability after a
-    short read and reads into one reused buffer (one per thread, `_SharedRecvBuffer`), and the
-    writer hands every queued frame to one `writev` (no joining copy) without a scheduler pass
-    unless the socket is full. The socket is
-    still owned (and closed) by the stream; trio's `notify_closing` wakes our waits if it closes.
-    """
+    __slots__ = ("task",)
 
-    __slots__ = ("_sock", "fd")
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._sock = stream.socket
-        self.fd = stream.socket.fileno()
+    async def park(self) -> None:
+        self.task = current_task()
+        await wait_task_rescheduled(self._abort)
 
-    def _check_open(self) -> None:
-        if self._sock.fileno() != self.fd:
-            raise trio.ClosedResourceError("transport closed")
+    def _abort(self, _raise_cancel: Any) -> Abort:
+        self.task = None
+        return Abort.SUCCEEDED
 
-    async def recv_into(self, buf: memoryview, wait: bool) -> int:
-        """Read into `buf`; with `wait`, wait for readability first (the last read was short, so the
-        socket is most likely empty). Never returns without data or EOF."""
-        fd = self.fd
-        while True:
-            if wait:
-                await wait_readable(fd)
-            self._check_open()
-            try:
-                return os.readv(fd, [buf])
-            except BlockingIOError:
-                wait = True
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"transport read failed: {exc}") from exc
-
-    def send_nowait(self, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
-        """One writev attempt that never waits; returns what it could not write."""
-        if len(chunks) > IOV_MAX:
-            return chunks
-        self._check_open()
-        try:
-            n = os.writev(self.fd, chunks)
-        except BlockingIOError:
-            return chunks
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"transport write failed: {exc}") from exc
-        idx = 0
-        count = len(chunks)
-        while idx < count and n >= len(chunks[idx]):
-            n -= len(chunks[idx])
-            idx += 1
-        if idx == count:
-            return []
-        rest = chunks[idx:]
-        if n:
-            rest[0] = memoryview(rest[0])[n:]
-        return rest
-
-    async def send_chunks(self, chunks: list[bytes | memoryview]) -> bool:
-        """Write every chunk, in order, with as few writev calls as the socket allows; True if it
-        had to wait (that was a checkpoint)."""
-        fd = self.fd
-        waited = False
-        idx = 0
-        count = len(chunks)
-        while idx < count:
-            batch = chunks if idx == 0 and count <= IOV_MAX else chunks[idx : idx + IOV_MAX]
-            self._check_open()
-            try:
-                n = os.writev(fd, batch)
-            except BlockingIOError:
-                waited = True
-                await wait_writable(fd)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"transport write failed: {exc}") from exc
-            while n:
-                size = len(chunks[idx])
-                if n >= size:
-                    n -= size
-                    idx += 1
-                else:
-                    chunks[idx] = memoryview(chunks[idx])[n:]
-                    n = 0
-            while idx < count and not len(chunks[idx]):
-                idx += 1
-        return waited
+    def wake(self) -> None:
+        task = self.task
+        if task is not None:
+            self.task = None
+            reschedule(task)
 
 
 def _check_max_bytes(max_bytes: int | None) -> int:
@@ -227,16 +130,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
     """One yamux stream. `send_eof` half-closes (FIN), `aclose` closes both ways (FIN; data the
     peer still sends is answered with RST), `reset` aborts (RST, unread data dropped)."""
 
-    __slots__ = ("_closed", "_conn", "_read_task", "_receiving", "_sending", "_session", "_st", "_write_task")
+    __slots__ = ("_closed", "_conn", "_reading", "_receiving", "_sending", "_session", "_st", "_writing")
 
     def __init__(self, session: MuxSession, st: StreamState) -> None:
         self._session = session
         self._conn = session._conn
         self._st = st
-        # at most one task waits per direction (the conflict detectors see to it), so a task slot
-        # replaces a ParkingLot: cheaper to create per stream and to park/wake per request
-        self._read_task: Task | None = None
-        self._write_task: Task | None = None
+        # at most one task waits per direction (the conflict detectors see to it)
+        self._reading = _TaskSlot()
+        self._writing = _TaskSlot()
         self._receiving = False
         self._sending = False
         self._closed = False
@@ -285,15 +187,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if not n:
                     session._wake_writer()
                     parked = True
-                    await self._park_write()
+                    await self._writing.park()
                     if self._closed:
                         raise trio.ClosedResourceError("stream closed")
             if conn.out_len > HIGH_WATER:
                 session._wake_writer()
                 parked = True
                 await session._wait_drained()
-            elif session._write_now():
-                pass  # the socket took it all at once
             elif await session._flush_inline():
                 parked = True
             if not parked:
@@ -315,7 +215,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if not self._conn.send_blocked(st):
                     break
                 parked = True
-                await self._park_write()
+                await self._writing.park()
             if not parked:
                 await cancel_shielded_checkpoint()
         finally:
@@ -368,7 +268,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if status == READ_SESSION_ENDED:
                     raise self._session._broken_error()
                 parked = True
-                await self._park_read()
+                await self._reading.park()
             if not parked:
                 await cancel_shielded_checkpoint()
             return data
@@ -397,42 +297,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         await checkpoint()
 
     def _wake(self) -> None:
-        task = self._read_task
-        if task is not None:
-            self._read_task = None
-            reschedule(task)
-        task = self._write_task
-        if task is not None:
-            self._write_task = None
-            reschedule(task)
-
-    async def _park_read(self) -> None:
-        self._read_task = current_task()
-        await wait_task_rescheduled(self._abort_read)
-
-    def _abort_read(self, _raise_cancel: Any) -> Abort:
-        self._read_task = None
-        return Abort.SUCCEEDED
-
-    def _wake_read(self) -> None:
-        task = self._read_task
-        if task is not None:
-            self._read_task = None
-            reschedule(task)
-
-    async def _park_write(self) -> None:
-        self._write_task = current_task()
-        await wait_task_rescheduled(self._abort_write)
-
-    def _abort_write(self, _raise_cancel: Any) -> Abort:
-        self._write_task = None
-        return Abort.SUCCEEDED
-
-    def _wake_write(self) -> None:
-        task = self._write_task
-        if task is not None:
-            self._write_task = None
-            reschedule(task)
+        self._reading.wake()
+        self._writing.wake()
 
 
 class MuxSession:
@@ -443,7 +309,7 @@ class MuxSession:
     ) -> None:
         self._transport = transport
         #: the fast path when the transport is a plain socket stream
-        self._sockio = _SocketIO(transport) if type(transport) is trio.SocketStream else None
+        self._sockio = SocketIO(transport) if type(transport) is trio.SocketStream else None
         self.config = config if config is not None else MuxConfig()
         self.is_client = is_client
         self._conn = Connection(
@@ -452,13 +318,12 @@ class MuxSession:
             accept_backlog=self.config.accept_backlog,
             max_inbound_streams=self.config.max_inbound_streams,
         )
-        #: the writer task while it waits for work (one task: a slot, cheaper than a ParkingLot)
-        self._writer_task: Task | None = None
+        #: the writer task while it waits for work
+        self._writer_slot = _TaskSlot()
         self._drain_lot = ParkingLot()
         self._accept_lot = ParkingLot()
         self._open_lot = ParkingLot()
         self._timer_lot = ParkingLot()
-        self._spin_lot = ParkingLot()
         #: when the timer task will next wake by itself (-inf: it is running, not sleeping)
         self._timer_wake_at = -math.inf
         self._accept_queue: collections.deque[MuxStream] = collections.deque()
@@ -646,59 +511,24 @@ class MuxSession:
             await self._transport.aclose()
 
     def _wake_writer(self) -> None:
-        task = self._writer_task
-        if task is not None:
-            self._writer_task = None
-            reschedule(task)
+        self._writer_slot.wake()
 
-    def _abort_writer_wait(self, _raise_cancel: Any) -> Abort:
-        self._writer_task = None
-        return Abort.SUCCEEDED
+    # ---- writing: one path ------------------------------------------------------------------------
+    # Whoever queued frames first tries `_write_nowait` (one writev on the socket fast path, from
+    # the calling task, no scheduler pass). What the socket does not take at once is written with
+    # `_send_chunks`, awaited either by the calling task (`_flush_inline`: a request's reply) or by
+    # the writer task (`_writer`: everything else); `_writing` keeps them from interleaving.
 
-    async def _flush_inline(self) -> bool:
-        """Write the queued frames from the calling task when the writer is idle (saves a task
-        switch and a wake-up per request). Shielded, so a cancelled caller never leaves half a
-        frame. True if that was a checkpoint (the socket fast path writes without one)."""
-        conn = self._conn
-        if self._writing or self._closing or not conn.out_len:
-            return False
-        self._writing = True
-        try:
-            total = conn.out_len
-            chunks = conn.take_output()
-            yielded = False
-            try:
-                sockio = self._sockio
-                if sockio is not None:
-                    # usually the socket takes it all at once: no cancel scope, no scheduler pass
-                    chunks = sockio.send_nowait(chunks)
-                if chunks:
-                    yielded = True
-                    # no deadline here (a deadline scope per write is not free): a transport that
-                    # stops draining fails the keepalive ping, and ending the session closes the
-                    # transport, which releases this write
-                    with trio.CancelScope(shield=True):
-                        await self._send_chunks(chunks, total)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._terminate(exc)
-        finally:
-            self._writing = False
-        if conn.out_len:
-            self._wake_writer()
-        if self._drain_lot:
-            self._drain_lot.unpark_all()
-        if self._spin_lot:
-            self._spin_lot.unpark()
-        return yielded
-
-    def _write_now(self) -> bool:
-        """Socket fast path, synchronous: hand the whole queue to one writev from the calling task
-        when the writer is idle. True if it all went (or the session just ended); False leaves
-        the queue for an awaiting flush or the writer task."""
+    def _write_nowait(self, *, rest_to_writer: bool) -> bool:
+        """One writev of the whole queue when the writer is idle; True if the queue is empty now
+        (or the session just ended). What the socket does not take stays queued: for the writer
+        task (woken) with ``rest_to_writer``, else for the caller's awaited flush."""
         conn = self._conn
         sockio = self._sockio
         if sockio is None or self._writing or self._closing or not conn.out_len:
-            return False
+            if rest_to_writer and conn.out_len:
+                self._wake_writer()
+            return not conn.out_len
         try:
             rest = sockio.send_nowait(conn.take_output())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -706,18 +536,48 @@ class MuxSession:
             return True
         if rest:
             conn.unsend(rest)
+            if rest_to_writer:
+                self._wake_writer()
             return False
-        if self._drain_lot:
-            self._drain_lot.unpark_all()
-        if self._spin_lot:
-            self._spin_lot.unpark()
+        self._after_write()
         return True
 
     def _flush_nowait(self) -> None:
-        """Write the queue now if the socket takes it without waiting; whatever remains goes to
-        the writer task."""
-        if not self._write_now() and self._conn.out_len:
+        """Write the queue now if the socket takes it without waiting; the rest goes to the writer."""
+        self._write_nowait(rest_to_writer=True)
+
+    async def _flush_inline(self) -> bool:
+        """Write the queued frames from the calling task when the writer is idle (saves a task
+        switch and a wake-up per request). Shielded, so a cancelled caller never leaves half a
+        frame. True if that was a checkpoint (the socket fast path writes without one)."""
+        if self._write_nowait(rest_to_writer=False):
+            return False
+        conn = self._conn
+        if self._writing or self._closing or not conn.out_len:
+            return False
+        self._writing = True
+        try:
+            total = conn.out_len
+            chunks = conn.take_output()
+            try:
+                # no deadline here (a deadline scope per write is not free): a transport that
+                # stops draining fails the keepalive ping, and ending the session closes the
+                # transport, which releases this write
+                with trio.CancelScope(shield=True):
+                    await self._send_chunks(chunks, total)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._terminate(exc)
+        finally:
+            self._writing = False
+        if conn.out_len:
             self._wake_writer()
+        self._after_write()
+        return True
+
+    def _after_write(self) -> None:
+        # application writers waiting for the queue to drain below HIGH_WATER
+        if self._drain_lot:
+            self._drain_lot.unpark_all()
 
     async def _send_chunks(self, chunks: list[bytes | memoryview], total: int) -> bool:
         """Socket fast path: one writev. Otherwise one send_all for small batches; big Data bodies
@@ -807,8 +667,8 @@ class MuxSession:
         receive_some = self._transport.receive_some
         sockio = self._sockio
         # shared with the other sessions of this thread: read from only between a read and the
-        # receive_data that follows it, with no await in between (see _SharedRecvBuffer)
-        view = _shared_recv.view if sockio is not None else memoryview(b"")
+        # receive_data that follows it, with no await in between (see agentd.mux.sockio.SharedRecvBuffer)
+        view = shared_recv.view if sockio is not None else memoryview(b"")
         short = True
         accept_queue = self._accept_queue
         now = trio.current_time
@@ -845,9 +705,7 @@ class MuxSession:
                     # stream the peer never ACKed (Go sends no ACK for a stream FIN'd before Accept)
                     if self._open_lot and not conn.outbound_backlog_full():
                         self._open_lot.unpark_all()
-                if self._spin_lot:
-                    self._spin_lot.unpark()
-                if conn.out_len and self._writer_task is not None:
+                if conn.out_len and self._writer_slot.task is not None:
                     if events:
                         self._wake_writer()
                     else:
@@ -860,12 +718,12 @@ class MuxSession:
             # `type(ev) is` narrows like isinstance and is the cheaper test per event
             if type(ev) is DataReceived or type(ev) is StreamEnded:
                 h = ev.stream.handle
-                if h is not None and h._read_task is not None:
-                    h._wake_read()
+                if h is not None:
+                    h._reading.wake()
             elif type(ev) is WindowUpdated:
                 h = ev.stream.handle
-                if h is not None and h._write_task is not None:
-                    h._wake_write()
+                if h is not None:
+                    h._writing.wake()
             elif type(ev) is StreamOpened:
                 stream = MuxStream(self, ev.stream)
                 ev.stream.handle = stream
@@ -897,13 +755,11 @@ class MuxSession:
 
     async def _writer(self) -> None:
         conn = self._conn
-        drain = self._drain_lot
         while True:
             if not conn.out_len or self._writing:
                 if self._closing and not self._writing:
                     return
-                self._writer_task = current_task()
-                await wait_task_rescheduled(self._abort_writer_wait)
+                await self._writer_slot.park()
                 # let the tasks woken with us run first: an accepted stream's ACK or a closed
                 # stream's FIN then leaves with the next reply (often written inline), not as a
                 # packet of its own
@@ -924,10 +780,7 @@ class MuxSession:
                 return
             finally:
                 self._writing = False
-            if drain:
-                drain.unpark_all()
-            if self._spin_lot:
-                self._spin_lot.unpark()
+            self._after_write()
 
     async def _aux(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -935,21 +788,6 @@ class MuxSession:
                 if self.config.enable_keepalive:
                     nursery.start_soon(self._keepalive)
                 nursery.start_soon(self._timers)
-                if self.config.busy_poll > 0:
-                    nursery.start_soon(self._busy_poll)
-
-    async def _busy_poll(self) -> None:
-        """Spin the event loop for `busy_poll` seconds after each burst of traffic: the run loop then
-        polls epoll without sleeping, which saves the kernel wake-up on the likely reply (the
-        dominant cost of a round trip on a virtual machine). Bounded per burst, parked when idle."""
-        lot = self._spin_lot
-        budget = self.config.busy_poll
-        now = trio.current_time
-        while True:
-            await lot.park()
-            end = now() + budget
-            while now() < end:
-                await cancel_shielded_checkpoint()
 
     async def _keepalive(self) -> None:
         while True:

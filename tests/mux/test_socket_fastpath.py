@@ -13,7 +13,7 @@ import trio.testing
 
 from agentd.mux import MuxConfig, MuxSession, MuxStream
 from agentd.mux.frame import FLAG_FIN, FLAG_SYN, TYPE_DATA, FrameDecoder, encode_header
-from agentd.mux.trio_session import _SocketIO
+from agentd.mux.sockio import SocketIO
 
 QUIET = MuxConfig(enable_keepalive=False)
 
@@ -164,7 +164,7 @@ async def test_frames_reach_a_raw_peer_intact_with_partial_writes(nursery: trio.
 
 async def test_send_nowait_returns_the_unwritten_rest() -> None:
     a, b = socket_pair(4096)
-    io = _SocketIO(a)
+    io = SocketIO(a)
     chunks: list[bytes | memoryview] = [b"h" * 12, b"x" * 200_000, b"t" * 12]
     rest = io.send_nowait(list(chunks))
     written = 200_024 - sum(len(c) for c in rest)
