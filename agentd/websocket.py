@@ -35,6 +35,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
 from agentd.http import MAX_HEAD_BYTES
+from agentd.mux.sockio import SocketIO
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -85,6 +86,10 @@ class WebSocketByteStream(trio.abc.Stream):
         max_send_message_size: int = MAX_SEND_MESSAGE_SIZE,
     ) -> None:
         self.transport = transport
+        #: on a plain socket: reads that wait for readability after a short read, and frames written
+        #: without a scheduler pass when the socket takes them at once (agentd.mux.sockio)
+        self._sockio = SocketIO(transport) if type(transport) is trio.SocketStream else None
+        self._short_read = False
         self._max_send = max_send_message_size
         self._ws = connection
         self._max_message_size = max_message_size
@@ -174,7 +179,12 @@ class WebSocketByteStream(trio.abc.Stream):
 
     async def _receive_from_transport(self) -> None:
         try:
-            data = await self.transport.receive_some(self._receive_chunk)
+            data: bytes | bytearray
+            if self._sockio is not None:
+                data = await self._sockio.recv(self._receive_chunk, self._short_read)
+                self._short_read = len(data) < self._receive_chunk
+            else:
+                data = await self.transport.receive_some(self._receive_chunk)
         except trio.ClosedResourceError:
             if self._closed:
                 raise trio.ClosedResourceError("the WebSocket was closed") from None
@@ -187,7 +197,7 @@ class WebSocketByteStream(trio.abc.Stream):
             self._failure = "the connection ended without a WebSocket Close frame"
             self.close_code = CloseReason.ABNORMAL_CLOSURE
             raise trio.BrokenResourceError(self._failure)
-        self._ws.receive_data(bytes(data))
+        self._ws.receive_data(data if type(data) is bytes else bytes(data))
 
     def _process_events(self) -> list[bytes]:
         """Move parsed frames into the byte buffer / state; return control frames to write back."""
@@ -291,24 +301,60 @@ class WebSocketByteStream(trio.abc.Stream):
             raise trio.BrokenResourceError("the WebSocket is closing")
 
     async def _write(self, frame: bytes) -> None:
-        async with self._write_lock:
-            done = False
+        sockio = self._sockio
+        if sockio is not None:
             try:
-                await self.transport.send_all(frame)
-                done = True
-            except trio.ClosedResourceError:
-                if self._closed:
-                    raise trio.ClosedResourceError("the WebSocket was closed") from None
-                self._send_failure = "the transport was closed"
-                raise trio.BrokenResourceError(self._send_failure) from None
-            except trio.BrokenResourceError as exc:
-                self._send_failure = f"the transport broke: {exc}"
-                raise
-            finally:
-                if not done and self._send_failure is None:
-                    # Interrupted (cancelled) mid-frame: the peer may hold half a frame, so framing
-                    # is lost; refuse further sends rather than corrupt the stream.
-                    self._send_failure = "a send was interrupted mid-frame"
+                self._write_lock.acquire_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                # Usually the socket takes the whole frame at once: no task switch, no lock wait.
+                # A tail it did not take goes out before the lock is released (frames never mix).
+                try:
+                    rest = self._send_nowait(sockio, frame)
+                    if rest is None:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        return
+                    await self._send_locked(rest)
+                finally:
+                    self._write_lock.release()
+                return
+        async with self._write_lock:
+            await self._send_locked(frame)
+
+    def _send_nowait(self, sockio: SocketIO, frame: bytes) -> bytes | None:
+        """One non-blocking write of ``frame``; the unsent tail, or None when it all went."""
+        try:
+            rest = sockio.send_nowait([frame])
+        except trio.ClosedResourceError:
+            if self._closed:
+                raise trio.ClosedResourceError("the WebSocket was closed") from None
+            self._send_failure = "the transport was closed"
+            raise trio.BrokenResourceError(self._send_failure) from None
+        except trio.BrokenResourceError as exc:
+            self._send_failure = f"the transport broke: {exc}"
+            raise
+        return bytes(rest[0]) if rest else None
+
+    async def _send_locked(self, frame: bytes) -> None:
+        """Write ``frame`` (or a frame's tail) with the write lock held."""
+        done = False
+        try:
+            await self.transport.send_all(frame)
+            done = True
+        except trio.ClosedResourceError:
+            if self._closed:
+                raise trio.ClosedResourceError("the WebSocket was closed") from None
+            self._send_failure = "the transport was closed"
+            raise trio.BrokenResourceError(self._send_failure) from None
+        except trio.BrokenResourceError as exc:
+            self._send_failure = f"the transport broke: {exc}"
+            raise
+        finally:
+            if not done and self._send_failure is None:
+                # Interrupted (cancelled) mid-frame: the peer may hold half a frame, so framing
+                # is lost; refuse further sends rather than corrupt the stream.
+                self._send_failure = "a send was interrupted mid-frame"
 
     # ---- closing ---------------------------------------------------------------------------------
 

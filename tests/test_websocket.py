@@ -249,6 +249,48 @@ async def test_client_and_server_talk_over_a_real_socketpair() -> None:
     await server.aclose()
 
 
+async def test_frames_never_mix_when_the_socket_takes_a_frame_in_part() -> None:
+    """On a socket the server writes each frame at once when it can; a frame the socket takes only
+    in part is finished before anything else goes out, also a pong its receiver answers meanwhile."""
+    a, b = trio.socket.socketpair()
+    b.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    server = WebSocketByteStream.server(trio.SocketStream(b))
+    peer = Connection(ConnectionType.CLIENT)
+    raw = trio.SocketStream(a)
+    messages = [bytes([i]) * 50_000 for i in range(1, 5)]
+    got: list[bytes] = []
+    pongs = 0
+    partial = b""
+
+    async def send_messages() -> None:
+        for message in messages:
+            await server.send_all(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_messages)
+        nursery.start_soon(server.receive_some)  # answers the pings below
+        await trio.testing.wait_all_tasks_blocked()  # the first frame is in the socket in part
+        for i in range(3):
+            await raw.send_all(peer.send(Ping(payload=bytes([i]))))
+        with trio.fail_after(10):
+            while len(got) < len(messages) or pongs < 3:
+                peer.receive_data(await raw.receive_some(1000))
+                for event in peer.events():
+                    if isinstance(event, BytesMessage):
+                        partial += event.data
+                        if event.message_finished:
+                            got.append(partial)
+                            partial = b""
+                    elif isinstance(event, Pong):
+                        pongs += 1
+                    else:
+                        raise AssertionError(f"unexpected {event!r}")
+        nursery.cancel_scope.cancel()
+    assert got == messages and pongs == 3
+    await server.aclose()
+    await raw.aclose()
+
+
 # ---- opening handshake ---------------------------------------------------------------------------
 
 
