@@ -326,15 +326,21 @@ class WebSocketByteStream(trio.abc.Stream):
         """One non-blocking write of ``frame``; the unsent tail, or None when it all went."""
         try:
             rest = sockio.send_nowait([frame])
-        except trio.ClosedResourceError:
-            if self._closed:
-                raise trio.ClosedResourceError("the WebSocket was closed") from None
-            self._send_failure = "the transport was closed"
-            raise trio.BrokenResourceError(self._send_failure) from None
-        except trio.BrokenResourceError as exc:
-            self._send_failure = f"the transport broke: {exc}"
-            raise
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise self._transport_send_error(exc) from None
         return bytes(rest[0]) if rest else None
+
+    def _transport_send_error(
+        self, exc: trio.ClosedResourceError | trio.BrokenResourceError
+    ) -> BaseException:
+        """What a failed transport write means for this WebSocket (and for every later send)."""
+        if isinstance(exc, trio.ClosedResourceError):
+            if self._closed:
+                return trio.ClosedResourceError("the WebSocket was closed")
+            self._send_failure = "the transport was closed"
+            return trio.BrokenResourceError(self._send_failure)
+        self._send_failure = f"the transport broke: {exc}"
+        return exc
 
     async def _send_locked(self, frame: bytes) -> None:
         """Write ``frame`` (or a frame's tail) with the write lock held."""
@@ -342,14 +348,8 @@ class WebSocketByteStream(trio.abc.Stream):
         try:
             await self.transport.send_all(frame)
             done = True
-        except trio.ClosedResourceError:
-            if self._closed:
-                raise trio.ClosedResourceError("the WebSocket was closed") from None
-            self._send_failure = "the transport was closed"
-            raise trio.BrokenResourceError(self._send_failure) from None
-        except trio.BrokenResourceError as exc:
-            self._send_failure = f"the transport broke: {exc}"
-            raise
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise self._transport_send_error(exc) from None
         finally:
             if not done and self._send_failure is None:
                 # Interrupted (cancelled) mid-frame: the peer may hold half a frame, so framing
