@@ -108,3 +108,94 @@ def test_the_check_sees_every_kind_of_import() -> None:
         "agentd.connection",
         "agentd.daemon",
     } <= found
+
+
+# ---- the drawing in the README -------------------------------------------------------------------
+
+#: The groups the README's import graph draws (a module belongs to its longest matching prefix).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "base": (
+        "agentd.model",
+        "agentd.clock",
+        "agentd.channels",
+        "agentd.logfmt",
+        "agentd.shutdown",
+        "agentd.typed_toml",
+    ),
+    "store": ("agentd.store",),
+    "batchers": ("agentd.batchers",),
+    "services": ("agentd.services",),
+    "tailnet": ("agentd.tailnet",),
+    "mux": ("agentd.mux",),
+    "drpc": ("agentd.drpc", "agentd.proto"),
+    "front": ("agentd.http", "agentd.handshake", "agentd.websocket"),
+    "session": (
+        "agentd.connection",
+        "agentd.components",
+        "agentd.monitor",
+        "agentd.metrics",
+        "agentd.server_metrics",
+    ),
+    "client": ("agentd.client", "agentd.agent"),
+    "daemon": (
+        "agentd.daemon",
+        "agentd.workers",
+        "agentd.cli",
+        "agentd.__main__",
+        "agentd.admin",
+        "agentd.agents_cmd",
+        "agentd.systemd",
+        "agentd.config",
+        "agentd.listeners",
+        "agentd.testing",
+    ),
+}
+
+
+def group_of(module: str) -> str | None:
+    best: tuple[str, int] | None = None
+    for group, prefixes in GROUPS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[1]
+            ):
+                best = (group, len(prefix))
+    return best[0] if best else None
+
+
+def group_edges() -> list[tuple[str, str]]:
+    """Every (importer group, imported group) pair of agentd's modules."""
+    edges: set[tuple[str, str]] = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        if module == "agentd":
+            continue
+        source = group_of(module)
+        assert source is not None, f"{module} is in no group of the drawing"
+        for name in imports_of(path.read_text(), module, is_package=path.name == "__init__.py"):
+            target = group_of(name) if name.startswith("agentd.") else None
+            if target is not None and target != source:
+                edges.add((source, target))
+    return sorted(edges)
+
+
+def mermaid() -> str:
+    lines = ["```mermaid", "graph BT"]
+    lines += [f"  {source} --> {target}" for source, target in group_edges()]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def test_the_readme_draws_the_import_graph_as_it_is() -> None:
+    """README's drawing is generated (`python -m tests.test_layers`) and must match the code."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    start, end = "<!-- import-graph: python -m tests.test_layers -->\n", "\n<!-- /import-graph -->"
+    assert start in readme and end in readme
+    drawn = readme.split(start, 1)[1].split(end, 1)[0]
+    assert drawn == mermaid(), "README's import graph is stale: python -m tests.test_layers"
+    edges = group_edges()
+    assert ("store", "services") not in edges and ("batchers", "services") not in edges
+
+
+if __name__ == "__main__":
+    print(mermaid())
