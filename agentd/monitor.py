@@ -280,7 +280,7 @@ class ConnectionMonitor:
             pinger = watch.pinger
             if not watch.monitored or pinger is None:
                 continue
-            silent = now_t - max(pinger.last_heard, watch.opened_at)
+            silent = now_t - watch.last_heard
             if silent > self.disconnect_timeout:
                 watch.stop(PING_TIMEOUT)
             elif silent >= quiet:
