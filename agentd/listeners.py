@@ -64,7 +64,8 @@ class BoundListener:
         self.owned_path = None
 
 
-def _describe(e: OSError) -> str:
+def describe_bind_error(e: OSError) -> str:
+    """A bind/listen failure in a few words (the error line of `cannot listen on ADDR: ...`)."""
     if e.errno == errno.EADDRINUSE:
         return "address already in use"
     if e.errno in (errno.EACCES, errno.EPERM):
@@ -96,14 +97,14 @@ async def bind_unix(address: UnixAddress, *, backlog: int = BACKLOG) -> BoundLis
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ListenError(
-            f"cannot listen on {address}: cannot create {path.parent}: {_describe(e)}"
+            f"cannot listen on {address}: cannot create {path.parent}: {describe_bind_error(e)}"
         ) from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ListenError(f"cannot listen on {address}: {_describe(e)}") from None
+        raise ListenError(f"cannot listen on {address}: {describe_bind_error(e)}") from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenError(f"cannot listen on {address}: {path} exists and is not a socket")
@@ -118,7 +119,7 @@ async def bind_unix(address: UnixAddress, *, backlog: int = BACKLOG) -> BoundLis
             pass
         except OSError as e:
             raise ListenError(
-                f"cannot listen on {address}: cannot remove stale socket: {_describe(e)}"
+                f"cannot listen on {address}: cannot remove stale socket: {describe_bind_error(e)}"
             ) from None
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -130,7 +131,7 @@ async def bind_unix(address: UnixAddress, *, backlog: int = BACKLOG) -> BoundLis
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise ListenError(f"cannot listen on {address}: {_describe(e)}") from None
+        raise ListenError(f"cannot listen on {address}: {describe_bind_error(e)}") from None
     return BoundListener(
         trio.SocketListener(sock), str(address), owned_path=path, owned_ident=(st.st_dev, st.st_ino)
     )
@@ -141,7 +142,7 @@ async def bind_tcp(address: TcpAddress, *, backlog: int = BACKLOG) -> list[Bound
     try:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host, backlog=backlog)
     except OSError as e:
-        raise ListenError(f"cannot listen on {address}: {_describe(e)}") from None
+        raise ListenError(f"cannot listen on {address}: {describe_bind_error(e)}") from None
     out = []
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]

@@ -36,7 +36,6 @@ cancel open connections now).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -62,7 +61,16 @@ from agentd import __version__, systemd
 from agentd.agent.backoff import Backoff
 from agentd.config import Config, ListenAddress, TcpAddress, UnixAddress, UserError
 from agentd.http import HttpApp, Request, Router
-from agentd.listeners import BACKLOG, BoundListener, ListenError, Server, adopt_socket, bind_all, bind_unix
+from agentd.listeners import (
+    BACKLOG,
+    BoundListener,
+    ListenError,
+    Server,
+    adopt_socket,
+    bind_all,
+    bind_unix,
+    describe_bind_error,
+)
 from agentd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agentd.metrics import Families, exposition, private_registry
 
@@ -265,16 +273,6 @@ class ParentListeners:
         self.reserved.clear()
 
 
-def _describe_bind_error(e: OSError) -> str:
-    if e.errno == errno.EADDRINUSE:
-        return "address already in use"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.EADDRNOTAVAIL:
-        return "address not available on this machine"
-    return e.strerror or str(e)
-
-
 def reserve_tcp(address: TcpAddress) -> list[tuple[socket.socket, tuple[int, str, int]]]:
     """Check that nobody uses `address` (a plain bind, so another agentd's SO_REUSEPORT sockets count
     too), then keep it with a bound, non-listening SO_REUSEPORT socket per resolved address. Port 0
@@ -307,7 +305,7 @@ def reserve_tcp(address: TcpAddress) -> list[tuple[socket.socket, tuple[int, str
     except OSError as e:
         for sock, _ in reserved:
             sock.close()
-        raise ListenError(f"cannot listen on {address}: {_describe_bind_error(e)}") from None
+        raise ListenError(f"cannot listen on {address}: {describe_bind_error(e)}") from None
     return reserved
 
 
