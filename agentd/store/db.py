@@ -145,6 +145,11 @@ async def _execute(conn: Conn, text: str | pgsql.Composable, params: Params | No
     return cur.rowcount
 
 
+async def _begun(conn: Conn, begin: str) -> Conn:
+    await _execute(conn, begin, None)
+    return conn
+
+
 async def _fetchone(conn: Conn, text: str | pgsql.Composable, params: Params | None) -> Any:
     cur = await conn.execute(_query(text), params)
     return await cur.fetchone()
@@ -272,18 +277,24 @@ class Database:
             f" ({pool.size} of {pool.max_size} in use)"
         )
 
-    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """fn(conn, *args) on a pooled connection, within the call's deadline."""
+    async def _run(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, _keep: bool = False, _what: str = "a query"
+    ) -> T:
+        """fn(conn, *args) on a pooled connection, within the call's deadline. ``_keep``: the
+        connection stays with the caller (``fn`` returns it) unless ``fn`` failed."""
         _busy()
         pool = self._pool
         conn = None
         try:
             with trio.CancelScope(deadline=self._deadline()):
                 conn = await pool.acquire()
-                return await fn(conn, *args)
+                result = await fn(conn, *args)
+                if _keep:
+                    conn = None
+                return result
             if conn is None:
                 raise self._no_connection()
-            raise self._timed_out("a query")
+            raise self._timed_out(_what)
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
         finally:
@@ -293,24 +304,7 @@ class Database:
 
     async def _begin(self, begin: str) -> Conn:
         """A pooled connection for the caller to keep, with ``begin`` run on it."""
-        _busy()
-        pool = self._pool
-        conn = None
-        try:
-            with trio.CancelScope(deadline=self._deadline()):
-                conn = await pool.acquire()
-                await _execute(conn, begin, None)
-                kept, conn = conn, None
-                return kept
-            if conn is None:
-                raise self._no_connection()
-            raise self._timed_out("BEGIN")
-        except psycopg.Error as exc:
-            raise translate_error(exc) from exc
-        finally:
-            if conn is not None:
-                pool.release(conn)
-            _idle()
+        return await self._run(_begun, begin, _keep=True, _what="BEGIN")
 
     async def execute(self, sql: Query, params: Params = ()) -> int:
         """Run one statement in autocommit mode; return its rowcount."""
