@@ -647,9 +647,9 @@ class AgentSessions:
         """The handshake's token lookup (spec §2.2), with what the connection reads at start."""
         return await queries.authenticate_connection(self.db, token)
 
-    async def serve(self, upgraded: Upgraded[queries.Authenticated]) -> None:
-        """Run one upgraded agent connection to its end; never raises for that agent's failures."""
-        connection = AgentConnection.from_upgraded(
+    def connection_for(self, upgraded: Upgraded[queries.Authenticated]) -> AgentConnection:
+        """The connection of one upgraded agent, with this process's parts and limits."""
+        return AgentConnection.from_upgraded(
             upgraded,
             db=self.db,
             events=self.events,
@@ -659,6 +659,10 @@ class AgentSessions:
             mux_config=self.mux_config,
             rpc_limits=self.rpc_limits,
         )
+
+    async def serve(self, upgraded: Upgraded[queries.Authenticated]) -> None:
+        """Run one upgraded agent connection to its end; never raises for that agent's failures."""
+        connection = self.connection_for(upgraded)
         if self._closing:
             connection.close()
         self.live.add(connection)

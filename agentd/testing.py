@@ -250,14 +250,7 @@ class _HarnessSessions(AgentSessions):
     failure: Exception | None = attrs.field(default=None, init=False)
 
     async def serve(self, upgraded: Upgraded[Authenticated]) -> None:
-        connection = AgentConnection.from_upgraded(
-            upgraded,
-            db=self.db,
-            events=self.events,
-            settings=self.settings,
-            components=self.components,
-            template=self.template,
-        )
+        connection = self.connection_for(upgraded)
         self.live.add(connection)
         try:
             async with trio.open_nursery() as nursery:
