@@ -6,9 +6,10 @@ in the file are errors that name the key, so a typo never silently falls back to
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -348,3 +349,17 @@ def build_config(
     if values.get("postgres_url") == "":
         raise ConfigError("postgres_url is empty")
     return Config(**values)
+
+
+def reread_config(reload: Callable[[], Config], running: Config, log: logging.Logger) -> Config | None:
+    """SIGHUP's re-read: the new configuration with its log level applied to the process, or None
+    when the file is broken (logged; the running configuration stays, so a typo never stops agentd)."""
+    try:
+        new = reload()
+    except UserError as e:
+        log.error("reload failed, keeping the running configuration: %s", e)
+        return None
+    if new.log_level != running.log_level:
+        logging.getLogger().setLevel(new.log_level.upper())
+        log.info("log level is now %s", new.log_level)
+    return new

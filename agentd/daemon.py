@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from agentd import __version__, systemd
 from agentd.components import Components
-from agentd.config import Config, UserError
+from agentd.config import Config, reread_config
 from agentd.connection import DRAIN_POLL_S, AgentSessions, start_components
 from agentd.drpc.server import ServerLimits
 from agentd.handshake import HANDSHAKE_TIMEOUT, RPC_PATH, Closed, Rejected, Upgraded, handle_rpc_request
@@ -414,14 +414,9 @@ class Daemon:
         if self._ready:
             await self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            try:
-                new = self.reload_config()
-            except UserError as e:
-                log.error("reload failed, keeping the running configuration: %s", e)
+            new = reread_config(self.reload_config, self.config, log)
+            if new is None:
                 return
-            if new.log_level != self.config.log_level:
-                logging.getLogger().setLevel(new.log_level.upper())
-                log.info("log level is now %s", new.log_level)
             live = ("log_level",)
             pending = [
                 f.name

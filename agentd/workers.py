@@ -59,7 +59,7 @@ from trio_util import AsyncValue, periodic  # type: ignore[import-untyped]
 
 from agentd import __version__, systemd
 from agentd.agent.backoff import Backoff
-from agentd.config import Config, ListenAddress, TcpAddress, UnixAddress, UserError
+from agentd.config import Config, ListenAddress, TcpAddress, UnixAddress, reread_config
 from agentd.http import HttpApp, Request, Router
 from agentd.listeners import (
     BACKLOG,
@@ -603,13 +603,9 @@ class Supervisor:
         await self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             if self.reload_config is not None:
-                try:
-                    new = self.reload_config()
-                except UserError as e:
-                    log.error("reload failed, keeping the running configuration: %s", e)
+                new = reread_config(self.reload_config, self.config, log)
+                if new is None:
                     return
-                if new.log_level != self.config.log_level:
-                    logging.getLogger().setLevel(new.log_level.upper())
                 if new.workers != self.config.workers:
                     log.warning("reloaded; a change of workers takes effect after a restart")
                 self.config = attrs.evolve(self.config, log_level=new.log_level)
