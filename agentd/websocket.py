@@ -35,7 +35,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
 from agentd.http import MAX_HEAD_BYTES
-from agentd.mux.sockio import SocketIO
+from agentd.mux.sockio import SocketIO, shared_recv
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -179,10 +179,14 @@ class WebSocketByteStream(trio.abc.Stream):
 
     async def _receive_from_transport(self) -> None:
         try:
-            data: bytes | bytearray
+            data: bytes | bytearray | memoryview
             if self._sockio is not None:
-                data = await self._sockio.recv(self._receive_chunk, self._short_read)
-                self._short_read = len(data) < self._receive_chunk
+                # the thread's shared read buffer (agentd.mux.sockio): wsproto copies what it is
+                # given at once, and nothing awaits between this read and that copy
+                view = shared_recv.view[: self._receive_chunk]
+                got = await self._sockio.recv_into(view, self._short_read)
+                self._short_read = got < len(view)
+                data = view[:got]
             else:
                 data = await self.transport.receive_some(self._receive_chunk)
         except trio.ClosedResourceError:
@@ -197,7 +201,7 @@ class WebSocketByteStream(trio.abc.Stream):
             self._failure = "the connection ended without a WebSocket Close frame"
             self.close_code = CloseReason.ABNORMAL_CLOSURE
             raise trio.BrokenResourceError(self._failure)
-        self._ws.receive_data(data if type(data) is bytes else bytes(data))
+        self._ws.receive_data(data)  # type: ignore[arg-type]  # copied into wsproto's bytearray
 
     def _process_events(self) -> list[bytes]:
         """Move parsed frames into the byte buffer / state; return control frames to write back."""

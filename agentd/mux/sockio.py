@@ -74,20 +74,6 @@ class SocketIO:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"transport read failed: {exc}") from exc
 
-    async def recv(self, max_bytes: int, wait: bool) -> bytes:
-        """`recv_into`'s twin for callers that keep the bytes (a fresh bytes object per read)."""
-        fd = self.fd
-        while True:
-            if wait:
-                await wait_readable(fd)
-            self._check_open()
-            try:
-                return os.read(fd, max_bytes)
-            except BlockingIOError:
-                wait = True
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"transport read failed: {exc}") from exc
-
     def send_nowait(self, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
         """One writev attempt that never waits; returns what it could not write."""
         if len(chunks) > IOV_MAX:
