@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import psycopg
 import pytest
 import trio
+import trio.testing
 
 from agentd.store import trio_pg
 
@@ -112,13 +113,13 @@ async def test_pool_bounds_and_bounded_wait(db_url: str) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the waiter is parked in acquire
             pool.release(a)
         assert got == [a]  # handed over to the waiter, not parked idle
         # A lost connection frees its slot for a waiter, which opens a fresh one.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()
             b._interrupted()
             pool.release(b)
         assert len(got) == 2 and got[1] is not b and not got[1].lost
