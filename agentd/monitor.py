@@ -43,6 +43,7 @@ import attrs
 import trio
 from trio_util import periodic  # type: ignore[import-untyped]
 
+from agentd.batchers.group_commit import GroupCommit
 from agentd.clock import Now, utcnow
 from agentd.logfmt import quote
 from agentd.model import AgentIdentity
@@ -137,16 +138,6 @@ class Watch:
 
 
 @attrs.define(eq=False)
-class _Start:
-    """One session waiting for its start write."""
-
-    ident: AgentIdentity
-    done: trio.Event = attrs.field(factory=trio.Event)
-    found: bool = False
-    error: BaseException | None = None
-
-
-@attrs.define(eq=False)
 class ConnectionMonitor:
     """The process-wide monitor of every agent session; ``await nursery.start(monitor.run)``."""
 
@@ -162,8 +153,10 @@ class ConnectionMonitor:
     watches: set[Watch] = attrs.field(factory=set, init=False)
     #: Ticks run (each: one UPDATE and one authorisation query, however many sessions).
     ticks: int = attrs.field(default=0, init=False)
-    _starting: list[_Start] = attrs.field(factory=list, init=False)
-    _start_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _starts: GroupCommit[AgentIdentity, bool] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._starts = GroupCommit(self._write_starts)
 
     @disconnect_timeout.default
     def _default_timeout(self) -> float:
@@ -193,44 +186,30 @@ class ConnectionMonitor:
 
     async def _start(self, ident: AgentIdentity) -> None:
         """The start write and event of one session, batched with every other session starting
-        meanwhile: whoever gets the lock writes for all who queued up while the previous statement ran
-        (no timer, so a lone connect waits for nothing). Shielded and bounded: a write that happened
-        is never abandoned by a cancelled caller (the caller's teardown then records the disconnect)."""
-        start = _Start(ident)
-        self._starting.append(start)
+        meanwhile (agentd.batchers.group_commit: a lone connect waits for nothing). Shielded and
+        bounded: a write that happened is never abandoned by a cancelled caller (the caller's
+        teardown then records the disconnect)."""
+        found = None
         with self.cleanup.shield(START_TIMEOUT):
-            async with self._start_lock:  # FIFO: one batch statement at a time
-                if not start.done.is_set():
-                    batch, self._starting = self._starting, []
-                    await self._write_starts(batch)
-        if start.error is not None:
-            raise start.error
-        if not start.found:
+            found = await self._starts.submit(ident)
+        if not found:
             raise LookupError(f"agent {ident.agent_id}: start write failed (no such agent, or timed out)")
 
-    async def _write_starts(self, batch: list[_Start]) -> None:
-        """One statement for the batch, then its events in one; every item is done afterwards."""
+    async def _write_starts(self, batch: list[AgentIdentity]) -> list[bool]:
+        """One statement for the batch, then its events in one."""
+        found = await queries.mark_sessions_started(
+            self.db, sorted({i.agent_id for i in batch}), now=self.now(), replica_id=self.replica_id
+        )
+        events = [
+            (i.owner_id, AGT_CONNECTION_UPDATE, i.workspace_id, i.agent_id)
+            for i in batch
+            if i.agent_id in found
+        ]
         try:
-            found = await queries.mark_sessions_started(
-                self.db, sorted({s.ident.agent_id for s in batch}), now=self.now(), replica_id=self.replica_id
-            )
-            for start in batch:
-                start.found = start.ident.agent_id in found
-            events = [
-                (s.ident.owner_id, AGT_CONNECTION_UPDATE, s.ident.workspace_id, s.ident.agent_id)
-                for s in batch
-                if s.found
-            ]
-            try:
-                await self.events.workspaces(events)
-            except Exception as exc:
-                log.warning("publishing %d connection updates failed: %s", len(events), exc)
+            await self.events.workspaces(events)
         except Exception as exc:
-            for start in batch:
-                start.error = exc
-        finally:
-            for start in batch:
-                start.done.set()
+            log.warning("publishing %d connection updates failed: %s", len(events), exc)
+        return [i.agent_id in found for i in batch]
 
     async def close(self, watch: Watch) -> None:
         """The session has ended and its transport is closed: forget it; for a monitored one write
