@@ -377,17 +377,14 @@ class WebSocketByteStream(trio.abc.Stream):
             return
         self._closed = True
         try:
-            if (
-                self._ws.state in (_OPEN, _REMOTE_CLOSING)
-                and self._send_failure is None
-                and not self._write_lock.locked()
-            ):
-                frame = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
-                with trio.move_on_after(CLOSE_SEND_TIMEOUT):
-                    async with self._write_lock:
+            # A write in progress (e.g. the monitor's ping, sent on the same tick that ends the
+            # session) finishes first: the Close frame waits for it, bounded, instead of being
+            # skipped — a stuck send still cannot hold the close.
+            with trio.move_on_after(CLOSE_SEND_TIMEOUT):
+                async with self._write_lock:
+                    if self._ws.state in (_OPEN, _REMOTE_CLOSING) and self._send_failure is None:
+                        frame = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
                         await self.transport.send_all(frame)
-            else:
-                await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
